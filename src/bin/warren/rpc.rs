@@ -1,0 +1,127 @@
+//! `warren call` and `warren cast`.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{Map, Value};
+use warren::{Codec, RequestContext, RpcClient, Target, Transport};
+
+use crate::Failure;
+
+/// Where and how to send.
+#[derive(Args)]
+pub struct SendArgs {
+    /// Topic of the servers.
+    #[arg(long)]
+    topic: String,
+    /// Send to this server only (routing key `<topic>.<server>`).
+    #[arg(long)]
+    server: Option<String>,
+    /// Exchange (default: the transport's control exchange, `openstack`).
+    #[arg(long)]
+    exchange: Option<String>,
+    /// Interface namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Minimum version the server must implement (X.Y).
+    #[arg(long)]
+    version: Option<String>,
+    /// Seconds to wait for the reply (call) or the broker (cast).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Request context as a JSON object, e.g. '{"user_id": "admin"}'.
+    #[arg(long, value_name = "JSON")]
+    context: Option<String>,
+    /// Codec to send with: json (oslo.messaging wire format) or msgpack.
+    #[arg(long, value_parser = ["json", "msgpack"])]
+    codec: Option<String>,
+    /// Remote method name.
+    method: String,
+    /// Arguments as a JSON object of named arguments (default `{}`).
+    #[arg(value_name = "ARGS_JSON")]
+    args: Option<String>,
+}
+
+/// `warren call`.
+#[derive(Args)]
+pub struct CallArgs {
+    #[command(flatten)]
+    send: SendArgs,
+}
+
+/// `warren cast`.
+#[derive(Args)]
+pub struct CastArgs {
+    #[command(flatten)]
+    send: SendArgs,
+    /// Send to every server of the topic.
+    #[arg(long)]
+    fanout: bool,
+}
+
+pub fn call(url: &str, args: CallArgs) -> Result<(), Failure> {
+    let prepared = prepare(url, &args.send, false)?;
+    let result: Value =
+        prepared
+            .client
+            .call(&prepared.context, &args.send.method, &prepared.args)?;
+    println!(
+        "{}",
+        serde_json::to_string(&result).map_err(|e| Failure::usage(e.to_string()))?
+    );
+    Ok(())
+}
+
+pub fn cast(url: &str, args: CastArgs) -> Result<(), Failure> {
+    let prepared = prepare(url, &args.send, args.fanout)?;
+    prepared
+        .client
+        .cast(&prepared.context, &args.send.method, &prepared.args)?;
+    Ok(())
+}
+
+struct Prepared {
+    client: RpcClient,
+    context: RequestContext,
+    args: Map<String, Value>,
+}
+
+fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure> {
+    let args = json_object("ARGS_JSON", send.args.as_deref())?;
+    let context = RequestContext::from(json_object("--context", send.context.as_deref())?);
+    let mut builder = Transport::builder(url);
+    if let Some(codec) = &send.codec {
+        builder = builder.codec(codec.parse::<Codec>()?);
+    }
+    let transport = builder.build()?;
+    let mut target = Target::new(send.topic.as_str()).with_fanout(fanout);
+    target.server = send.server.clone();
+    target.exchange = send.exchange.clone();
+    target.namespace = send.namespace.clone();
+    target.version = send.version.clone();
+    let mut client = RpcClient::new(&transport, target);
+    if let Some(secs) = send.timeout {
+        if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
+            return Err(Failure::usage(format!(
+                "--timeout must be a positive number of seconds, not {secs}"
+            )));
+        }
+        client = client.timeout(Duration::from_secs_f64(secs));
+    }
+    Ok(Prepared {
+        client,
+        context,
+        args,
+    })
+}
+
+fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>, Failure> {
+    let Some(text) = text else {
+        return Ok(Map::new());
+    };
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Failure::usage(format!("{what} must be a JSON object"))),
+        Err(e) => Err(Failure::usage(format!("{what} is not valid JSON: {e}"))),
+    }
+}

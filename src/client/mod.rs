@@ -1,0 +1,340 @@
+//! The RPC client: `call` (blocking request/reply) and `cast` (fire and forget, confirmed
+//! by the broker), oslo's `RPCClient` with `prepare()`.
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::context::RequestContext;
+use crate::driver::{Outgoing, Route, SendOptions};
+use crate::error::{Error, Result};
+use crate::target::Target;
+use crate::transport::Transport;
+use crate::version::Version;
+use crate::wire::envelope::{CallFields, Request, ResultOf};
+use crate::wire::failure::Failure;
+
+pub(crate) mod reply_waiter;
+
+/// Sends calls and casts to a [`Target`] (oslo's `RPCClient`).
+///
+/// Cheap to clone, `Send + Sync`, usable from many threads at once. `prepare()` returns a copy
+/// whose setters override the target and the call options, as oslo's `prepare()` does:
+///
+/// ```no_run
+/// use serde_json::json;
+/// use warren::{RequestContext, RpcClient, Target, Transport};
+///
+/// let transport = Transport::new("rabbit://guest:guest@127.0.0.1:5672/")?;
+/// let client = RpcClient::new(&transport, Target::new("compute"));
+/// let ctx = RequestContext::new().with("user_id", "alice");
+///
+/// let state: String = client
+///     .prepare()
+///     .server("host-1")
+///     .version("4.0")
+///     .timeout(std::time::Duration::from_secs(10))
+///     .call(&ctx, "start_instance", &json!({"instance_id": "i-1"}))?;
+///
+/// client.prepare().fanout(true).cast(&ctx, "refresh_cache", &json!({}))?;
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct RpcClient {
+    transport: Transport,
+    target: Target,
+    timeout: Option<Duration>,
+    version_cap: Option<String>,
+    retry: Option<u32>,
+}
+
+impl RpcClient {
+    /// A client sending to `target` through `transport`.
+    pub fn new(transport: &Transport, target: Target) -> RpcClient {
+        RpcClient {
+            transport: transport.clone(),
+            target,
+            timeout: None,
+            version_cap: None,
+            retry: None,
+        }
+    }
+
+    /// A copy to override options on (oslo's `prepare()`); the original is unchanged.
+    pub fn prepare(&self) -> RpcClient {
+        self.clone()
+    }
+
+    /// Overrides the exchange.
+    pub fn exchange(mut self, exchange: impl Into<String>) -> RpcClient {
+        self.target.exchange = Some(exchange.into());
+        self
+    }
+
+    /// Overrides the topic.
+    pub fn topic(mut self, topic: impl Into<String>) -> RpcClient {
+        self.target.topic = Some(topic.into());
+        self
+    }
+
+    /// Sends to one server (`<topic>.<server>`) only.
+    pub fn server(mut self, server: impl Into<String>) -> RpcClient {
+        self.target.server = Some(server.into());
+        self
+    }
+
+    /// Casts to every server of the topic.
+    pub fn fanout(mut self, fanout: bool) -> RpcClient {
+        self.target.fanout = fanout;
+        self
+    }
+
+    /// Overrides the namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> RpcClient {
+        self.target.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Asks for at least this version (`"X.Y"`); checked when sending.
+    pub fn version(mut self, version: impl Into<String>) -> RpcClient {
+        self.target.version = Some(version.into());
+        self
+    }
+
+    /// How long a call waits for its reply (default: the transport's `rpc_response_timeout`).
+    /// Also bounds how long a cast waits for the broker.
+    pub fn timeout(mut self, timeout: Duration) -> RpcClient {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Refuses to send messages whose version this cap cannot serve (oslo's `version_cap`).
+    pub fn version_cap(mut self, cap: impl Into<String>) -> RpcClient {
+        self.version_cap = Some(cap.into());
+        self
+    }
+
+    /// Connection attempts after a connection failure while sending (`0`: fail at once).
+    /// By default a send retries until its timeout.
+    pub fn retry(mut self, retry: u32) -> RpcClient {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// The target messages go to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// oslo's `can_send_version`: `true` when there is no cap or the cap can serve `version`.
+    ///
+    /// ```
+    /// # use warren::{RpcClient, Target, Transport};
+    /// # let transport = Transport::new("memory://doc-can-send/")?;
+    /// let client = RpcClient::new(&transport, Target::new("t")).version_cap("1.2");
+    /// assert!(client.can_send_version("1.1"));
+    /// assert!(!client.can_send_version("1.3"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
+    pub fn can_send_version(&self, version: &str) -> bool {
+        match &self.version_cap {
+            None => true,
+            Some(cap) => match (Version::parse(cap), Version::parse(version)) {
+                (Ok(cap), Ok(version)) => cap.can_serve(&version),
+                _ => false,
+            },
+        }
+    }
+
+    /// Calls `method` with `args` (a struct or map of named arguments, or `&()` for none) and
+    /// waits for its result, at most the timeout.
+    ///
+    /// Errors: [`Error::Timeout`] when no reply came in time, [`Error::Remote`] when the
+    /// method failed remotely, [`Error::VersionCap`] / [`Error::InvalidTarget`] /
+    /// [`Error::InvalidVersion`] before sending, [`Error::Connection`] when the broker is
+    /// unreachable, [`Error::Decode`] when the result does not fit `R`.
+    pub fn call<A, R>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        if self.target.fanout {
+            return Err(Error::invalid_target("a call cannot be used with fanout"));
+        }
+        let routing_key = self.target.routing_key()?;
+        self.check_version()?;
+        let timeout = self.effective_timeout();
+        let deadline = Instant::now() + timeout;
+        let transport = &self.transport;
+        let msg_id = uuid::Uuid::new_v4().simple().to_string();
+        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let reply_q = transport.driver().reply_queue(Some(deadline))?;
+        let waiting = transport.reply_waiter().register(&msg_id);
+        let codec = transport.options().codec;
+        let body = codec.encode(&Request {
+            method,
+            args,
+            namespace: self.target.namespace.as_deref(),
+            version: self.target.version.as_deref(),
+            call: Some(CallFields {
+                msg_id: &msg_id,
+                reply_q: &reply_q,
+                monitor_timeout: None,
+            }),
+            unique_id: &unique_id,
+            context: ctx,
+        })?;
+        let exchange = self.resolved_exchange();
+        let outgoing = Outgoing {
+            route: Route::Topic {
+                exchange: &exchange,
+                routing_key: &routing_key,
+            },
+            body: &body,
+            codec,
+            // The request expires in its queue when the caller stops waiting for it, so a
+            // server that comes up late never runs a call nobody waits for.
+            expiration: Some(deadline.saturating_duration_since(Instant::now())),
+            mandatory: false,
+        };
+        let timed_out = || Error::Timeout {
+            msg_id: msg_id.clone(),
+            method: method.to_string(),
+            timeout,
+        };
+        match transport
+            .driver()
+            .send(&outgoing, &self.send_options(deadline))
+        {
+            Err(Error::Timeout { .. }) => return Err(timed_out()),
+            other => other?,
+        }
+        // A reply with a result but no `ending` (oslo's old two-message replies) is kept until
+        // the final message arrives.
+        let mut early_result = None;
+        loop {
+            let event = waiting
+                .replies
+                .recv_deadline(deadline)
+                .map_err(|_| timed_out())?;
+            if let Some(failure) = &event.header.failure {
+                return Err(Failure::from_wire(failure)
+                    .map_err(Error::decode)?
+                    .into_error());
+            }
+            if event.header.ending {
+                let doc = match (event.header.has_result, early_result) {
+                    (false, Some(doc)) => doc,
+                    _ => event.doc,
+                };
+                return doc
+                    .decode::<ResultOf<R>>()
+                    .map(|r| r.0)
+                    .map_err(|e| Error::decode(format!("result of {method}: {e}")));
+            }
+            if event.header.has_result {
+                early_result = Some(event.doc);
+            }
+            // Otherwise a call-monitor heartbeat: keep waiting.
+        }
+    }
+
+    /// Sends `method` with `args` without waiting for it to run; returns once the broker has
+    /// the message. With `fanout(true)`, every server of the topic gets it.
+    pub fn cast<A>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let topic = self.target.require_topic()?;
+        let routing_key = self.target.routing_key()?;
+        self.check_version()?;
+        let timeout = self.effective_timeout();
+        let deadline = Instant::now() + timeout;
+        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let codec = self.transport.options().codec;
+        let body = codec.encode(&Request {
+            method,
+            args,
+            namespace: self.target.namespace.as_deref(),
+            version: self.target.version.as_deref(),
+            call: None,
+            unique_id: &unique_id,
+            context: ctx,
+        })?;
+        let exchange = self.resolved_exchange();
+        let route = if self.target.fanout {
+            Route::Fanout { topic }
+        } else {
+            Route::Topic {
+                exchange: &exchange,
+                routing_key: &routing_key,
+            }
+        };
+        let outgoing = Outgoing {
+            route,
+            body: &body,
+            codec,
+            expiration: None,
+            mandatory: false,
+        };
+        match self
+            .transport
+            .driver()
+            .send(&outgoing, &self.send_options(deadline))
+        {
+            Err(Error::Timeout { .. }) => Err(Error::Timeout {
+                msg_id: unique_id,
+                method: method.to_string(),
+                timeout,
+            }),
+            other => other,
+        }
+    }
+
+    fn effective_timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or(self.transport.options().rpc_response_timeout)
+    }
+
+    fn resolved_exchange(&self) -> String {
+        self.target
+            .exchange
+            .clone()
+            .unwrap_or_else(|| self.transport.options().control_exchange.clone())
+    }
+
+    fn send_options(&self, deadline: Instant) -> SendOptions {
+        SendOptions {
+            deadline: Some(deadline),
+            retry: self.retry,
+        }
+    }
+
+    /// The target's version must parse, and the cap must allow it.
+    fn check_version(&self) -> Result<()> {
+        let requested = self
+            .target
+            .version
+            .as_deref()
+            .map(Version::parse)
+            .transpose()?;
+        let Some(cap) = &self.version_cap else {
+            return Ok(());
+        };
+        let cap_version = Version::parse(cap)?;
+        let allowed = requested.as_ref().is_some_and(|v| cap_version.can_serve(v));
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::VersionCap {
+                version: self
+                    .target
+                    .version
+                    .clone()
+                    .unwrap_or_else(|| "(none)".into()),
+                cap: cap.clone(),
+            })
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Endpoints and the dispatcher: which handler a request reaches, by oslo's rules.
+//!
+//! For each endpoint **in order**: skip it unless the request's namespace is one the endpoint
+//! accepts and the endpoint's version can serve the requested one (same major, minor not
+//! above). The first compatible endpoint that has the method, and whose name the access policy
+//! allows, handles the request. If some endpoint was compatible but none had the method, the
+//! caller gets `NoSuchMethod`; if none was compatible, `UnsupportedVersion` (also for a mere
+//! namespace mismatch). Both come from module `oslo_messaging.rpc.dispatcher` with oslo's
+//! messages, so Python callers see what an oslo server would send.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::context::RequestContext;
+use crate::version::Version;
+use crate::wire::envelope::{ArgsOf, RequestHeader};
+use crate::wire::failure::Failure;
+use crate::wire::Document;
+
+/// The module oslo's dispatcher errors come from.
+const DISPATCHER_MODULE: &str = "oslo_messaging.rpc.dispatcher";
+
+/// A handler's result, ready to be serialized in whatever codec the reply uses.
+pub(crate) type HandlerResult = Result<Box<dyn erased_serde::Serialize + Send>, Failure>;
+
+type ErasedHandler = Arc<dyn Fn(&RequestContext, &Document) -> HandlerResult + Send + Sync>;
+
+/// A group of methods served under one namespace and version (an oslo endpoint object).
+///
+/// Methods are closures registered by name. Arguments arrive as oslo's keyword-argument map
+/// and are deserialized into the handler's argument type (a struct with one field per
+/// argument, or a map); the result is serialized back to the caller.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use warren::{Endpoint, Failure, RequestContext, Version};
+///
+/// #[derive(Deserialize)]
+/// struct StartArgs { instance_id: String }
+///
+/// #[derive(Serialize)]
+/// struct Started { instance_id: String, state: &'static str }
+///
+/// let compute = Endpoint::new()
+///     .version(Version::new(4, 2))
+///     .method("start_instance", |ctx: &RequestContext, args: StartArgs| {
+///         let _user = ctx.get_str("user_id");
+///         Ok::<_, Failure>(Started { instance_id: args.instance_id, state: "running" })
+///     });
+/// assert!(compute.has_method("start_instance"));
+/// ```
+#[derive(Clone)]
+pub struct Endpoint {
+    namespace: Option<String>,
+    legacy_namespaces: Vec<String>,
+    version: Version,
+    methods: HashMap<String, ErasedHandler>,
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Endpoint::new()
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut methods: Vec<&String> = self.methods.keys().collect();
+        methods.sort();
+        f.debug_struct("Endpoint")
+            .field("namespace", &self.namespace)
+            .field("version", &self.version.as_str())
+            .field("methods", &methods)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint in the null namespace, version `1.0`, with no methods.
+    pub fn new() -> Endpoint {
+        Endpoint {
+            namespace: None,
+            legacy_namespaces: Vec::new(),
+            version: Version::one(),
+            methods: HashMap::new(),
+        }
+    }
+
+    /// Serves requests of this namespace only (requests without one go elsewhere).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Endpoint {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// Also accepts requests of an older namespace name (oslo's `legacy_namespaces`).
+    pub fn legacy_namespace(mut self, namespace: impl Into<String>) -> Endpoint {
+        self.legacy_namespaces.push(namespace.into());
+        self
+    }
+
+    /// The version this endpoint implements (default `1.0`).
+    pub fn version(mut self, version: Version) -> Endpoint {
+        self.version = version;
+        self
+    }
+
+    /// Registers `handler` as method `name`, replacing any previous one.
+    ///
+    /// `A` is the arguments' type (use [`NoArgs`] for none), `R` the result, and `E` anything
+    /// that converts into a [`Failure`]. Arguments that do not fit `A` are answered with a
+    /// `TypeError` naming the argument; a panic is answered with a `HandlerPanic` failure and
+    /// does not take the worker down.
+    pub fn method<A, R, E, F>(mut self, name: impl Into<String>, handler: F) -> Endpoint
+    where
+        A: DeserializeOwned + 'static,
+        R: Serialize + Send + 'static,
+        E: Into<Failure> + 'static,
+        F: Fn(&RequestContext, A) -> Result<R, E> + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let method = name.clone();
+        let erased: ErasedHandler = Arc::new(move |ctx: &RequestContext, doc: &Document| {
+            let args = doc
+                .decode::<ArgsOf<A>>()
+                .map_err(|e| bad_arguments(&method, &e.path, &e.message))?
+                .0;
+            match handler(ctx, args) {
+                Ok(result) => Ok(Box::new(result) as Box<dyn erased_serde::Serialize + Send>),
+                Err(e) => Err(e.into()),
+            }
+        });
+        self.methods.insert(name, erased);
+        self
+    }
+
+    /// Whether a method of that name is registered.
+    pub fn has_method(&self, name: &str) -> bool {
+        self.methods.contains_key(name)
+    }
+
+    fn accepts_namespace(&self, namespace: Option<&str>) -> bool {
+        self.namespace.as_deref() == namespace
+            || namespace.is_some_and(|ns| self.legacy_namespaces.iter().any(|l| l == ns))
+    }
+}
+
+/// Arguments of a method that takes none: deserializes from any argument map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NoArgs {}
+
+impl<'de> serde::Deserialize<'de> for NoArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| NoArgs {})
+    }
+}
+
+/// Which registered methods callers may reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccessPolicy {
+    /// oslo's `DefaultRPCAccessPolicy`: methods whose name starts with `_` are private.
+    #[default]
+    Default,
+    /// oslo's `LegacyRPCAccessPolicy`: every registered method.
+    Legacy,
+}
+
+impl AccessPolicy {
+    fn allows(self, method: &str) -> bool {
+        match self {
+            AccessPolicy::Default => !method.starts_with('_'),
+            AccessPolicy::Legacy => true,
+        }
+    }
+}
+
+/// Routes requests to endpoints (oslo's `RPCDispatcher`).
+#[derive(Debug, Clone, Default)]
+pub struct Dispatcher {
+    endpoints: Vec<Endpoint>,
+    policy: AccessPolicy,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `endpoints`, tried in order.
+    pub fn new(endpoints: Vec<Endpoint>, policy: AccessPolicy) -> Dispatcher {
+        Dispatcher { endpoints, policy }
+    }
+
+    /// Runs the handler for a request, turning every way it can fail into a [`Failure`].
+    pub(crate) fn dispatch(
+        &self,
+        header: &RequestHeader,
+        ctx: &RequestContext,
+        doc: &Document,
+    ) -> HandlerResult {
+        let requested = match header.version.as_deref() {
+            None => Version::one(),
+            Some(text) => Version::parse(text).map_err(|_| {
+                Failure::new(
+                    "ValueError",
+                    "builtins",
+                    format!("invalid RPC version {text:?}"),
+                )
+            })?,
+        };
+        let method = header.method.as_str();
+        let mut found_compatible = false;
+        for endpoint in &self.endpoints {
+            if !endpoint.accepts_namespace(header.namespace.as_deref())
+                || !endpoint.version.can_serve(&requested)
+            {
+                continue;
+            }
+            if let Some(handler) = endpoint
+                .methods
+                .get(method)
+                .filter(|_| self.policy.allows(method))
+            {
+                return catch_unwind(AssertUnwindSafe(|| handler(ctx, doc))).unwrap_or_else(
+                    |panic| {
+                        let payload = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "non-string panic payload".into());
+                        Err(Failure::new(
+                            "HandlerPanic",
+                            "warren.server",
+                            format!("handler of {method} panicked: {payload}"),
+                        ))
+                    },
+                );
+            }
+            found_compatible = true;
+        }
+        Err(if found_compatible {
+            Failure::new(
+                "NoSuchMethod",
+                DISPATCHER_MODULE,
+                format!("Endpoint does not support RPC method {method}"),
+            )
+        } else {
+            Failure::new(
+                "UnsupportedVersion",
+                DISPATCHER_MODULE,
+                format!(
+                    "Endpoint does not support RPC version {requested}. Attempted method: {method}"
+                ),
+            )
+        })
+    }
+}
+
+/// A `TypeError` (what Python raises for bad keyword arguments) naming the argument.
+fn bad_arguments(method: &str, path: &str, message: &str) -> Failure {
+    let detail = match path.strip_prefix("args.") {
+        Some(argument) => format!("argument `{argument}`: {message}"),
+        None => message.to_string(),
+    };
+    Failure::new(
+        "TypeError",
+        "builtins",
+        format!("{method}() got bad arguments: {detail}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::envelope::Request;
+    use crate::wire::Codec;
+    use serde_json::{json, Value};
+
+    fn request(
+        codec: Codec,
+        method: &str,
+        args: Value,
+        namespace: Option<&str>,
+        version: Option<&str>,
+    ) -> (RequestHeader, Document) {
+        let ctx = RequestContext::new();
+        let body = codec
+            .encode(&Request {
+                method,
+                args: &args,
+                namespace,
+                version,
+                call: None,
+                unique_id: "u",
+                context: &ctx,
+            })
+            .unwrap();
+        let doc = Document::open(Some(codec.content_type()), body).unwrap();
+        (doc.decode().unwrap(), doc)
+    }
+
+    fn run(
+        d: &Dispatcher,
+        method: &str,
+        args: Value,
+        namespace: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<Value, Failure> {
+        let mut results = Vec::new();
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let (header, doc) = request(codec, method, args.clone(), namespace, version);
+            let result = d
+                .dispatch(&header, &RequestContext::new(), &doc)
+                .map(|r| serde_json::to_value(&*r).unwrap());
+            results.push(result);
+        }
+        let second = results.pop().unwrap();
+        let first = results.pop().unwrap();
+        match (&first, &second) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "both codecs dispatch alike"),
+            (Err(a), Err(b)) => assert_eq!(a.class(), b.class(), "both codecs fail alike"),
+            _ => panic!("codecs disagree: {first:?} vs {second:?}"),
+        }
+        first
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Add {
+        a: i64,
+        b: i64,
+    }
+
+    fn dispatcher() -> Dispatcher {
+        let v1 = Endpoint::new()
+            .version(Version::new(1, 3))
+            .method("add", |_: &RequestContext, x: Add| {
+                Ok::<_, Failure>(x.a + x.b)
+            })
+            .method("_secret", |_: &RequestContext, _: NoArgs| {
+                Ok::<_, Failure>(1)
+            })
+            .method(
+                "boom",
+                |_: &RequestContext, _: NoArgs| -> Result<(), Failure> { panic!("kaboom") },
+            )
+            .method(
+                "fail",
+                |_: &RequestContext, _: NoArgs| -> Result<(), Failure> {
+                    Err(Failure::new("ValueError", "builtins", "bad value"))
+                },
+            );
+        let admin = Endpoint::new()
+            .namespace("admin")
+            .legacy_namespace("old_admin")
+            .version(Version::new(2, 0))
+            .method("reset", |_: &RequestContext, _: NoArgs| {
+                Ok::<_, Failure>("done")
+            });
+        Dispatcher::new(vec![v1, admin], AccessPolicy::Default)
+    }
+
+    fn class(r: Result<Value, Failure>) -> String {
+        r.unwrap_err().class().to_string()
+    }
+
+    #[test]
+    fn calls_the_compatible_endpoint() {
+        let d = dispatcher();
+        assert_eq!(
+            run(&d, "add", json!({"a": 2, "b": 3}), None, None).unwrap(),
+            json!(5)
+        );
+        assert_eq!(
+            run(&d, "add", json!({"a": 2, "b": 3}), None, Some("1.3")).unwrap(),
+            json!(5)
+        );
+        assert_eq!(
+            run(&d, "reset", json!({}), Some("admin"), Some("2.0")).unwrap(),
+            json!("done")
+        );
+        assert_eq!(
+            run(&d, "reset", json!({}), Some("old_admin"), Some("2.0")).unwrap(),
+            json!("done")
+        );
+    }
+
+    #[test]
+    fn no_such_method_versus_unsupported_version() {
+        let d = dispatcher();
+        let missing = run(&d, "nope", json!({}), None, None).unwrap_err();
+        assert_eq!(missing.class(), "NoSuchMethod");
+        assert_eq!(missing.module(), "oslo_messaging.rpc.dispatcher");
+        assert_eq!(
+            missing.message(),
+            "Endpoint does not support RPC method nope"
+        );
+        let newer = run(&d, "add", json!({"a": 1, "b": 1}), None, Some("1.4")).unwrap_err();
+        assert_eq!(newer.class(), "UnsupportedVersion");
+        assert_eq!(
+            newer.message(),
+            "Endpoint does not support RPC version 1.4. Attempted method: add"
+        );
+        assert_eq!(
+            class(run(&d, "add", json!({}), None, Some("2.0"))),
+            "UnsupportedVersion"
+        );
+        // A namespace nobody serves is a version problem, as in oslo.
+        assert_eq!(
+            class(run(&d, "add", json!({}), Some("other"), None)),
+            "UnsupportedVersion"
+        );
+        // Compatible namespace and version, but the method lives elsewhere.
+        assert_eq!(
+            class(run(&d, "add", json!({}), Some("admin"), Some("2.0"))),
+            "NoSuchMethod"
+        );
+        assert_eq!(
+            class(run(&d, "add", json!({}), None, Some("one"))),
+            "ValueError"
+        );
+    }
+
+    #[test]
+    fn private_methods_are_refused_by_default() {
+        assert_eq!(
+            class(run(&dispatcher(), "_secret", json!({}), None, None)),
+            "NoSuchMethod"
+        );
+        let mut legacy = dispatcher();
+        legacy.policy = AccessPolicy::Legacy;
+        assert_eq!(
+            run(&legacy, "_secret", json!({}), None, None).unwrap(),
+            json!(1)
+        );
+    }
+
+    #[test]
+    fn bad_arguments_name_the_argument() {
+        let d = dispatcher();
+        let wrong = run(&d, "add", json!({"a": "two", "b": 3}), None, None).unwrap_err();
+        assert_eq!((wrong.class(), wrong.module()), ("TypeError", "builtins"));
+        assert!(
+            wrong.message().contains("argument `a`"),
+            "{}",
+            wrong.message()
+        );
+        let missing = run(&d, "add", json!({"a": 1}), None, None).unwrap_err();
+        assert!(
+            missing.message().contains("missing field `b`"),
+            "{}",
+            missing.message()
+        );
+    }
+
+    #[test]
+    fn panics_and_errors_become_failures() {
+        let d = dispatcher();
+        let panic = run(&d, "boom", json!({}), None, None).unwrap_err();
+        assert_eq!(panic.class(), "HandlerPanic");
+        assert!(panic.message().contains("kaboom"));
+        let failed = run(&d, "fail", json!({}), None, None).unwrap_err();
+        assert_eq!(
+            (failed.class(), failed.message()),
+            ("ValueError", "bad value")
+        );
+    }
+}

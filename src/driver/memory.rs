@@ -1,0 +1,293 @@
+//! The in-process transport (`memory://`, also `fake://`), oslo's `fake` driver: the same
+//! client, server and dispatcher code, with a small broker inside the process instead of
+//! RabbitMQ. Meant for users' unit tests.
+//!
+//! Transports whose URLs name the same host and virtual host share one broker
+//! (`memory://my-test/` talks to `memory://my-test/`); give each test its own name to keep
+//! tests apart. The broker models what warren relies on: topic exchanges with exact routing
+//! keys, fanout exchanges, shared queues consumed round-robin, acks and requeues, message
+//! expiration, and `mandatory` replies (a reply to a queue nobody consumes is undeliverable).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::debug;
+use parking_lot::Mutex;
+
+use crate::driver::poll::{Accepted, Consumers, Outcome, PollLoop, PollThread};
+use crate::driver::{
+    fanout_exchange, AckKind, Driver, Incoming, ListenSpec, Listener, Outgoing, RawMessage,
+    ReplySink, Route, SendOptions,
+};
+use crate::error::{Error, Result};
+use crate::url::TransportUrl;
+
+/// Brokers of the process, by URL identity.
+fn brokers() -> &'static Mutex<HashMap<String, Weak<Broker>>> {
+    static BROKERS: OnceLock<Mutex<HashMap<String, Weak<Broker>>>> = OnceLock::new();
+    BROKERS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+#[derive(Clone)]
+struct Message {
+    body: Vec<u8>,
+    content_type: String,
+    routing_key: String,
+    queue: String,
+    expires: Option<Instant>,
+}
+
+struct Queue {
+    tx: Sender<Message>,
+    rx: Receiver<Message>,
+}
+
+impl Queue {
+    fn new() -> Arc<Queue> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Arc::new(Queue { tx, rx })
+    }
+}
+
+#[derive(Default)]
+struct Broker {
+    queues: Mutex<HashMap<String, Arc<Queue>>>,
+    /// exchange → routing key → queue names (topic exchanges, exact keys as oslo uses them).
+    topic: Mutex<HashMap<String, HashMap<String, Vec<String>>>>,
+    /// fanout exchange → queue names.
+    fanout: Mutex<HashMap<String, Vec<String>>>,
+    /// reply queue → the consuming transport's sink.
+    replies: Mutex<HashMap<String, ReplySink>>,
+}
+
+impl Broker {
+    fn for_url(url: &TransportUrl) -> Arc<Broker> {
+        let mut all = brokers().lock();
+        all.retain(|_, weak| weak.strong_count() > 0);
+        let key = url.memory_key();
+        if let Some(broker) = all.get(&key).and_then(Weak::upgrade) {
+            return broker;
+        }
+        let broker = Arc::new(Broker::default());
+        all.insert(key, Arc::downgrade(&broker));
+        broker
+    }
+
+    fn queue(&self, name: &str) -> Arc<Queue> {
+        self.queues
+            .lock()
+            .entry(name.to_string())
+            .or_insert_with(Queue::new)
+            .clone()
+    }
+
+    fn push(&self, message: Message) {
+        if let Some(queue) = self.queues.lock().get(&message.queue) {
+            let _ = queue.tx.send(message);
+        }
+    }
+}
+
+pub(crate) struct MemoryDriver {
+    broker: Arc<Broker>,
+    reply_queue: String,
+    sink: ReplySink,
+    closed: AtomicBool,
+}
+
+impl MemoryDriver {
+    pub fn new(url: &TransportUrl, sink: ReplySink) -> MemoryDriver {
+        MemoryDriver {
+            broker: Broker::for_url(url),
+            reply_queue: format!("reply_{}", uuid::Uuid::new_v4().simple()),
+            sink,
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Driver for MemoryDriver {
+    fn send(&self, message: &Outgoing<'_>, _options: &SendOptions) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let (exchange, routing_key) = message.route.exchange_and_key();
+        let queues: Vec<String> = match message.route {
+            Route::Topic {
+                exchange,
+                routing_key,
+            } => self
+                .broker
+                .topic
+                .lock()
+                .get(exchange)
+                .and_then(|keys| keys.get(routing_key))
+                .cloned()
+                .unwrap_or_default(),
+            Route::Fanout { topic } => self
+                .broker
+                .fanout
+                .lock()
+                .get(&fanout_exchange(topic))
+                .cloned()
+                .unwrap_or_default(),
+            Route::Reply { queue } => {
+                let sink = self.broker.replies.lock().get(queue).cloned();
+                if let Some(sink) = sink {
+                    sink(RawMessage {
+                        body: message.body.to_vec(),
+                        content_type: Some(message.codec.content_type().to_string()),
+                        routing_key,
+                    });
+                    return Ok(());
+                }
+                Vec::new()
+            }
+        };
+        if queues.is_empty() {
+            return if message.mandatory {
+                Err(Error::Undeliverable {
+                    exchange,
+                    routing_key,
+                })
+            } else {
+                debug!("memory: no queue bound to {exchange:?}/{routing_key:?}; message dropped");
+                Ok(())
+            };
+        }
+        for queue in queues {
+            self.broker.push(Message {
+                body: message.body.to_vec(),
+                content_type: message.codec.content_type().to_string(),
+                routing_key: routing_key.clone(),
+                queue,
+                expires: message.expiration.map(|e| Instant::now() + e),
+            });
+        }
+        Ok(())
+    }
+
+    fn reply_queue(&self, _deadline: Option<Instant>) -> Result<String> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        self.broker
+            .replies
+            .lock()
+            .entry(self.reply_queue.clone())
+            .or_insert_with(|| self.sink.clone());
+        Ok(self.reply_queue.clone())
+    }
+
+    fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let fanout_queue = format!("{}_fanout_{}", spec.topic, uuid::Uuid::new_v4().simple());
+        let mut names: Vec<String> = spec.topic_queues().to_vec();
+        {
+            let mut topic = self.broker.topic.lock();
+            let keys = topic.entry(spec.exchange.clone()).or_default();
+            for name in &names {
+                let bound = keys.entry(name.clone()).or_default();
+                if !bound.contains(name) {
+                    bound.push(name.clone());
+                }
+            }
+        }
+        self.broker
+            .fanout
+            .lock()
+            .entry(fanout_exchange(&spec.topic))
+            .or_default()
+            .push(fanout_queue.clone());
+        names.push(fanout_queue.clone());
+        let receivers = names
+            .iter()
+            .map(|n| self.broker.queue(n).rx.clone())
+            .collect();
+        let broker = self.broker.clone();
+        let topic = spec.topic.clone();
+        let thread = PollThread::spawn(
+            format!("warren-listen-{}", spec.topic),
+            move |control, ready| {
+                let _ = ready.send(Ok(()));
+                let consumers = MemoryConsumers {
+                    broker: broker.clone(),
+                    receivers,
+                    unacked: HashMap::new(),
+                    next_tag: 1,
+                };
+                let (outcome, consumers) = PollLoop::new(consumers, incoming).run(&control);
+                // Like a closed channel: whatever was not acknowledged goes back to its queue.
+                for (_, message) in consumers.unacked {
+                    broker.push(message);
+                }
+                if outcome == Outcome::Closed {
+                    if let Some(queues) = broker.fanout.lock().get_mut(&fanout_exchange(&topic)) {
+                        queues.retain(|q| *q != fanout_queue);
+                    }
+                    broker.queues.lock().remove(&fanout_queue);
+                }
+            },
+        )?;
+        Ok(Box::new(thread))
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.broker.replies.lock().remove(&self.reply_queue);
+    }
+}
+
+/// A listener's view of its in-process queues.
+struct MemoryConsumers {
+    broker: Arc<Broker>,
+    receivers: Vec<Receiver<Message>>,
+    unacked: HashMap<u64, Message>,
+    next_tag: u64,
+}
+
+impl Consumers for MemoryConsumers {
+    type Item = Message;
+
+    fn receivers(&self) -> &[Receiver<Message>] {
+        &self.receivers
+    }
+
+    fn accept(&mut self, message: Message) -> Accepted {
+        if message.expires.is_some_and(|at| at <= Instant::now()) {
+            debug!("memory: dropping expired message on {}", message.queue);
+            return Accepted::Skip;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let raw = RawMessage {
+            body: message.body.clone(),
+            content_type: Some(message.content_type.clone()),
+            routing_key: message.routing_key.clone(),
+        };
+        self.unacked.insert(tag, message);
+        Accepted::Deliver(tag, raw)
+    }
+
+    fn settle(&mut self, tag: u64, kind: AckKind) -> Result<()> {
+        let message = self.unacked.remove(&tag).ok_or(Error::Closed)?;
+        if kind == (AckKind::Reject { requeue: true }) {
+            self.broker.push(message);
+        }
+        Ok(())
+    }
+
+    fn cancel(&mut self) -> Vec<Message> {
+        // Nothing is buffered outside the shared queues.
+        Vec::new()
+    }
+
+    fn location(&self) -> &str {
+        "memory"
+    }
+}

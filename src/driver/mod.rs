@@ -1,0 +1,204 @@
+//! Drivers move encoded messages; everything above them (client, server, dispatcher, codecs)
+//! is shared between `rabbit://` and `memory://`.
+//!
+//! A driver does three things, as oslo's `BaseDriver` does:
+//! * **send** an encoded message to a [`Route`] (topic exchange, fanout exchange, or a reply
+//!   queue through the default exchange);
+//! * run the transport's **reply consumer**, handing every reply to a [`ReplySink`];
+//! * start a **listener** for a server: a poll thread that owns the consuming channel, pushes
+//!   each delivery into the server's bounded incoming queue as an [`Incoming`], and executes
+//!   the ack/reject operations workers hand back through the message's [`Acker`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+use crate::error::{Error, Result};
+use crate::wire::Codec;
+
+pub(crate) mod memory;
+pub(crate) mod poll;
+pub(crate) mod rabbit;
+pub(crate) mod timer;
+
+/// Where a message is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route<'a> {
+    /// The topic exchange `exchange` with `routing_key` (`<topic>` or `<topic>.<server>`).
+    Topic {
+        exchange: &'a str,
+        routing_key: &'a str,
+    },
+    /// The fanout exchange `<topic>_fanout` (routing key `""`).
+    Fanout { topic: &'a str },
+    /// A reply queue, through the default exchange.
+    Reply { queue: &'a str },
+}
+
+impl Route<'_> {
+    /// The AMQP exchange and routing key.
+    pub fn exchange_and_key(&self) -> (String, String) {
+        match *self {
+            Route::Topic {
+                exchange,
+                routing_key,
+            } => (exchange.to_string(), routing_key.to_string()),
+            Route::Fanout { topic } => (fanout_exchange(topic), String::new()),
+            Route::Reply { queue } => (String::new(), queue.to_string()),
+        }
+    }
+}
+
+/// The name of a topic's fanout exchange.
+pub(crate) fn fanout_exchange(topic: &str) -> String {
+    format!("{topic}_fanout")
+}
+
+/// An encoded message to publish.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outgoing<'a> {
+    pub route: Route<'a>,
+    pub body: &'a [u8],
+    pub codec: Codec,
+    /// AMQP `expiration` (calls carry their timeout).
+    pub expiration: Option<Duration>,
+    /// Return the message if no queue takes it ([`Error::Undeliverable`]).
+    pub mandatory: bool,
+}
+
+/// Bounds on one send.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SendOptions {
+    /// Give up (with [`Error::Timeout`]) after this instant.
+    pub deadline: Option<Instant>,
+    /// Connection attempts after a connection failure: `None` retries until the deadline,
+    /// `Some(0)` fails at once, `Some(n)` tries `n` more times.
+    pub retry: Option<u32>,
+}
+
+/// A message as received from the broker.
+#[derive(Debug, Clone)]
+pub(crate) struct RawMessage {
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub routing_key: String,
+}
+
+/// A delivery handed from a listener to a server's workers.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    pub message: RawMessage,
+    pub acker: Acker,
+}
+
+/// What a worker asks the listener thread to do with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckKind {
+    Ack,
+    Reject { requeue: bool },
+}
+
+/// An ack/reject handed back to the listener thread (amiquip channels are not `Sync`: only
+/// the thread owning the channel may use it; oslo's message-operations handler does the same).
+#[derive(Debug)]
+pub(crate) struct AckOp {
+    pub tag: u64,
+    /// The channel generation the delivery came from; operations for an older generation are
+    /// dropped, never sent on a new channel.
+    pub generation: u64,
+    pub kind: AckKind,
+    pub done: Option<Sender<Result<()>>>,
+}
+
+/// The way back from a worker to the listener that owns a delivery.
+#[derive(Debug)]
+pub(crate) struct Acker {
+    tag: u64,
+    generation: u64,
+    ops: Sender<AckOp>,
+}
+
+impl Acker {
+    pub fn new(tag: u64, generation: u64, ops: Sender<AckOp>) -> Acker {
+        Acker {
+            tag,
+            generation,
+            ops,
+        }
+    }
+
+    /// Acknowledges the delivery and waits until the listener has done it. An error means the
+    /// ack could not be sent (the channel is gone): the broker will redeliver the message, so
+    /// the caller must not process it.
+    pub fn ack(self) -> Result<()> {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        self.ops
+            .send(AckOp {
+                tag: self.tag,
+                generation: self.generation,
+                kind: AckKind::Ack,
+                done: Some(done),
+            })
+            .map_err(|_| Error::Closed)?;
+        wait.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Rejects the delivery (dead-lettered or dropped unless `requeue`). Does not wait.
+    pub fn reject(self, requeue: bool) {
+        let _ = self.ops.send(AckOp {
+            tag: self.tag,
+            generation: self.generation,
+            kind: AckKind::Reject { requeue },
+            done: None,
+        });
+    }
+}
+
+/// Receives every message arriving on the transport's reply queue.
+pub(crate) type ReplySink = Arc<dyn Fn(RawMessage) + Send + Sync>;
+
+/// What a server listens to: queues `<topic>` and `<topic>.<server>` on `exchange`, and a
+/// private queue on the fanout exchange `<topic>_fanout`.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenSpec {
+    pub exchange: String,
+    pub topic: String,
+    pub server: String,
+}
+
+impl ListenSpec {
+    /// The two shared queue names, which are also their routing keys.
+    pub fn topic_queues(&self) -> [String; 2] {
+        [
+            self.topic.clone(),
+            format!("{}.{}", self.topic, self.server),
+        ]
+    }
+}
+
+/// A transport driver. See the [module documentation](self).
+pub(crate) trait Driver: Send + Sync {
+    /// Publishes one message; returns once the broker has it (publisher confirm) or fails.
+    fn send(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()>;
+
+    /// The transport's reply queue, starting its consumer on first use.
+    fn reply_queue(&self, deadline: Option<Instant>) -> Result<String>;
+
+    /// Starts a listener thread; returns once its queues are declared and consumed.
+    fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>>;
+
+    /// Stops the reply consumer and closes every connection.
+    fn close(&self);
+}
+
+/// A running listener (poll thread) of one server.
+pub(crate) trait Listener: Send {
+    /// Stops consuming: no new delivery is taken after this returns. Deliveries already taken
+    /// are still handed to the workers; then the incoming queue is closed.
+    fn stop(&mut self);
+
+    /// Once the workers are done: executes the remaining acks, deletes the fanout queue,
+    /// closes channel and connection, and joins the thread.
+    fn close(self: Box<Self>);
+}

@@ -1,0 +1,106 @@
+//! The RabbitMQ driver (`rabbit://`, `amqp://`), on amiquip.
+//!
+//! Connections per transport, as in oslo: one *send* connection with a pool of confirm-mode
+//! channels ([`publisher`]), one *reply* connection consuming the reply queue ([`reply`]),
+//! and one *listen* connection per server, owned by its poll thread ([`listener`]).
+//! [`connection`] opens them all (TCP_NODELAY, host failover); [`topology`] declares what
+//! oslo declares.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+
+use crate::driver::{Driver, Incoming, ListenSpec, Listener, Outgoing, ReplySink, SendOptions};
+use crate::error::{Error, Result};
+use crate::options::TransportOptions;
+use crate::url::TransportUrl;
+
+mod connection;
+mod listener;
+mod publisher;
+mod reply;
+mod topology;
+
+use connection::HostCycle;
+use publisher::Publisher;
+use reply::ReplyConsumer;
+
+pub(crate) struct RabbitDriver {
+    url: Arc<TransportUrl>,
+    hosts: Arc<HostCycle>,
+    options: TransportOptions,
+    publisher: Publisher,
+    reply_queue: String,
+    reply: Mutex<Option<ReplyConsumer>>,
+    sink: ReplySink,
+    closed: AtomicBool,
+}
+
+impl RabbitDriver {
+    pub fn new(url: TransportUrl, options: TransportOptions, sink: ReplySink) -> RabbitDriver {
+        let url = Arc::new(url);
+        let hosts = Arc::new(HostCycle::new(&url));
+        RabbitDriver {
+            publisher: Publisher::new(url.clone(), hosts.clone(), options.clone()),
+            reply_queue: format!("reply_{}", uuid::Uuid::new_v4().simple()),
+            url,
+            hosts,
+            options,
+            reply: Mutex::new(None),
+            sink,
+            closed: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Driver for RabbitDriver {
+    fn send(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
+        self.publisher.publish(message, options)
+    }
+
+    fn reply_queue(&self, deadline: Option<Instant>) -> Result<String> {
+        let mut reply = self.reply.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if !reply.as_ref().is_some_and(ReplyConsumer::is_running) {
+            if let Some(dead) = reply.take() {
+                dead.close();
+            }
+            *reply = Some(ReplyConsumer::start(
+                self.url.clone(),
+                self.hosts.clone(),
+                self.options.clone(),
+                self.reply_queue.clone(),
+                self.sink.clone(),
+                deadline,
+            )?);
+        }
+        Ok(self.reply_queue.clone())
+    }
+
+    fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let setup = listener::Setup {
+            url: self.url.clone(),
+            hosts: self.hosts.clone(),
+            options: self.options.clone(),
+            spec: spec.clone(),
+        };
+        let listener = listener::spawn(setup, incoming)?;
+        Ok(Box::new(listener))
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(reply) = self.reply.lock().take() {
+            reply.close();
+        }
+        self.publisher.close();
+    }
+}

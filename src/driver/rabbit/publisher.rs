@@ -1,0 +1,414 @@
+//! Publishing: the one place where messages leave warren for RabbitMQ.
+//!
+//! One send connection per transport carries a pool of channels. A publishing thread checks a
+//! channel out, publishes, waits for the broker's publisher confirm on that channel, checks
+//! for a `basic.return` when the message was `mandatory`, and checks the channel back in; so
+//! publishers never queue behind one lock, and a channel is used by one thread at a time
+//! (amiquip channels are `Send` but not `Sync`). Each channel declares the exchanges it
+//! publishes to once, as oslo does.
+//!
+//! A connection-level failure drops the connection and every channel opened on it; the next
+//! publish opens a new connection (to the next host if the current one is down).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, Channel, Confirm, FieldTable, Publish, Return};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{debug, warn};
+use parking_lot::Mutex;
+
+use crate::driver::{Outgoing, Route, SendOptions};
+use crate::error::{Error, Result};
+use crate::options::TransportOptions;
+use crate::url::TransportUrl;
+use crate::wire::Codec;
+
+use super::connection::{amqp_error, Connection, HostCycle};
+use super::topology;
+
+/// Channels per send connection.
+const MAX_CHANNELS: usize = 32;
+/// Longest wait for a channel or a confirm when the caller has no deadline.
+const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause before the n-th retry after a connection failure: n × this, at most 8 × this.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The AMQP properties oslo puts on every message: content type and encoding, empty headers,
+/// persistent delivery, priority 0, and `expiration` (ms) on calls.
+pub(crate) fn properties(codec: Codec, expiration: Option<Duration>) -> AmqpProperties {
+    let properties = AmqpProperties::default()
+        .with_content_type(codec.content_type().to_string())
+        .with_content_encoding(codec.content_encoding().to_string())
+        .with_headers(FieldTable::new())
+        .with_delivery_mode(2)
+        .with_priority(0);
+    match expiration {
+        Some(e) => properties.with_expiration(e.as_millis().max(1).to_string()),
+        None => properties,
+    }
+}
+
+struct SendConnection {
+    connection: Connection,
+    generation: u64,
+}
+
+/// A channel with publisher confirms on.
+struct PubChannel {
+    channel: Channel,
+    confirms: Receiver<Confirm>,
+    returns: Receiver<Return>,
+    /// Delivery tag of the last publish on this channel.
+    published: u64,
+    declared: HashSet<String>,
+    generation: u64,
+    address: String,
+}
+
+pub(crate) struct Publisher {
+    url: Arc<TransportUrl>,
+    hosts: Arc<HostCycle>,
+    options: TransportOptions,
+    connection: Mutex<Option<SendConnection>>,
+    generation: AtomicU64,
+    idle_tx: Sender<PubChannel>,
+    idle_rx: Receiver<PubChannel>,
+    channels: AtomicUsize,
+    closed: AtomicBool,
+}
+
+impl Publisher {
+    pub fn new(
+        url: Arc<TransportUrl>,
+        hosts: Arc<HostCycle>,
+        options: TransportOptions,
+    ) -> Publisher {
+        let (idle_tx, idle_rx) = crossbeam_channel::bounded(MAX_CHANNELS);
+        Publisher {
+            url,
+            hosts,
+            options,
+            connection: Mutex::new(None),
+            generation: AtomicU64::new(1),
+            idle_tx,
+            idle_rx,
+            channels: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Publishes `message` and waits for the broker's confirm. After a connection failure the
+    /// publish is retried on a new connection (to the next host) as `options.retry` allows,
+    /// within the deadline.
+    pub fn publish(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
+        let deadline = options
+            .deadline
+            .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
+        let mut attempt: u32 = 0;
+        loop {
+            match self.publish_once(message, deadline) {
+                Err(e @ Error::Connection { .. })
+                    if options.retry.map_or(true, |r| attempt < r) =>
+                {
+                    attempt += 1;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    let pause = RETRY_PAUSE.saturating_mul(attempt.min(8)).min(left);
+                    warn!(
+                        "publish failed ({e}); retrying in {:.1}s (attempt {attempt})",
+                        pause.as_secs_f64()
+                    );
+                    thread::sleep(pause);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn publish_once(&self, message: &Outgoing<'_>, deadline: Instant) -> Result<()> {
+        let mut channel = self.checkout(deadline)?;
+        let result = channel.publish(message, deadline, &self.options);
+        match &result {
+            Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
+                self.checkin(channel)
+            }
+            Err(Error::Refused { .. }) => self.discard(channel),
+            Err(e) => {
+                warn!(
+                    "publish on {} failed, dropping the send connection: {e}",
+                    channel.address
+                );
+                self.reset_connection(channel.generation);
+                self.discard(channel);
+            }
+        }
+        result
+    }
+
+    fn checkout(&self, deadline: Instant) -> Result<PubChannel> {
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            let channel = match self.idle_rx.try_recv() {
+                Ok(channel) => channel,
+                Err(_) if self.channels.fetch_add(1, Ordering::AcqRel) < MAX_CHANNELS => {
+                    return self.open_channel(deadline).inspect_err(|_| {
+                        self.channels.fetch_sub(1, Ordering::AcqRel);
+                    });
+                }
+                Err(_) => {
+                    self.channels.fetch_sub(1, Ordering::AcqRel);
+                    self.idle_rx
+                        .recv_deadline(deadline)
+                        .map_err(|_| Error::Timeout {
+                            msg_id: String::new(),
+                            method: "publish (waiting for a free channel)".into(),
+                            timeout: Duration::ZERO,
+                        })?
+                }
+            };
+            if channel.generation == self.generation.load(Ordering::Acquire) {
+                return Ok(channel);
+            }
+            self.discard(channel);
+        }
+    }
+
+    fn checkin(&self, channel: PubChannel) {
+        if self.closed.load(Ordering::Acquire)
+            || channel.generation != self.generation.load(Ordering::Acquire)
+        {
+            self.discard(channel);
+        } else if let Err(full) = self.idle_tx.try_send(channel) {
+            self.discard(full.into_inner());
+        }
+    }
+
+    fn discard(&self, channel: PubChannel) {
+        self.channels.fetch_sub(1, Ordering::AcqRel);
+        // Closing a channel of a dead connection fails at once; nothing to report.
+        let _ = channel.channel.close();
+    }
+
+    fn open_channel(&self, deadline: Instant) -> Result<PubChannel> {
+        let mut guard = self.connection.lock();
+        if guard.is_none() {
+            let connection = Connection::open(
+                &self.hosts,
+                &self.url,
+                &self.options,
+                "send",
+                Some(deadline),
+            )?;
+            *guard = Some(SendConnection {
+                connection,
+                generation: self.generation.load(Ordering::Acquire),
+            });
+        }
+        let Some(send) = guard.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let address = send.connection.address().to_string();
+        let generation = send.generation;
+        let opened = send.connection.open_channel().and_then(|channel| {
+            channel
+                .enable_publisher_confirms()
+                .map_err(|e| amqp_error(e, &address))?;
+            let confirms = channel
+                .listen_for_publisher_confirms()
+                .map_err(|e| amqp_error(e, &address))?;
+            let returns = channel
+                .listen_for_returns()
+                .map_err(|e| amqp_error(e, &address))?;
+            Ok(PubChannel {
+                channel,
+                confirms,
+                returns,
+                published: 0,
+                declared: HashSet::new(),
+                generation,
+                address: address.clone(),
+            })
+        });
+        if let Err(Error::Connection { .. }) = &opened {
+            drop(guard);
+            self.reset_connection(generation);
+        }
+        opened
+    }
+
+    /// Drops the send connection if it is still the one of `generation`.
+    fn reset_connection(&self, generation: u64) {
+        let old = {
+            let mut guard = self.connection.lock();
+            match guard.as_ref() {
+                Some(send) if send.generation == generation => {
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    guard.take()
+                }
+                _ => None,
+            }
+        };
+        if let Some(send) = old {
+            send.connection.close();
+        }
+    }
+
+    /// Closes every channel and the connection. Later publishes fail with [`Error::Closed`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        while let Ok(channel) = self.idle_rx.try_recv() {
+            self.discard(channel);
+        }
+        if let Some(send) = self.connection.lock().take() {
+            send.connection.close();
+        }
+    }
+}
+
+impl PubChannel {
+    fn publish(
+        &mut self,
+        message: &Outgoing<'_>,
+        deadline: Instant,
+        options: &TransportOptions,
+    ) -> Result<()> {
+        let (exchange, routing_key) = message.route.exchange_and_key();
+        match message.route {
+            Route::Topic { exchange: name, .. } if !self.declared.contains(name) => {
+                topology::declare_topic_exchange(&self.channel, name, options, &self.address)?;
+                self.declared.insert(name.to_string());
+            }
+            Route::Fanout { topic } if !self.declared.contains(&exchange) => {
+                topology::declare_fanout_exchange(&self.channel, topic, &self.address)?;
+                self.declared.insert(exchange.clone());
+            }
+            _ => {}
+        }
+        self.channel
+            .basic_publish(
+                exchange.as_str(),
+                Publish {
+                    body: message.body,
+                    routing_key: routing_key.clone(),
+                    mandatory: message.mandatory,
+                    immediate: false,
+                    properties: properties(message.codec, message.expiration),
+                },
+            )
+            .map_err(|e| amqp_error(e, &self.address))?;
+        self.published += 1;
+        let tag = self.published;
+        loop {
+            let confirm = match self.confirms.recv_deadline(deadline) {
+                Ok(confirm) => confirm,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Error::Timeout {
+                        msg_id: String::new(),
+                        method: "publish (waiting for the broker's confirm)".into(),
+                        timeout: Duration::ZERO,
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Connection {
+                        host: self.address.clone(),
+                        source: "connection lost while waiting for a publisher confirm".into(),
+                    })
+                }
+            };
+            match confirm {
+                Confirm::Ack(p) if p.delivery_tag >= tag => break,
+                Confirm::Nack(p) if p.delivery_tag >= tag => return Err(Error::DeliveryFailure {
+                    host: self.address.clone(),
+                    reason: format!(
+                        "the broker rejected (nack) the message to {exchange:?}/{routing_key:?}"
+                    ),
+                }),
+                stale => debug!("ignoring confirm of an earlier publish: {stale:?}"),
+            }
+        }
+        if message.mandatory {
+            while let Ok(returned) = self.returns.try_recv() {
+                if returned.exchange == exchange && returned.routing_key == routing_key {
+                    return Err(Error::Undeliverable {
+                        exchange,
+                        routing_key,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_match_every_oslo_capture() {
+        for c in crate::wire::fixture_tests::captured_messages() {
+            let expiration = c.properties["expiration"]
+                .as_str()
+                .map(|ms| Duration::from_millis(ms.parse().expect("ms")));
+            assert_eq!(
+                expiration.is_some(),
+                c.role == "rpc_call_request",
+                "{}",
+                c.file
+            );
+            let p = properties(Codec::Json, expiration);
+            let text =
+                |v: &Option<String>| v.clone().map(serde_json::Value::from).unwrap_or_default();
+            assert_eq!(
+                text(p.content_type()),
+                c.properties["content_type"],
+                "{}",
+                c.file
+            );
+            assert_eq!(text(p.content_encoding()), c.properties["content_encoding"]);
+            assert_eq!(text(p.expiration()), c.properties["expiration"]);
+            assert_eq!(p.headers().as_ref(), Some(&FieldTable::new()));
+            assert_eq!(
+                p.delivery_mode()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_default(),
+                c.properties["delivery_mode"]
+            );
+            assert_eq!(
+                p.priority()
+                    .map(serde_json::Value::from)
+                    .unwrap_or_default(),
+                c.properties["priority"]
+            );
+            for absent in [
+                "correlation_id",
+                "reply_to",
+                "message_id",
+                "type",
+                "user_id",
+                "app_id",
+            ] {
+                assert!(c.properties[absent].is_null(), "{absent}");
+            }
+            assert_eq!(
+                (p.reply_to(), p.correlation_id(), p.message_id()),
+                (&None, &None, &None)
+            );
+        }
+    }
+
+    #[test]
+    fn msgpack_properties() {
+        let p = properties(Codec::MsgPack, None);
+        assert_eq!(p.content_type().as_deref(), Some("application/msgpack"));
+        assert_eq!(p.content_encoding().as_deref(), Some("binary"));
+    }
+}

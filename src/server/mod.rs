@@ -1,0 +1,267 @@
+//! The RPC server: lifecycle (`start`, `stop`, `wait`), its listener's poll thread, and its
+//! worker pool.
+//!
+//! Threads of one running server: the listener's poll thread (see
+//! [`driver::poll`](crate::driver)), which owns the listen connection and hands deliveries to
+//! a bounded incoming queue; and N workers ([`worker_pool`]) that ack, dispatch and reply.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{debug, error};
+use parking_lot::{Condvar, Mutex};
+
+use crate::dispatcher::{AccessPolicy, Dispatcher, Endpoint};
+use crate::driver::{ListenSpec, Listener};
+use crate::error::{Error, Result};
+use crate::target::Target;
+use crate::transport::Transport;
+
+mod worker_pool;
+
+use worker_pool::WorkerContext;
+
+/// Builds an [`RpcServer`].
+#[derive(Debug)]
+pub struct RpcServerBuilder {
+    transport: Transport,
+    target: Target,
+    endpoints: Vec<Endpoint>,
+    workers: Option<usize>,
+    policy: AccessPolicy,
+}
+
+impl RpcServerBuilder {
+    /// Adds an endpoint; endpoints are tried in the order they were added.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Number of worker threads (default: the transport's `executor_thread_pool_size`).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Which methods callers may reach (default: not those starting with `_`).
+    pub fn access_policy(mut self, policy: AccessPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Checks the target (it needs a topic and a server name) and builds the server. Nothing
+    /// is declared or consumed before [`RpcServer::start`].
+    pub fn build(self) -> Result<RpcServer> {
+        let topic = self.target.require_topic()?.to_string();
+        let server = match self.target.server.as_deref() {
+            Some(s) if !s.is_empty() => s.to_string(),
+            _ => {
+                return Err(Error::invalid_target(
+                    "a server's target must have topic and server names specified",
+                ))
+            }
+        };
+        if self.target.fanout {
+            return Err(Error::invalid_target(
+                "a server's target cannot be a fanout target",
+            ));
+        }
+        let workers = self.workers.unwrap_or(self.transport.options().workers);
+        if workers == 0 {
+            return Err(Error::invalid_option(
+                "workers",
+                "a server needs at least one worker",
+            ));
+        }
+        let exchange = self
+            .target
+            .exchange
+            .clone()
+            .unwrap_or_else(|| self.transport.options().control_exchange.clone());
+        let context = WorkerContext::new(
+            self.transport.clone(),
+            Dispatcher::new(self.endpoints, self.policy),
+            topic.clone(),
+        );
+        Ok(RpcServer {
+            spec: ListenSpec {
+                exchange,
+                topic,
+                server,
+            },
+            workers,
+            context: Arc::new(context),
+            state: Mutex::new(State::Idle),
+            changed: Condvar::new(),
+        })
+    }
+}
+
+enum State {
+    Idle,
+    Running(Box<Running>),
+    Stopped(Box<Running>),
+    Waiting,
+}
+
+struct Running {
+    listener: Box<dyn Listener>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// An RPC server (oslo's `RPCServer`): consumes `<topic>`, `<topic>.<server>` and the topic's
+/// fanout, and runs requests on a pool of worker threads.
+///
+/// `start`, `stop` and `wait` may be called from different threads; `stop` then `wait` (or
+/// dropping the server) finishes the messages already taken, then leaves no thread, consumer,
+/// channel or connection of the server behind. A stopped server can be started again.
+///
+/// ```no_run
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcServer, Target, Transport};
+///
+/// let transport = Transport::new("rabbit://guest:guest@127.0.0.1:5672/")?;
+/// let endpoint = Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong"));
+/// let server = RpcServer::builder(&transport, Target::new("demo").with_server("host-1"))
+///     .endpoint(endpoint)
+///     .workers(4)
+///     .build()?;
+/// server.start()?;
+/// // ... serve ...
+/// server.stop();
+/// server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
+pub struct RpcServer {
+    spec: ListenSpec,
+    workers: usize,
+    context: Arc<WorkerContext>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for RpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcServer")
+            .field("exchange", &self.spec.exchange)
+            .field("topic", &self.spec.topic)
+            .field("server", &self.spec.server)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl RpcServer {
+    /// A builder for a server of `target` (which needs `topic` and `server`).
+    pub fn builder(transport: &Transport, target: Target) -> RpcServerBuilder {
+        RpcServerBuilder {
+            transport: transport.clone(),
+            target,
+            endpoints: Vec::new(),
+            workers: None,
+            policy: AccessPolicy::Default,
+        }
+    }
+
+    /// Declares the server's queues and starts consuming. Returns once messages can arrive;
+    /// fails if the broker cannot be reached or refuses the topology. Starting a running
+    /// server does nothing.
+    pub fn start(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        while matches!(*state, State::Waiting) {
+            self.changed.wait(&mut state);
+        }
+        match &*state {
+            State::Running(_) => return Ok(()),
+            State::Stopped(_) => {
+                return Err(Error::server_state(
+                    "the server was stopped; call wait() before starting it again",
+                ))
+            }
+            State::Idle | State::Waiting => {}
+        }
+        let (tx, rx) = crossbeam_channel::bounded(self.workers);
+        let workers = worker_pool::spawn(self.context.clone(), rx, self.workers)?;
+        let listener = match self.context.transport.driver().listen(&self.spec, tx) {
+            Ok(listener) => listener,
+            Err(e) => {
+                // The workers exit: the only sender is gone.
+                for worker in workers {
+                    let _ = worker.join();
+                }
+                return Err(e);
+            }
+        };
+        *state = State::Running(Box::new(Running { listener, workers }));
+        self.changed.notify_all();
+        debug!("server {}.{} started", self.spec.topic, self.spec.server);
+        Ok(())
+    }
+
+    /// Stops consuming: returns once no new message will be taken. Messages already taken are
+    /// still processed; [`wait`](Self::wait) waits for them. Stopping a server that is not
+    /// running does nothing.
+    pub fn stop(&self) {
+        let mut state = self.state.lock();
+        if !matches!(*state, State::Running(_)) {
+            return;
+        }
+        if let State::Running(mut running) = std::mem::replace(&mut *state, State::Idle) {
+            running.listener.stop();
+            *state = State::Stopped(running);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until the server is stopped (by [`stop`](Self::stop), possibly from another
+    /// thread) and every message it took is done; then closes the listener. After it returns
+    /// no thread, consumer, channel or connection of this server remains. Returns at once if
+    /// the server is not started.
+    pub fn wait(&self) {
+        let running = {
+            let mut state = self.state.lock();
+            loop {
+                match std::mem::replace(&mut *state, State::Idle) {
+                    State::Stopped(running) => {
+                        *state = State::Waiting;
+                        break running;
+                    }
+                    State::Running(running) => {
+                        *state = State::Running(running);
+                        self.changed.wait(&mut state);
+                    }
+                    State::Waiting => {
+                        *state = State::Waiting;
+                        self.changed.wait(&mut state);
+                    }
+                    State::Idle => return,
+                }
+            }
+        };
+        let Running { listener, workers } = *running;
+        for worker in workers {
+            if worker.join().is_err() {
+                error!(
+                    "a worker of {}.{} panicked",
+                    self.spec.topic, self.spec.server
+                );
+            }
+        }
+        listener.close();
+        *self.state.lock() = State::Idle;
+        self.changed.notify_all();
+        debug!("server {}.{} finished", self.spec.topic, self.spec.server);
+    }
+
+    /// `true` between `start()` and `stop()`.
+    pub fn is_running(&self) -> bool {
+        matches!(*self.state.lock(), State::Running(_))
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.stop();
+        self.wait();
+    }
+}

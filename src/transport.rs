@@ -1,0 +1,222 @@
+//! The transport: a URL, its options, and the driver that moves messages (oslo's
+//! `Transport`). Clients and servers built on one transport share its connections and its
+//! reply queue.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client::reply_waiter::ReplyWaiter;
+use crate::driver::memory::MemoryDriver;
+use crate::driver::rabbit::RabbitDriver;
+use crate::driver::{Driver, ReplySink};
+use crate::error::Result;
+use crate::options::TransportOptions;
+use crate::url::{Scheme, TransportUrl};
+use crate::wire::Codec;
+
+/// A connection to a message bus: RabbitMQ (`rabbit://`) or in-process (`memory://`).
+///
+/// Cheap to clone; connections are opened lazily (the first call, cast or server start) and
+/// closed when the last clone is dropped or on [`close`](Transport::close).
+///
+/// ```
+/// use warren::Transport;
+///
+/// let transport = Transport::new("rabbit://guest:guest@127.0.0.1:5672/?rabbit_qos_prefetch_count=10")?;
+/// assert_eq!(transport.options().prefetch_count, 10);
+/// assert_eq!(transport.url().to_string(), "rabbit://guest:***@127.0.0.1:5672/?rabbit_qos_prefetch_count=10");
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: TransportUrl,
+    options: TransportOptions,
+    driver: Box<dyn Driver>,
+    replies: Arc<ReplyWaiter>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.driver.close();
+    }
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("url", &self.inner.url)
+            .field("options", &self.inner.options)
+            .finish()
+    }
+}
+
+impl Transport {
+    /// A transport for `url` with default options (overridable by the URL's query).
+    pub fn new(url: &str) -> Result<Transport> {
+        Transport::builder(url).build()
+    }
+
+    /// A builder to set options in code. Precedence: builder setters, then the URL's query,
+    /// then the defaults given to [`TransportBuilder::options`], then warren's defaults.
+    pub fn builder(url: &str) -> TransportBuilder {
+        TransportBuilder {
+            url: url.to_string(),
+            options: TransportOptions::default(),
+            explicit: Vec::new(),
+        }
+    }
+
+    /// The parsed URL (its `Display` hides passwords).
+    pub fn url(&self) -> &TransportUrl {
+        &self.inner.url
+    }
+
+    /// The effective options.
+    pub fn options(&self) -> &TransportOptions {
+        &self.inner.options
+    }
+
+    /// Closes the reply consumer and every connection of the transport now (also done when the
+    /// last clone is dropped). Servers should be stopped first; later sends fail with
+    /// [`Error::Closed`](crate::Error::Closed).
+    pub fn close(&self) {
+        self.inner.driver.close();
+    }
+
+    /// Number of calls currently waiting for a reply on this transport.
+    pub fn pending_calls(&self) -> usize {
+        self.inner.replies.waiting()
+    }
+
+    pub(crate) fn driver(&self) -> &dyn Driver {
+        self.inner.driver.as_ref()
+    }
+
+    pub(crate) fn reply_waiter(&self) -> &Arc<ReplyWaiter> {
+        &self.inner.replies
+    }
+}
+
+/// Builds a [`Transport`]; see [`TransportOptions`] for what each option does.
+///
+/// A setter called on the builder wins over the same option in the URL's query.
+///
+/// ```
+/// use std::time::Duration;
+/// use warren::{Codec, Transport};
+///
+/// let transport = Transport::builder("rabbit://guest:guest@127.0.0.1:5672/?codec=msgpack&amqp_durable_queues=true")
+///     .codec(Codec::Json)
+///     .rpc_response_timeout(Duration::from_secs(5))
+///     .build()?;
+/// assert_eq!(transport.options().codec, Codec::Json);
+/// assert!(transport.options().durable_queues);
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct TransportBuilder {
+    url: String,
+    options: TransportOptions,
+    /// Query keys of the options set through a setter.
+    explicit: Vec<&'static str>,
+}
+
+impl TransportBuilder {
+    fn set(mut self, key: &'static str, change: impl FnOnce(&mut TransportOptions)) -> Self {
+        change(&mut self.options);
+        self.explicit.push(key);
+        self
+    }
+
+    /// Replaces the base options; the URL's query and later setters still override them.
+    pub fn options(mut self, options: TransportOptions) -> Self {
+        self.options = options;
+        self.explicit.clear();
+        self
+    }
+
+    /// Exchange used when a target names none (`control_exchange`, default `openstack`).
+    pub fn control_exchange(self, exchange: impl Into<String>) -> Self {
+        self.set("control_exchange", |o| o.control_exchange = exchange.into())
+    }
+
+    /// AMQP heartbeat (`heartbeat_timeout_threshold`, default 60 s; zero disables).
+    pub fn heartbeat(self, heartbeat: Duration) -> Self {
+        self.set("heartbeat_timeout_threshold", |o| o.heartbeat = heartbeat)
+    }
+
+    /// Default call timeout (`rpc_response_timeout`, default 60 s).
+    pub fn rpc_response_timeout(self, timeout: Duration) -> Self {
+        self.set("rpc_response_timeout", |o| o.rpc_response_timeout = timeout)
+    }
+
+    /// Unacknowledged deliveries per consumer (`rabbit_qos_prefetch_count`, default 64).
+    pub fn prefetch_count(self, prefetch: u16) -> Self {
+        self.set("rabbit_qos_prefetch_count", |o| o.prefetch_count = prefetch)
+    }
+
+    /// Worker threads per server (`executor_thread_pool_size`, default 16).
+    pub fn workers(self, workers: usize) -> Self {
+        self.set("executor_thread_pool_size", |o| o.workers = workers)
+    }
+
+    /// Codec of what this transport sends (`codec`, default MessagePack).
+    pub fn codec(self, codec: Codec) -> Self {
+        self.set("codec", |o| o.codec = codec)
+    }
+
+    /// `x-expires` of reply and fanout queues (`rabbit_transient_queues_ttl`, default 30 min).
+    pub fn transient_queues_ttl(self, ttl: Duration) -> Self {
+        self.set("rabbit_transient_queues_ttl", |o| {
+            o.transient_queues_ttl = ttl
+        })
+    }
+
+    /// Durable topic exchange and server queues (`amqp_durable_queues`, default false).
+    pub fn durable_queues(self, durable: bool) -> Self {
+        self.set("amqp_durable_queues", |o| o.durable_queues = durable)
+    }
+
+    /// Auto-delete topic exchange and server queues (`amqp_auto_delete`, default false).
+    pub fn auto_delete(self, auto_delete: bool) -> Self {
+        self.set("amqp_auto_delete", |o| o.auto_delete = auto_delete)
+    }
+
+    /// Parses the URL, applies its query options (except those set on the builder, which win),
+    /// validates everything. No connection is opened yet.
+    pub fn build(self) -> Result<Transport> {
+        let url = TransportUrl::parse(&self.url)?;
+        let mut options = self.options;
+        let mut scratch = options.clone();
+        for (name, value) in url.query() {
+            if self.explicit.contains(&name.as_str()) {
+                scratch.apply(name, value)?; // still validated
+            } else {
+                options.apply(name, value)?;
+            }
+        }
+        options.validate()?;
+        let replies = Arc::new(ReplyWaiter::new());
+        let sink: ReplySink = {
+            let replies = replies.clone();
+            Arc::new(move |message| replies.deliver(message))
+        };
+        let driver: Box<dyn Driver> = match url.scheme() {
+            Scheme::Rabbit => Box::new(RabbitDriver::new(url.clone(), options.clone(), sink)),
+            Scheme::Memory => Box::new(MemoryDriver::new(&url, sink)),
+        };
+        Ok(Transport {
+            inner: Arc::new(Inner {
+                url,
+                options,
+                driver,
+                replies,
+            }),
+        })
+    }
+}

@@ -1,0 +1,366 @@
+//! The fields of requests and replies: oslo's message envelope (`method`, `args`,
+//! `namespace`, `version`, `_msg_id`, `_reply_q`, `_timeout`, `_unique_id`, `_context_*`;
+//! replies `result`, `failure`, `ending`, `_msg_id`, `_unique_id`).
+//!
+//! Encoding writes the keys in oslo's order, so the JSON codec reproduces oslo's bytes.
+//! Decoding is done in two passes over the same document: a header pass that skips the
+//! payload (`args` / `result`), and a typed pass that reads only the payload into the
+//! handler's argument type or the caller's result type.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, IgnoredAny, IntoDeserializer, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::context::RequestContext;
+use crate::wire::KeyStr;
+
+/// Prefix of context keys on the wire.
+pub(crate) const CONTEXT_PREFIX: &str = "_context_";
+
+/// A request (call or cast) ready to be encoded.
+pub(crate) struct Request<'a, A: ?Sized> {
+    pub method: &'a str,
+    pub args: &'a A,
+    pub namespace: Option<&'a str>,
+    pub version: Option<&'a str>,
+    /// Present for calls only.
+    pub call: Option<CallFields<'a>>,
+    pub unique_id: &'a str,
+    pub context: &'a RequestContext,
+}
+
+/// The fields only a call carries.
+pub(crate) struct CallFields<'a> {
+    pub msg_id: &'a str,
+    pub reply_q: &'a str,
+    /// Call-monitor timeout in seconds (`_timeout`), `null` when unset.
+    pub monitor_timeout: Option<u64>,
+}
+
+impl<A: Serialize + ?Sized> Serialize for Request<'_, A> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let len = 3
+            + usize::from(self.namespace.is_some())
+            + usize::from(self.version.is_some())
+            + if self.call.is_some() { 3 } else { 0 }
+            + self.context.len();
+        let mut map = serializer.serialize_map(Some(len))?;
+        map.serialize_entry("method", self.method)?;
+        map.serialize_entry("args", &ArgsMap(self.args))?;
+        if let Some(namespace) = self.namespace {
+            map.serialize_entry("namespace", namespace)?;
+        }
+        if let Some(version) = self.version {
+            map.serialize_entry("version", version)?;
+        }
+        if let Some(call) = &self.call {
+            map.serialize_entry("_msg_id", call.msg_id)?;
+            map.serialize_entry("_reply_q", call.reply_q)?;
+            map.serialize_entry("_timeout", &call.monitor_timeout)?;
+        }
+        map.serialize_entry("_unique_id", self.unique_id)?;
+        for (key, value) in self.context.iter() {
+            map.serialize_entry(&ContextKey(key), value)?;
+        }
+        map.end()
+    }
+}
+
+/// Serializes call arguments; `()` (no arguments) becomes `{}` as oslo expects a dict.
+struct ArgsMap<'a, A: ?Sized>(&'a A);
+
+impl<A: Serialize + ?Sized> Serialize for ArgsMap<'_, A> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(UnitAsEmptyMap(serializer))
+    }
+}
+
+/// A serializer adapter that turns a top-level `()` into an empty map and forwards the rest.
+struct UnitAsEmptyMap<S>(S);
+
+macro_rules! forward {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $(fn $name(self, $($arg: $ty),*) -> $ret { self.0.$name($($arg),*) })*
+    };
+}
+
+impl<S: Serializer> Serializer for UnitAsEmptyMap<S> {
+    type Ok = S::Ok;
+    type Error = S::Error;
+    type SerializeSeq = S::SerializeSeq;
+    type SerializeTuple = S::SerializeTuple;
+    type SerializeTupleStruct = S::SerializeTupleStruct;
+    type SerializeTupleVariant = S::SerializeTupleVariant;
+    type SerializeMap = S::SerializeMap;
+    type SerializeStruct = S::SerializeStruct;
+    type SerializeStructVariant = S::SerializeStructVariant;
+
+    fn serialize_unit(self) -> Result<S::Ok, S::Error> {
+        self.0.serialize_map(Some(0))?.end()
+    }
+
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<S::Ok, S::Error> {
+        self.0.serialize_map(Some(0))?.end()
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<S::Ok, S::Error> {
+        self.0.serialize_some(value)
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<S::Ok, S::Error> {
+        self.0.serialize_newtype_struct(name, value)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<S::Ok, S::Error> {
+        self.0
+            .serialize_newtype_variant(name, index, variant, value)
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+
+    forward! {
+        serialize_bool(v: bool) -> Result<S::Ok, S::Error>;
+        serialize_i8(v: i8) -> Result<S::Ok, S::Error>;
+        serialize_i16(v: i16) -> Result<S::Ok, S::Error>;
+        serialize_i32(v: i32) -> Result<S::Ok, S::Error>;
+        serialize_i64(v: i64) -> Result<S::Ok, S::Error>;
+        serialize_i128(v: i128) -> Result<S::Ok, S::Error>;
+        serialize_u8(v: u8) -> Result<S::Ok, S::Error>;
+        serialize_u16(v: u16) -> Result<S::Ok, S::Error>;
+        serialize_u32(v: u32) -> Result<S::Ok, S::Error>;
+        serialize_u64(v: u64) -> Result<S::Ok, S::Error>;
+        serialize_u128(v: u128) -> Result<S::Ok, S::Error>;
+        serialize_f32(v: f32) -> Result<S::Ok, S::Error>;
+        serialize_f64(v: f64) -> Result<S::Ok, S::Error>;
+        serialize_char(v: char) -> Result<S::Ok, S::Error>;
+        serialize_str(v: &str) -> Result<S::Ok, S::Error>;
+        serialize_bytes(v: &[u8]) -> Result<S::Ok, S::Error>;
+        serialize_none() -> Result<S::Ok, S::Error>;
+        serialize_unit_variant(name: &'static str, index: u32, variant: &'static str) -> Result<S::Ok, S::Error>;
+        serialize_seq(len: Option<usize>) -> Result<S::SerializeSeq, S::Error>;
+        serialize_tuple(len: usize) -> Result<S::SerializeTuple, S::Error>;
+        serialize_tuple_struct(name: &'static str, len: usize) -> Result<S::SerializeTupleStruct, S::Error>;
+        serialize_tuple_variant(name: &'static str, index: u32, variant: &'static str, len: usize) -> Result<S::SerializeTupleVariant, S::Error>;
+        serialize_map(len: Option<usize>) -> Result<S::SerializeMap, S::Error>;
+        serialize_struct(name: &'static str, len: usize) -> Result<S::SerializeStruct, S::Error>;
+        serialize_struct_variant(name: &'static str, index: u32, variant: &'static str, len: usize) -> Result<S::SerializeStructVariant, S::Error>;
+    }
+}
+
+/// Serializes as `_context_<key>`.
+struct ContextKey<'a>(&'a str);
+
+impl Serialize for ContextKey<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{CONTEXT_PREFIX}{}", self.0))
+    }
+}
+
+/// Everything of a request but its arguments.
+#[derive(Debug, Default)]
+pub(crate) struct RequestHeader {
+    pub method: String,
+    pub namespace: Option<String>,
+    pub version: Option<String>,
+    pub msg_id: Option<String>,
+    pub reply_q: Option<String>,
+    /// `_timeout`: the caller's call-monitor timeout in seconds.
+    pub monitor_timeout: Option<f64>,
+    /// `true` when `_timeout` is present (even `null`): the sender is an oslo-style caller.
+    pub has_timeout_key: bool,
+    pub unique_id: Option<String>,
+    pub context: RequestContext,
+}
+
+impl<'de> Deserialize<'de> for RequestHeader {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = RequestHeader;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a request map")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<RequestHeader, M::Error> {
+                let mut header = RequestHeader::default();
+                let mut method = None;
+                while let Some(KeyStr(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "method" => method = Some(map.next_value::<String>()?),
+                        "namespace" => header.namespace = map.next_value()?,
+                        "version" => header.version = map.next_value()?,
+                        "_msg_id" => header.msg_id = map.next_value()?,
+                        "_reply_q" => header.reply_q = map.next_value()?,
+                        "_timeout" => {
+                            header.has_timeout_key = true;
+                            header.monitor_timeout = map.next_value()?;
+                        }
+                        "_unique_id" => header.unique_id = map.next_value()?,
+                        other => match other.strip_prefix(CONTEXT_PREFIX) {
+                            Some(name) => {
+                                let name = name.to_string();
+                                header.context.insert(name, map.next_value::<Value>()?);
+                            }
+                            None => {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        },
+                    }
+                }
+                header.method = method.ok_or_else(|| de::Error::missing_field("method"))?;
+                Ok(header)
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+/// Reads one field of a message map into `T`, skipping the others; a missing field reads as
+/// `default_from` (an empty map for `args`, `null` for `result`).
+pub(crate) struct FieldOf<T, F: FieldName>(pub T, PhantomData<F>);
+
+/// Names the field [`FieldOf`] extracts.
+pub(crate) trait FieldName {
+    const NAME: &'static str;
+    /// Deserializes `T` when the field is absent.
+    fn absent<'de, T: Deserialize<'de>, E: de::Error>() -> Result<T, E>;
+}
+
+/// The `args` field; oslo's default is `{}`.
+pub(crate) struct ArgsField;
+impl FieldName for ArgsField {
+    const NAME: &'static str = "args";
+    fn absent<'de, T: Deserialize<'de>, E: de::Error>() -> Result<T, E> {
+        let empty =
+            serde::de::value::MapDeserializer::<_, E>::new(std::iter::empty::<(String, String)>());
+        T::deserialize(empty)
+    }
+}
+
+/// The `result` field; absent reads as `null`.
+pub(crate) struct ResultField;
+impl FieldName for ResultField {
+    const NAME: &'static str = "result";
+    fn absent<'de, T: Deserialize<'de>, E: de::Error>() -> Result<T, E> {
+        T::deserialize(().into_deserializer())
+    }
+}
+
+impl<'de, T: Deserialize<'de>, F: FieldName> Deserialize<'de> for FieldOf<T, F> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor<T, F>(PhantomData<(T, F)>);
+        impl<'de, T: Deserialize<'de>, F: FieldName> Visitor<'de> for FieldVisitor<T, F> {
+            type Value = FieldOf<T, F>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message map")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut value = None;
+                while let Some(KeyStr(key)) = map.next_key()? {
+                    if key == F::NAME && value.is_none() {
+                        value = Some(map.next_value::<T>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                match value {
+                    Some(v) => Ok(FieldOf(v, PhantomData)),
+                    None => F::absent().map(|v| FieldOf(v, PhantomData)),
+                }
+            }
+        }
+        deserializer.deserialize_map(FieldVisitor(PhantomData))
+    }
+}
+
+/// The arguments of a request, as the handler's type.
+pub(crate) type ArgsOf<A> = FieldOf<A, ArgsField>;
+/// The result of a reply, as the caller's type.
+pub(crate) type ResultOf<R> = FieldOf<R, ResultField>;
+
+/// A reply ready to be encoded: `result`, `failure`, `ending`, `_msg_id`, `_unique_id`.
+pub(crate) struct Reply<'a> {
+    pub result: Option<&'a (dyn erased_serde::Serialize + 'a)>,
+    /// The failure, already as oslo's JSON string.
+    pub failure: Option<&'a str>,
+    pub ending: bool,
+    pub msg_id: &'a str,
+    pub unique_id: &'a str,
+}
+
+impl Serialize for Reply<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(5))?;
+        map.serialize_entry("result", &self.result)?;
+        map.serialize_entry("failure", &self.failure)?;
+        map.serialize_entry("ending", &self.ending)?;
+        map.serialize_entry("_msg_id", self.msg_id)?;
+        map.serialize_entry("_unique_id", self.unique_id)?;
+        map.end()
+    }
+}
+
+/// Everything of a reply but its result.
+#[derive(Debug)]
+pub(crate) struct ReplyHeader {
+    pub msg_id: String,
+    /// oslo's `ending` (absent means `false`).
+    pub ending: bool,
+    pub failure: Option<String>,
+    /// `true` when `result` is present and not `null`.
+    pub has_result: bool,
+}
+
+impl<'de> Deserialize<'de> for ReplyHeader {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = ReplyHeader;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a reply map")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<ReplyHeader, M::Error> {
+                let mut msg_id = None;
+                let mut header = ReplyHeader {
+                    msg_id: String::new(),
+                    ending: false,
+                    failure: None,
+                    has_result: false,
+                };
+                while let Some(KeyStr(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "_msg_id" => msg_id = Some(map.next_value::<String>()?),
+                        "ending" => {
+                            header.ending = map.next_value::<Option<bool>>()?.unwrap_or(false)
+                        }
+                        "failure" => header.failure = map.next_value()?,
+                        "result" => {
+                            header.has_result = map.next_value::<Option<IgnoredAny>>()?.is_some()
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                header.msg_id = msg_id.ok_or_else(|| de::Error::missing_field("_msg_id"))?;
+                Ok(header)
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}

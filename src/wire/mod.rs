@@ -1,0 +1,200 @@
+//! What goes on the wire: codecs, oslo's JSON format, MessagePack, message fields, failures.
+//!
+//! A received body is first *opened* into a [`Document`] (content type checked, oslo envelope
+//! removed), then decoded in passes (see [`envelope`]).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+
+pub(crate) mod envelope;
+pub(crate) mod failure;
+#[cfg(test)]
+pub(crate) mod fixture_tests;
+pub(crate) mod msgpack;
+pub(crate) mod oslo_json;
+
+/// How message bodies are encoded.
+///
+/// Servers read both codecs (detected by `content_type`) and reply in the request's codec;
+/// a transport's codec only decides what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// oslo.messaging's format: JSON inside a `{"oslo.version": "2.0", "oslo.message": ...}`
+    /// envelope, `application/json`. Use it to talk to Python services.
+    Json,
+    /// The same fields as one MessagePack map, `application/msgpack`. Smaller and faster; the
+    /// default for Rust-to-Rust traffic.
+    MsgPack,
+}
+
+impl Codec {
+    /// The AMQP `content_type` of bodies in this codec.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Codec::Json => "application/json",
+            Codec::MsgPack => "application/msgpack",
+        }
+    }
+
+    /// The AMQP `content_encoding` of bodies in this codec (kombu's values).
+    pub fn content_encoding(self) -> &'static str {
+        match self {
+            Codec::Json => "utf-8",
+            Codec::MsgPack => "binary",
+        }
+    }
+
+    /// The codec of a received `content_type`, if warren reads it.
+    pub fn from_content_type(content_type: &str) -> Option<Codec> {
+        match content_type.split(';').next().unwrap_or_default().trim() {
+            "application/json" => Some(Codec::Json),
+            "application/msgpack" | "application/x-msgpack" => Some(Codec::MsgPack),
+            _ => None,
+        }
+    }
+
+    /// Encodes a whole message body.
+    pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>> {
+        match self {
+            Codec::Json => {
+                let mut inner = Vec::with_capacity(256);
+                oslo_json::write_python_json(&mut inner, value).map_err(Error::encode)?;
+                oslo_json::wrap_envelope(&inner).map_err(Error::encode)
+            }
+            Codec::MsgPack => msgpack::to_vec(value).map_err(Error::encode),
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Codec::Json => "json",
+            Codec::MsgPack => "msgpack",
+        })
+    }
+}
+
+impl FromStr for Codec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Codec> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(Codec::Json),
+            "msgpack" => Ok(Codec::MsgPack),
+            _ => Err(Error::invalid_option(
+                "codec",
+                format!("{s:?} is not json or msgpack"),
+            )),
+        }
+    }
+}
+
+/// An opened message: the codec and the bytes of the message map (for JSON, the text inside
+/// the envelope).
+#[derive(Debug, Clone)]
+pub(crate) struct Document {
+    pub codec: Codec,
+    pub bytes: Vec<u8>,
+}
+
+/// Why a document did not decode, with the path of the offending field (`args.count`).
+#[derive(Debug, Clone)]
+pub(crate) struct DecodeError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() || self.path == "." {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl Document {
+    /// Checks the content type and removes the oslo envelope. The error says why the message
+    /// cannot be read at all (such messages are rejected without requeue).
+    pub fn open(
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> std::result::Result<Document, String> {
+        let content_type = content_type.ok_or("no content_type")?;
+        let codec = Codec::from_content_type(content_type)
+            .ok_or_else(|| format!("unsupported content_type {content_type:?}"))?;
+        let bytes = match codec {
+            Codec::Json => oslo_json::unwrap_envelope(body)?,
+            Codec::MsgPack => body,
+        };
+        Ok(Document { codec, bytes })
+    }
+
+    /// Decodes `T` from the message map.
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> std::result::Result<T, DecodeError> {
+        fn split<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> DecodeError {
+            let mut message = e.inner().to_string();
+            // serde_json appends the position in the (inner) JSON text: noise for the caller.
+            if let Some(at) = message.rfind(" at line ") {
+                message.truncate(at);
+            }
+            DecodeError {
+                path: e.path().to_string(),
+                message,
+            }
+        }
+        match self.codec {
+            Codec::Json => {
+                let mut de = serde_json::Deserializer::from_slice(&self.bytes);
+                let value = serde_path_to_error::deserialize(&mut de).map_err(split)?;
+                de.end().map_err(|e| DecodeError {
+                    path: String::new(),
+                    message: e.to_string(),
+                })?;
+                Ok(value)
+            }
+            Codec::MsgPack => msgpack::from_slice(&self.bytes).map_err(split),
+        }
+    }
+}
+
+/// A map key, borrowed from the input when possible.
+pub(crate) struct KeyStr<'de>(pub Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for KeyStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = KeyStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(KeyStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                Ok(KeyStr(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> std::result::Result<Self::Value, E> {
+                Ok(KeyStr(Cow::Owned(v)))
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> std::result::Result<Self::Value, E> {
+                std::str::from_utf8(v)
+                    .map(|s| KeyStr(Cow::Owned(s.to_string())))
+                    .map_err(|_| E::custom("map key is not UTF-8"))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}

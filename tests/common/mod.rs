@@ -1,0 +1,310 @@
+//! Test support: a per-test "bus" (unique topic and control exchange, a standard endpoint,
+//! servers, an event channel the handlers report to) that removes everything it created on
+//! the broker when dropped; and `rabbitmqctl` helpers.
+#![allow(dead_code)]
+
+pub mod scenarios;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warren::{
+    Codec, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport,
+    Version,
+};
+
+/// The broker the tests use (never stopped by them).
+pub fn broker_url() -> String {
+    std::env::var("WARREN_TEST_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+}
+
+/// A fresh in-process bus per call.
+pub fn memory_url() -> String {
+    format!("memory://{}/", unique("mem"))
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(label: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("wt_{label}_{}", &id[..12])
+}
+
+/// What a handler reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub server: String,
+    pub method: String,
+    pub value: Value,
+}
+
+#[derive(Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+#[derive(Deserialize)]
+struct Sleep {
+    ms: u64,
+}
+
+#[derive(Deserialize)]
+struct Fail {
+    class: String,
+    module: String,
+    message: String,
+    #[serde(default)]
+    expected: bool,
+}
+
+/// The endpoints every test server has:
+/// * version 1.3, null namespace: `echo`, `whoami`, `add`, `sleep`, `fail`, `panic`,
+///   `context`, `record` (reports an event), `_private`;
+/// * namespace `admin` (legacy `old_admin`), version 2.1: `reset`.
+pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
+    let name = server.to_string();
+    let report = move |method: &str, value: Value| {
+        let _ = events.send(Event {
+            server: name.clone(),
+            method: method.to_string(),
+            value,
+        });
+    };
+    let (who, record, slept) = (server.to_string(), report.clone(), report);
+    let main = Endpoint::new()
+        .version(Version::new(1, 3))
+        .method("echo", |_: &RequestContext, args: Value| {
+            Ok::<_, Failure>(args)
+        })
+        .method("whoami", move |_: &RequestContext, _: NoArgs| {
+            Ok::<_, Failure>(who.clone())
+        })
+        .method("add", |_: &RequestContext, x: Add| {
+            Ok::<_, Failure>(x.a + x.b)
+        })
+        .method("sleep", move |_: &RequestContext, s: Sleep| {
+            thread::sleep(Duration::from_millis(s.ms));
+            slept("sleep", json!(s.ms));
+            Ok::<_, Failure>(s.ms)
+        })
+        .method(
+            "fail",
+            |_: &RequestContext, f: Fail| -> Result<(), Failure> {
+                let failure = Failure::new(f.class, f.module, f.message);
+                Err(if f.expected {
+                    failure.expected()
+                } else {
+                    failure
+                })
+            },
+        )
+        .method(
+            "panic",
+            |_: &RequestContext, _: NoArgs| -> Result<(), Failure> { panic!("handler exploded") },
+        )
+        .method("context", |ctx: &RequestContext, _: NoArgs| {
+            Ok::<_, Failure>(ctx.clone())
+        })
+        .method("record", move |_: &RequestContext, args: Value| {
+            record("record", args);
+            Ok::<_, Failure>(())
+        })
+        .method("_private", |_: &RequestContext, _: NoArgs| {
+            Ok::<_, Failure>(1)
+        });
+    let admin_server = server.to_string();
+    let admin = Endpoint::new()
+        .namespace("admin")
+        .legacy_namespace("old_admin")
+        .version(Version::new(2, 1))
+        .method("reset", move |_: &RequestContext, _: NoArgs| {
+            Ok::<_, Failure>(format!("reset by {admin_server}"))
+        });
+    vec![main, admin]
+}
+
+/// One test's topic, exchange, servers and event channel. Dropping it stops the servers and
+/// deletes the queues and exchange it created.
+pub struct Bus {
+    pub url: String,
+    pub topic: String,
+    pub exchange: String,
+    pub events: Receiver<Event>,
+    events_tx: Sender<Event>,
+    servers: Vec<(String, RpcServer)>,
+    transports: Vec<Transport>,
+}
+
+impl Bus {
+    pub fn new(url: &str) -> Bus {
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        Bus {
+            url: url.to_string(),
+            topic: unique("topic"),
+            exchange: unique("exchange"),
+            events,
+            events_tx,
+            servers: Vec::new(),
+            transports: Vec::new(),
+        }
+    }
+
+    pub fn is_rabbit(&self) -> bool {
+        !self.url.starts_with("memory://")
+    }
+
+    /// A transport on this bus's exchange, sending with `codec`.
+    pub fn transport(&self, codec: Codec) -> Transport {
+        Transport::builder(&self.url)
+            .control_exchange(self.exchange.as_str())
+            .codec(codec)
+            .build()
+            .expect("transport")
+    }
+
+    /// Starts a server named `name` (own transport, msgpack) with `workers` workers.
+    pub fn start_server(&mut self, name: &str, workers: usize) -> &RpcServer {
+        let transport = self.transport(Codec::MsgPack);
+        let mut builder = RpcServer::builder(
+            &transport,
+            Target::new(self.topic.as_str()).with_server(name),
+        )
+        .workers(workers);
+        for endpoint in endpoints(name, self.events_tx.clone()) {
+            builder = builder.endpoint(endpoint);
+        }
+        let server = builder.build().expect("server");
+        server.start().expect("server start");
+        self.transports.push(transport);
+        self.servers.push((name.to_string(), server));
+        &self.servers.last().expect("just pushed").1
+    }
+
+    pub fn server(&self, name: &str) -> &RpcServer {
+        &self
+            .servers
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("server")
+            .1
+    }
+
+    /// A client of this bus's topic.
+    pub fn client(&self, codec: Codec) -> RpcClient {
+        RpcClient::new(&self.transport(codec), Target::new(self.topic.as_str()))
+    }
+
+    /// Waits for `n` events (fails the test after `timeout`).
+    pub fn expect_events(&self, n: usize, timeout: Duration) -> Vec<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match self.events.recv_deadline(deadline) {
+                Ok(event) => got.push(event),
+                Err(_) => panic!(
+                    "expected {n} events within {timeout:?}, got {}: {got:?}",
+                    got.len()
+                ),
+            }
+        }
+        got
+    }
+
+    /// Asserts that no further event arrives within `window`.
+    pub fn expect_quiet(&self, window: Duration) {
+        if let Ok(event) = self.events.recv_timeout(window) {
+            panic!("unexpected event {event:?}");
+        }
+    }
+
+    fn queue_names(&self) -> Vec<String> {
+        let mut names = vec![self.topic.clone()];
+        names.extend(
+            self.servers
+                .iter()
+                .map(|(n, _)| format!("{}.{n}", self.topic)),
+        );
+        names
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        for (_, server) in &self.servers {
+            server.stop();
+        }
+        for (_, server) in &self.servers {
+            server.wait();
+        }
+        if self.is_rabbit() {
+            delete_on_broker(&self.url, &self.queue_names(), &[self.exchange.clone()]);
+        }
+    }
+}
+
+/// Deletes queues and exchanges (missing ones are fine).
+pub fn delete_on_broker(url: &str, queues: &[String], exchanges: &[String]) {
+    let Ok(mut connection) = amiquip::Connection::insecure_open(url) else {
+        return;
+    };
+    for queue in queues {
+        if let Ok(channel) = connection.open_channel(None) {
+            let _ = channel.queue_delete(queue.as_str(), amiquip::QueueDeleteOptions::default());
+        }
+    }
+    for exchange in exchanges {
+        if let Ok(channel) = connection.open_channel(None) {
+            let _ = channel.exchange_delete(exchange.as_str(), false);
+        }
+    }
+    let _ = connection.close();
+}
+
+/// Runs `rabbitmqctl -q <args> --formatter json` and parses the output.
+pub fn rabbitmqctl_json(args: &[&str]) -> Vec<Value> {
+    let output = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .args(["--formatter", "json"])
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice::<Vec<Value>>(&output.stdout).expect("rabbitmqctl JSON")
+}
+
+/// Consumers whose queue name starts with `prefix`.
+pub fn consumers_with_prefix(prefix: &str) -> Vec<String> {
+    rabbitmqctl_json(&["list_consumers", "queue_name"])
+        .into_iter()
+        .filter_map(|c| c["queue_name"].as_str().map(str::to_string))
+        .filter(|q| q.starts_with(prefix))
+        .collect()
+}
+
+/// Number of threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits until `condition` holds (polling an external state we cannot subscribe to).
+pub fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A shared counter handlers can bump.
+pub type Counter = Arc<std::sync::atomic::AtomicUsize>;

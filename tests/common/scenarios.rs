@@ -1,0 +1,565 @@
+//! Behaviour every transport must show, written once and run against RabbitMQ
+//! (`tests/rpc_rabbit.rs`) and `memory://` (`tests/rpc_memory.rs`).
+
+use std::collections::HashMap;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target};
+
+use super::{unique, Bus};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ctx() -> RequestContext {
+    RequestContext::new()
+        .with("user_id", "alice")
+        .with("roles", json!(["member", "reader"]))
+        .with("is_admin", false)
+}
+
+fn remote_class(result: Result<Value, Error>) -> String {
+    match result {
+        Err(Error::Remote { class, .. }) => class,
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+/// Generates one `#[test]` per scenario for the URL expression given.
+#[macro_export]
+macro_rules! scenario_tests {
+    ($url:expr) => {
+        $crate::scenario_tests!(@each $url;
+            calls_return_typed_results,
+            call_context_reaches_the_handler,
+            casts_are_handled_once_each,
+            fanout_casts_reach_every_server,
+            calls_round_robin_across_servers,
+            server_routing_reaches_only_that_server,
+            many_client_threads_share_one_client,
+            slow_handler_times_out_and_late_reply_is_dropped,
+            topic_nobody_serves_times_out,
+            remote_failures_carry_class_module_message,
+            panics_become_failures_and_workers_survive,
+            bad_arguments_are_type_errors_naming_the_argument,
+            dispatch_rules_over_the_wire,
+            version_cap_is_enforced_before_sending,
+            large_payloads_round_trip_in_both_codecs,
+            one_server_serves_json_and_msgpack_clients,
+            invalid_targets_are_refused,
+            stop_then_wait_finishes_taken_messages_and_restart_serves_the_rest,
+            expired_calls_are_not_run_late,
+        );
+    };
+    (@each $url:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                common::scenarios::$name(&$url);
+            }
+        )*
+    };
+}
+
+pub fn calls_return_typed_results(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    for codec in [Codec::MsgPack, Codec::Json] {
+        let client = bus.client(codec);
+        let sum: i64 = client
+            .call(&ctx(), "add", &json!({"a": 2, "b": 40}))
+            .unwrap();
+        assert_eq!(sum, 42);
+        let nested = json!({"s": "h\u{e9}llo \u{2603} \u{1F680}", "n": null, "f": 1.5, "l": [1, [2, {"x": true}]], "big": 9007199254740993_u64});
+        let echoed: Value = client.call(&ctx(), "echo", &nested).unwrap();
+        assert_eq!(echoed, nested, "{codec}");
+        // A result that does not fit the caller's type is a decode error, not a panic.
+        let wrong: Result<Vec<String>, Error> =
+            client.call(&ctx(), "add", &json!({"a": 1, "b": 1}));
+        assert!(matches!(wrong, Err(Error::Decode { .. })), "{wrong:?}");
+        // `()` means no arguments.
+        let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+        assert_eq!(who, "s1");
+    }
+}
+
+pub fn call_context_reaches_the_handler(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    for codec in [Codec::MsgPack, Codec::Json] {
+        let seen: Value = bus.client(codec).call(&ctx(), "context", &()).unwrap();
+        assert_eq!(
+            seen,
+            json!({"user_id": "alice", "roles": ["member", "reader"], "is_admin": false, "client_timeout": null}),
+            "{codec}"
+        );
+    }
+}
+
+pub fn casts_are_handled_once_each(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 4);
+    bus.start_server("s2", 4);
+    let client = bus.client(Codec::MsgPack);
+    for i in 0..50 {
+        client.cast(&ctx(), "record", &json!({"id": i})).unwrap();
+    }
+    let events = bus.expect_events(50, WAIT);
+    let mut ids: Vec<i64> = events
+        .iter()
+        .map(|e| e.value["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..50).collect::<Vec<_>>());
+    bus.expect_quiet(Duration::from_millis(300));
+}
+
+pub fn fanout_casts_reach_every_server(url: &str) {
+    let mut bus = Bus::new(url);
+    for name in ["s1", "s2", "s3"] {
+        bus.start_server(name, 1);
+    }
+    let client = bus.client(Codec::Json);
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "record", &json!({"kind": "fanout"}))
+        .unwrap();
+    let mut servers: Vec<String> = bus
+        .expect_events(3, WAIT)
+        .into_iter()
+        .map(|e| e.server)
+        .collect();
+    servers.sort();
+    assert_eq!(servers, ["s1", "s2", "s3"]);
+    // A plain cast goes to one server only.
+    client
+        .cast(&ctx(), "record", &json!({"kind": "topic"}))
+        .unwrap();
+    assert_eq!(bus.expect_events(1, WAIT)[0].value["kind"], "topic");
+    bus.expect_quiet(Duration::from_millis(300));
+}
+
+pub fn calls_round_robin_across_servers(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    bus.start_server("s2", 1);
+    let client = bus.client(Codec::MsgPack);
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+        *served.entry(who).or_default() += 1;
+    }
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(served.values().all(|&n| n >= 10), "{served:?}");
+}
+
+pub fn server_routing_reaches_only_that_server(url: &str) {
+    let mut bus = Bus::new(url);
+    for name in ["s1", "s2", "s3"] {
+        bus.start_server(name, 1);
+    }
+    let to_s2 = bus.client(Codec::MsgPack).prepare().server("s2");
+    for _ in 0..15 {
+        let who: String = to_s2.call(&ctx(), "whoami", &()).unwrap();
+        assert_eq!(who, "s2");
+    }
+}
+
+pub fn many_client_threads_share_one_client(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 4);
+    bus.start_server("s2", 4);
+    let transport = bus.transport(Codec::MsgPack);
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    let threads: Vec<_> = (0..8_i64)
+        .map(|t| {
+            let client = client.clone();
+            thread::spawn(move || {
+                for i in 0..25_i64 {
+                    let sum: i64 = client
+                        .call(&ctx(), "add", &json!({"a": t * 1000, "b": i}))
+                        .unwrap();
+                    assert_eq!(sum, t * 1000 + i);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    assert_eq!(transport.pending_calls(), 0, "no waiter left behind");
+}
+
+pub fn slow_handler_times_out_and_late_reply_is_dropped(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    let transport = bus.transport(Codec::MsgPack);
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    let timeout = Duration::from_millis(400);
+    let started = Instant::now();
+    let result: Result<u64, Error> =
+        client
+            .prepare()
+            .timeout(timeout)
+            .call(&ctx(), "sleep", &json!({"ms": 1500}));
+    let elapsed = started.elapsed();
+    match result {
+        Err(Error::Timeout {
+            msg_id,
+            method,
+            timeout: t,
+        }) => {
+            assert_eq!(msg_id.len(), 32, "msg_id is a uuid hex");
+            assert_eq!(method, "sleep");
+            assert_eq!(t, timeout);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        elapsed >= timeout && elapsed < timeout + Duration::from_secs(1),
+        "{elapsed:?}"
+    );
+    assert_eq!(transport.pending_calls(), 0);
+    // The handler finishes, its reply arrives late and is dropped; the client keeps working.
+    assert_eq!(bus.expect_events(1, WAIT)[0].method, "sleep");
+    let sum: i64 = client
+        .call(&ctx(), "add", &json!({"a": 1, "b": 2}))
+        .unwrap();
+    assert_eq!(sum, 3);
+    assert_eq!(transport.pending_calls(), 0);
+}
+
+pub fn topic_nobody_serves_times_out(url: &str) {
+    let bus = Bus::new(url);
+    let client = bus
+        .client(Codec::MsgPack)
+        .prepare()
+        .topic(unique("nobody"))
+        .timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let result: Result<Value, Error> = client.call(&ctx(), "echo", &json!({}));
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        started.elapsed()
+    );
+    // A cast to nobody is accepted by the broker and dropped (oslo semantics).
+    client.cast(&ctx(), "echo", &json!({})).unwrap();
+}
+
+pub fn remote_failures_carry_class_module_message(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    for codec in [Codec::MsgPack, Codec::Json] {
+        let client = bus.client(codec);
+        for expected in [false, true] {
+            let args = json!({"class": "InstanceNotFound", "module": "nova.exception", "message": "Instance i-1 could not be found.", "expected": expected});
+            match client.call::<_, Value>(&ctx(), "fail", &args) {
+                Err(Error::Remote {
+                    class,
+                    module,
+                    message,
+                    details,
+                    ..
+                }) => {
+                    assert_eq!(class, "InstanceNotFound");
+                    assert_eq!(module, "nova.exception");
+                    assert_eq!(message, "Instance i-1 could not be found.");
+                    assert_eq!(
+                        details.args,
+                        vec![json!("Instance i-1 could not be found.")]
+                    );
+                }
+                other => panic!("{codec}: {other:?}"),
+            }
+        }
+    }
+}
+
+pub fn panics_become_failures_and_workers_survive(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    let client = bus.client(Codec::MsgPack);
+    for _ in 0..5 {
+        match client.call::<_, Value>(&ctx(), "panic", &()) {
+            Err(Error::Remote { class, message, .. }) => {
+                assert_eq!(class, "HandlerPanic");
+                assert!(message.contains("handler exploded"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // More panics than workers, and both workers still answer.
+    let answers: Vec<i64> = (0..4)
+        .map(|i| {
+            client
+                .call(&ctx(), "add", &json!({"a": i, "b": 1}))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(answers, [1, 2, 3, 4]);
+}
+
+pub fn bad_arguments_are_type_errors_naming_the_argument(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    for codec in [Codec::MsgPack, Codec::Json] {
+        let client = bus.client(codec);
+        for (args, needle) in [
+            (json!({"a": "two", "b": 3}), "argument `a`"),
+            (json!({"a": 1}), "missing field `b`"),
+        ] {
+            match client.call::<_, Value>(&ctx(), "add", &args) {
+                Err(Error::Remote {
+                    class,
+                    module,
+                    message,
+                    ..
+                }) => {
+                    assert_eq!((class.as_str(), module.as_str()), ("TypeError", "builtins"));
+                    assert!(message.contains(needle), "{codec}: {message}");
+                }
+                other => panic!("{codec}: {other:?}"),
+            }
+        }
+    }
+}
+
+pub fn dispatch_rules_over_the_wire(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+    let call = |c: RpcClient, method: &str| c.call::<_, Value>(&ctx(), method, &json!({}));
+    assert_eq!(
+        remote_class(call(client.prepare(), "no_such")),
+        "NoSuchMethod"
+    );
+    assert_eq!(
+        remote_class(call(client.prepare(), "_private")),
+        "NoSuchMethod"
+    );
+    assert_eq!(
+        remote_class(call(client.prepare().version("1.4"), "whoami")),
+        "UnsupportedVersion"
+    );
+    assert_eq!(
+        remote_class(call(client.prepare().version("2.0"), "whoami")),
+        "UnsupportedVersion"
+    );
+    assert_eq!(
+        call(client.prepare().version("1.2"), "whoami").unwrap(),
+        json!("s1")
+    );
+    assert_eq!(
+        call(client.prepare().namespace("admin").version("2.1"), "reset").unwrap(),
+        json!("reset by s1")
+    );
+    assert_eq!(
+        call(
+            client.prepare().namespace("old_admin").version("2.0"),
+            "reset"
+        )
+        .unwrap(),
+        json!("reset by s1")
+    );
+    assert_eq!(
+        remote_class(call(
+            client.prepare().namespace("admin").version("2.2"),
+            "reset"
+        )),
+        "UnsupportedVersion"
+    );
+    assert_eq!(
+        remote_class(call(
+            client.prepare().namespace("admin").version("2.0"),
+            "whoami"
+        )),
+        "NoSuchMethod"
+    );
+    assert_eq!(
+        remote_class(call(client.prepare().namespace("nope"), "whoami")),
+        "UnsupportedVersion"
+    );
+    match call(client.prepare(), "no_such") {
+        Err(Error::Remote {
+            module, message, ..
+        }) => {
+            assert_eq!(module, "oslo_messaging.rpc.dispatcher");
+            assert_eq!(message, "Endpoint does not support RPC method no_such");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+pub fn version_cap_is_enforced_before_sending(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    let capped = bus.client(Codec::MsgPack).prepare().version_cap("1.2");
+    assert!(capped.can_send_version("1.1") && capped.can_send_version("1.2"));
+    assert!(!capped.can_send_version("1.3") && !capped.can_send_version("2.0"));
+    let too_new = capped.prepare().version("1.3");
+    assert!(matches!(
+        too_new.cast(&ctx(), "record", &json!({})),
+        Err(Error::VersionCap { .. })
+    ));
+    let result: Result<Value, Error> = too_new.call(&ctx(), "whoami", &());
+    match result {
+        Err(Error::VersionCap { version, cap }) => {
+            assert_eq!((version.as_str(), cap.as_str()), ("1.3", "1.2"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A capped client must name a version, as in oslo.
+    assert!(matches!(
+        capped.call::<_, Value>(&ctx(), "whoami", &()),
+        Err(Error::VersionCap { .. })
+    ));
+    let ok: String = capped
+        .prepare()
+        .version("1.2")
+        .call(&ctx(), "whoami", &())
+        .unwrap();
+    assert_eq!(ok, "s1");
+    bus.expect_quiet(Duration::from_millis(200));
+}
+
+pub fn large_payloads_round_trip_in_both_codecs(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    let big = "x\u{e9}".repeat(512 * 1024 / 2 * 2); // ~1.5 MiB of UTF-8, 1 Mi characters
+    for codec in [Codec::MsgPack, Codec::Json] {
+        let echoed: Value = bus
+            .client(codec)
+            .call(&ctx(), "echo", &json!({"blob": big}))
+            .unwrap();
+        assert_eq!(
+            echoed["blob"].as_str().map(str::len),
+            Some(big.len()),
+            "{codec}"
+        );
+        assert!(echoed["blob"] == big.as_str());
+    }
+}
+
+pub fn one_server_serves_json_and_msgpack_clients(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 4);
+    let handles: Vec<_> = [Codec::Json, Codec::MsgPack, Codec::Json, Codec::MsgPack]
+        .into_iter()
+        .enumerate()
+        .map(|(t, codec)| {
+            let client = bus.client(codec);
+            thread::spawn(move || {
+                for i in 0..20_i64 {
+                    let echoed: Value = client
+                        .call(
+                            &ctx(),
+                            "echo",
+                            &json!({"t": t, "i": i, "codec": codec.to_string()}),
+                        )
+                        .unwrap();
+                    assert_eq!(echoed, json!({"t": t, "i": i, "codec": codec.to_string()}));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+}
+
+pub fn invalid_targets_are_refused(url: &str) {
+    let bus = Bus::new(url);
+    let transport = bus.transport(Codec::MsgPack);
+    let fanout_call = RpcClient::new(&transport, Target::new("t").with_fanout(true));
+    assert!(matches!(
+        fanout_call.call::<_, Value>(&ctx(), "m", &()),
+        Err(Error::InvalidTarget { .. })
+    ));
+    let no_topic = RpcClient::new(&transport, Target::default());
+    assert!(matches!(
+        no_topic.call::<_, Value>(&ctx(), "m", &()),
+        Err(Error::InvalidTarget { .. })
+    ));
+    assert!(matches!(
+        no_topic.cast(&ctx(), "m", &()),
+        Err(Error::InvalidTarget { .. })
+    ));
+    let bad_version = RpcClient::new(&transport, Target::new("t")).version("one.two");
+    assert!(matches!(
+        bad_version.cast(&ctx(), "m", &()),
+        Err(Error::InvalidVersion { .. })
+    ));
+    for target in [
+        Target::new("t"),
+        Target::default().with_server("s"),
+        Target::new("t").with_server("s").with_fanout(true),
+    ] {
+        let built = RpcServer::builder(&transport, target.clone()).build();
+        assert!(
+            matches!(built, Err(Error::InvalidTarget { .. })),
+            "{target:?}"
+        );
+    }
+}
+
+pub fn stop_then_wait_finishes_taken_messages_and_restart_serves_the_rest(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::MsgPack);
+    for id in 0..6 {
+        client
+            .cast(&ctx(), "sleep", &json!({"ms": 100, "id": id}))
+            .unwrap();
+    }
+    let first = bus.expect_events(1, WAIT);
+    let server = bus.server("s1");
+    server.stop();
+    assert!(!server.is_running());
+    // Sent while stopped: waits in the queue.
+    client
+        .cast(&ctx(), "record", &json!({"while": "stopped"}))
+        .unwrap();
+    server.wait();
+    // Everything the server had taken is finished when wait() returns, and nothing runs after.
+    let finished = first.len() + bus.events.try_iter().count();
+    bus.expect_quiet(Duration::from_millis(300));
+    // Whatever it had not taken is still queued, and a restart serves it.
+    server.start().unwrap();
+    let rest = bus.expect_events(7 - finished, WAIT);
+    assert!(
+        rest.iter().any(|e| e.value == json!({"while": "stopped"})),
+        "{rest:?}"
+    );
+    bus.expect_quiet(Duration::from_millis(300));
+}
+
+pub fn expired_calls_are_not_run_late(url: &str) {
+    let mut bus = Bus::new(url);
+    // Declare the queues, then stop serving so requests wait in them.
+    bus.start_server("s1", 1);
+    let server = bus.server("s1");
+    server.stop();
+    server.wait();
+    let client = bus.client(Codec::MsgPack);
+    let result: Result<Value, Error> = client.prepare().timeout(Duration::from_millis(200)).call(
+        &ctx(),
+        "record",
+        &json!({"stale": true}),
+    );
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    client
+        .cast(&ctx(), "record", &json!({"fresh": true}))
+        .unwrap();
+    server.start().unwrap();
+    let events = bus.expect_events(1, WAIT);
+    assert_eq!(
+        events[0].value,
+        json!({"fresh": true}),
+        "the expired call never runs"
+    );
+    bus.expect_quiet(Duration::from_millis(300));
+}
