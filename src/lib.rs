@@ -47,6 +47,11 @@ mod url;
 mod version;
 mod wire;
 
+/// Compiles the README's Rust example with the doc tests, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;
+
 pub use client::RpcClient;
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
@@ -59,3 +64,16 @@ pub use url::{Host, Scheme, TransportUrl};
 pub use version::Version;
 pub use wire::failure::Failure;
 pub use wire::Codec;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<crate::Transport>();
+        shareable::<crate::RpcClient>();
+        shareable::<crate::RpcServer>();
+        shareable::<crate::Endpoint>();
+        shareable::<crate::Error>();
+    }
+}

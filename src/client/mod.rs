@@ -169,7 +169,15 @@ impl RpcClient {
         let transport = &self.transport;
         let msg_id = uuid::Uuid::new_v4().simple().to_string();
         let unique_id = uuid::Uuid::new_v4().simple().to_string();
-        let reply_q = transport.driver().reply_queue(Some(deadline))?;
+        let timed_out = || Error::Timeout {
+            msg_id: msg_id.clone(),
+            method: method.to_string(),
+            timeout,
+        };
+        let reply_q = match transport.driver().reply_queue(Some(deadline)) {
+            Err(Error::Timeout { .. }) => return Err(timed_out()),
+            other => other?,
+        };
         let waiting = transport.reply_waiter().register(&msg_id);
         let codec = transport.options().codec;
         let body = codec.encode(&Request {
@@ -197,11 +205,6 @@ impl RpcClient {
             // server that comes up late never runs a call nobody waits for.
             expiration: Some(deadline.saturating_duration_since(Instant::now())),
             mandatory: false,
-        };
-        let timed_out = || Error::Timeout {
-            msg_id: msg_id.clone(),
-            method: method.to_string(),
-            timeout,
         };
         match transport
             .driver()

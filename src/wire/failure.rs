@@ -36,7 +36,11 @@ use crate::wire::oslo_json;
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct Failure {
+pub struct Failure(Box<Fields>);
+
+/// Boxed so that `Result<T, Failure>` stays small.
+#[derive(Debug, Clone, PartialEq)]
+struct Fields {
     class: String,
     module: String,
     message: String,
@@ -55,7 +59,7 @@ impl Failure {
         message: impl Into<String>,
     ) -> Failure {
         let message = message.into();
-        Failure {
+        Failure(Box::new(Fields {
             class: class.into(),
             module: module.into(),
             args: vec![Value::String(message.clone())],
@@ -63,7 +67,7 @@ impl Failure {
             traceback: Vec::new(),
             kwargs: Map::new(),
             expected: false,
-        }
+        }))
     }
 
     /// A failure describing any Rust error: the class is the error type's name, the module its
@@ -75,7 +79,7 @@ impl Failure {
         let mut failure = Failure::new(class, module, error.to_string());
         let mut source = error.source();
         while let Some(cause) = source {
-            failure.traceback.push(format!("Caused by: {cause}\n"));
+            failure.0.traceback.push(format!("Caused by: {cause}\n"));
             source = cause.source();
         }
         failure
@@ -83,62 +87,62 @@ impl Failure {
 
     /// Sets the traceback lines (oslo's `tb`).
     pub fn with_traceback(mut self, lines: Vec<String>) -> Failure {
-        self.traceback = lines;
+        self.0.traceback = lines;
         self
     }
 
     /// Sets the positional arguments (Python `exc.args`), replacing `[message]`.
     pub fn with_args(mut self, args: Vec<Value>) -> Failure {
-        self.args = args;
+        self.0.args = args;
         self
     }
 
     /// Sets the keyword arguments (nova-style `exc.kwargs`).
     pub fn with_kwargs(mut self, kwargs: Map<String, Value>) -> Failure {
-        self.kwargs = kwargs;
+        self.0.kwargs = kwargs;
         self
     }
 
     /// Marks the failure as expected (oslo's `@expected_exceptions`): the server logs it at
     /// debug level instead of error. The caller sees no difference.
     pub fn expected(mut self) -> Failure {
-        self.expected = true;
+        self.0.expected = true;
         self
     }
 
     /// Exception class name.
     pub fn class(&self) -> &str {
-        &self.class
+        &self.0.class
     }
 
     /// Module of the exception class.
     pub fn module(&self) -> &str {
-        &self.module
+        &self.0.module
     }
 
     /// Message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// Traceback lines.
     pub fn traceback(&self) -> &[String] {
-        &self.traceback
+        &self.0.traceback
     }
 
     /// Positional arguments.
     pub fn args(&self) -> &[Value] {
-        &self.args
+        &self.0.args
     }
 
     /// Keyword arguments.
     pub fn kwargs(&self) -> &Map<String, Value> {
-        &self.kwargs
+        &self.0.kwargs
     }
 
     /// Whether the failure was marked [`expected`](Self::expected).
     pub fn is_expected(&self) -> bool {
-        self.expected
+        self.0.expected
     }
 
     /// The JSON string oslo puts in a reply's `failure` field (keys in oslo's order, Python
@@ -154,12 +158,12 @@ impl Failure {
             kwargs: &'a Map<String, Value>,
         }
         let wire = Wire {
-            class: &self.class,
-            module: &self.module,
-            message: &self.message,
-            tb: &self.traceback,
-            args: &self.args,
-            kwargs: &self.kwargs,
+            class: &self.0.class,
+            module: &self.0.module,
+            message: &self.0.message,
+            tb: &self.0.traceback,
+            args: &self.0.args,
+            kwargs: &self.0.kwargs,
         };
         // Serializing borrowed strings and JSON values cannot fail.
         oslo_json::to_python_json(&wire).unwrap_or_default()
@@ -184,7 +188,7 @@ impl Failure {
         }
         let wire: Wire =
             serde_json::from_str(text).map_err(|e| format!("invalid failure field: {e}"))?;
-        Ok(Failure {
+        Ok(Failure(Box::new(Fields {
             class: wire.class.unwrap_or_else(|| "Exception".into()),
             module: wire.module.unwrap_or_else(|| "builtins".into()),
             message: wire.message.unwrap_or_default(),
@@ -192,19 +196,20 @@ impl Failure {
             args: wire.args.unwrap_or_default(),
             kwargs: wire.kwargs.unwrap_or_default(),
             expected: false,
-        })
+        })))
     }
 
     /// The caller-side error for this failure.
     pub(crate) fn into_error(self) -> Error {
+        let f = *self.0;
         Error::Remote {
-            class: self.class,
-            module: self.module,
-            message: self.message,
-            traceback: self.traceback,
+            class: f.class,
+            module: f.module,
+            message: f.message,
+            traceback: f.traceback,
             details: Box::new(RemoteDetails {
-                args: self.args,
-                kwargs: self.kwargs,
+                args: f.args,
+                kwargs: f.kwargs,
             }),
         }
     }
@@ -212,7 +217,7 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}: {}", self.module, self.class, self.message)
+        write!(f, "{}.{}: {}", self.0.module, self.0.class, self.0.message)
     }
 }
 
@@ -237,7 +242,7 @@ impl From<Box<dyn std::error::Error + Send + Sync>> for Failure {
         let mut failure = Failure::from(error.to_string());
         let mut source = error.source();
         while let Some(cause) = source {
-            failure.traceback.push(format!("Caused by: {cause}\n"));
+            failure.0.traceback.push(format!("Caused by: {cause}\n"));
             source = cause.source();
         }
         failure

@@ -242,7 +242,11 @@ impl Drop for Bus {
             server.wait();
         }
         if self.is_rabbit() {
-            delete_on_broker(&self.url, &self.queue_names(), &[self.exchange.clone()]);
+            delete_on_broker(
+                &self.url,
+                &self.queue_names(),
+                std::slice::from_ref(&self.exchange),
+            );
         }
     }
 }

@@ -47,7 +47,7 @@ impl Failure {
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
             code: 2,
-            message: message.into(),
+            message: format!("error: {}", message.into()),
         }
     }
 }

@@ -189,8 +189,9 @@ fn open_host(
         .heartbeat(u16::try_from(options.heartbeat.as_secs()).unwrap_or(u16::MAX))
         .connection_timeout(Some(handshake))
         .information(Some(format!(
-            "warren {} ({role})",
-            env!("CARGO_PKG_VERSION")
+            "warren {} ({role}, pid {})",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id()
         )));
     amiquip::Connection::insecure_open_stream(
         stream,

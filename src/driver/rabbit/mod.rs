@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
@@ -62,7 +62,19 @@ impl Driver for RabbitDriver {
     }
 
     fn reply_queue(&self, deadline: Option<Instant>) -> Result<String> {
-        let mut reply = self.reply.lock();
+        // Another caller may be starting the consumer: wait for it within our own deadline.
+        let mut reply = match deadline {
+            Some(deadline) => {
+                self.reply
+                    .try_lock_until(deadline)
+                    .ok_or_else(|| Error::Timeout {
+                        msg_id: String::new(),
+                        method: "waiting for the reply queue".into(),
+                        timeout: Duration::ZERO,
+                    })?
+            }
+            None => self.reply.lock(),
+        };
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }

@@ -198,7 +198,16 @@ impl Publisher {
     }
 
     fn open_channel(&self, deadline: Instant) -> Result<PubChannel> {
-        let mut guard = self.connection.lock();
+        // Another thread may be connecting (slowly, if the broker is down): wait for it no
+        // longer than this publish may take.
+        let mut guard = self
+            .connection
+            .try_lock_until(deadline)
+            .ok_or_else(|| Error::Timeout {
+                msg_id: String::new(),
+                method: "publish (waiting for the send connection)".into(),
+                timeout: Duration::ZERO,
+            })?;
         if guard.is_none() {
             let connection = Connection::open(
                 &self.hosts,
@@ -325,12 +334,14 @@ impl PubChannel {
             };
             match confirm {
                 Confirm::Ack(p) if p.delivery_tag >= tag => break,
-                Confirm::Nack(p) if p.delivery_tag >= tag => return Err(Error::DeliveryFailure {
-                    host: self.address.clone(),
-                    reason: format!(
+                Confirm::Nack(p) if p.delivery_tag >= tag => {
+                    return Err(Error::DeliveryFailure {
+                        host: self.address.clone(),
+                        reason: format!(
                         "the broker rejected (nack) the message to {exchange:?}/{routing_key:?}"
                     ),
-                }),
+                    })
+                }
                 stale => debug!("ignoring confirm of an earlier publish: {stale:?}"),
             }
         }

@@ -141,8 +141,10 @@ mod tests {
         let options = TransportOptions::default();
         let args = transient_arguments(&options);
         assert_eq!(args.get("x-expires"), Some(&AmqpValue::LongInt(1_800_000)));
-        let mut none = TransportOptions::default();
-        none.transient_queues_ttl = Duration::ZERO;
+        let none = TransportOptions {
+            transient_queues_ttl: Duration::ZERO,
+            ..TransportOptions::default()
+        };
         assert!(transient_arguments(&none).is_empty());
     }
 }
