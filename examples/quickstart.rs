@@ -5,9 +5,7 @@
 //! WARREN_URL=memory://demo/ cargo run --example quickstart
 //! ```
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -39,8 +37,8 @@ fn main() -> Result<(), Error> {
     let transport = Transport::new(&url)?;
     let topic = "quickstart";
 
-    let casts = Arc::new(AtomicUsize::new(0));
-    let counter = casts.clone();
+    // Casts have no reply; the handler tells main() through a channel when it ran.
+    let (handled_tx, handled) = crossbeam_channel::unbounded();
     let endpoint = Endpoint::new()
         .method("greet", |ctx: &RequestContext, args: Greet| {
             Ok::<_, Failure>(Greeting {
@@ -49,7 +47,7 @@ fn main() -> Result<(), Error> {
             })
         })
         .method("count", move |_: &RequestContext, _: NoArgs| {
-            counter.fetch_add(1, Ordering::SeqCst);
+            let _ = handled_tx.send(());
             Ok::<_, Failure>(())
         })
         .method("divide", |_: &RequestContext, args: Divide| {
@@ -74,14 +72,10 @@ fn main() -> Result<(), Error> {
 
     client.cast(&ctx, "count", &())?;
     client.prepare().fanout(true).cast(&ctx, "count", &())?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while casts.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    println!(
-        "cast + fanout     -> handled {} casts",
-        casts.load(Ordering::SeqCst)
-    );
+    let count = (0..2)
+        .filter(|_| handled.recv_timeout(Duration::from_secs(5)).is_ok())
+        .count();
+    println!("cast + fanout     -> handled {count} casts");
 
     match client.call::<_, i64>(&ctx, "divide", &json!({"a": 1, "b": 0})) {
         Err(Error::Remote { class, message, .. }) => {

@@ -21,6 +21,18 @@ fn our_connections() -> usize {
         .count()
 }
 
+/// A started server whose `echo` returns its arguments.
+fn echo_server(transport: &Transport, topic: &str, name: &str, workers: usize) -> RpcServer {
+    let echo = Endpoint::new().method("echo", |_: &RequestContext, v: Value| Ok::<_, Failure>(v));
+    let server = RpcServer::builder(transport, Target::new(topic).with_server(name))
+        .endpoint(echo)
+        .workers(workers)
+        .build()
+        .unwrap();
+    server.start().unwrap();
+    server
+}
+
 /// Serves, calls, casts, stops; checks threads after `wait()` and after dropping everything.
 fn exercise(url: &str, rabbit: bool) -> String {
     let before_transport = thread_count();
@@ -33,16 +45,7 @@ fn exercise(url: &str, rabbit: bool) -> String {
             .unwrap();
         let client = RpcClient::new(&transport, Target::new(topic.as_str()));
         // Warm the client side (reply consumer, send connection) so only the server is counted.
-        let server_for_warmup =
-            RpcServer::builder(&transport, Target::new(topic.as_str()).with_server("warm"))
-                .endpoint(
-                    Endpoint::new()
-                        .method("echo", |_: &RequestContext, v: Value| Ok::<_, Failure>(v)),
-                )
-                .workers(1)
-                .build()
-                .unwrap();
-        server_for_warmup.start().unwrap();
+        let server_for_warmup = echo_server(&transport, &topic, "warm", 1);
         let _: Value = client
             .call(&RequestContext::new(), "echo", &json!({}))
             .unwrap();
@@ -51,16 +54,7 @@ fn exercise(url: &str, rabbit: bool) -> String {
         let baseline = thread_count();
 
         for round in 0..3 {
-            let server =
-                RpcServer::builder(&transport, Target::new(topic.as_str()).with_server("s1"))
-                    .endpoint(
-                        Endpoint::new()
-                            .method("echo", |_: &RequestContext, v: Value| Ok::<_, Failure>(v)),
-                    )
-                    .workers(8)
-                    .build()
-                    .unwrap();
-            server.start().unwrap();
+            let server = echo_server(&transport, &topic, "s1", 8);
             assert!(
                 thread_count() >= baseline + 9,
                 "listener + 8 workers running"

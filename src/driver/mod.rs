@@ -10,6 +10,7 @@
 //!   the ack/reject operations workers hand back through the message's [`Acker`].
 
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -152,6 +153,33 @@ impl Acker {
             kind: AckKind::Reject { requeue },
             done: None,
         });
+    }
+}
+
+/// Spawns thread `name` running `body`, which must report on its `ready` sender whether it
+/// started (consuming, say); returns once it did, or joins it and returns the error it reported.
+pub(crate) fn spawn_when_ready<F>(name: String, body: F) -> Result<JoinHandle<()>>
+where
+    F: FnOnce(Sender<Result<()>>) + Send + 'static,
+{
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+    let thread = thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || body(ready_tx))
+        .map_err(|e| Error::server_state(format!("cannot spawn thread {name}: {e}")))?;
+    let outcome = ready_rx.recv().unwrap_or_else(|_| {
+        Err(Error::server_state(format!(
+            "thread {name} exited during start-up"
+        )))
+    });
+    match outcome {
+        Ok(()) => Ok(thread),
+        Err(e) => {
+            if thread.join().is_err() {
+                log::error!("thread {name} panicked during start-up");
+            }
+            Err(e)
+        }
     }
 }
 

@@ -13,14 +13,14 @@
 //! cleans up its driver resources.
 
 use std::collections::VecDeque;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, error, warn};
 
 use crate::driver::timer::DecayingTimer;
-use crate::driver::{AckKind, AckOp, Acker, Incoming, Listener, RawMessage};
+use crate::driver::{spawn_when_ready, AckKind, AckOp, Acker, Incoming, Listener, RawMessage};
 use crate::error::{Error, Result};
 
 /// Deliveries held by the thread while the incoming queue is full; beyond this it stops
@@ -86,28 +86,12 @@ impl PollThread {
     where
         F: FnOnce(Receiver<Control>, Sender<Result<()>>) + Send + 'static,
     {
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || body(control_rx, ready_tx))
-            .map_err(|e| Error::server_state(format!("cannot spawn the listener thread: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(PollThread {
-                control: control_tx,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(Error::server_state(
-                    "the listener thread exited during start-up",
-                ))
-            }
-        }
+        let thread = spawn_when_ready(name, move |ready| body(control_rx, ready))?;
+        Ok(PollThread {
+            control: control_tx,
+            thread: Some(thread),
+        })
     }
 
     fn shutdown(&mut self) {

@@ -116,6 +116,7 @@ struct Running {
 /// `start`, `stop` and `wait` may be called from different threads; `stop` then `wait` (or
 /// dropping the server) finishes the messages already taken, then leaves no thread, consumer,
 /// channel or connection of the server behind. A stopped server can be started again.
+/// A handler may call `stop()`, but not `wait()` (which waits for the handler's own thread).
 ///
 /// ```no_run
 /// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcServer, Target, Transport};

@@ -7,6 +7,7 @@
 //! call, replies in the request's codec.
 
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -62,7 +63,11 @@ pub(crate) fn spawn(
                 .name(format!("warren-worker-{i}"))
                 .spawn(move || {
                     for message in incoming {
-                        context.handle(message);
+                        // Handler panics are already failures; this keeps the worker alive
+                        // through a panic anywhere else (a result's Serialize impl, say).
+                        if catch_unwind(AssertUnwindSafe(|| context.handle(message))).is_err() {
+                            error!("a message's processing panicked; the worker carries on");
+                        }
                     }
                 })
                 .map_err(|e| Error::server_state(format!("cannot spawn worker thread: {e}")))
@@ -196,6 +201,10 @@ impl WorkerContext {
             Err(Error::Undeliverable { .. }) => {
                 warn!("reply queue {reply_q} does not exist; dropping the reply to {msg_id}")
             }
+            Err(Error::Timeout { .. }) => warn!(
+                "the broker did not confirm the reply to {msg_id} within {}s",
+                REPLY_TIMEOUT.as_secs()
+            ),
             Err(e) => error!("could not send the reply to {msg_id}: {e}"),
         }
     }

@@ -208,6 +208,9 @@ impl Publisher {
                 method: "publish (waiting for the send connection)".into(),
                 timeout: Duration::ZERO,
             })?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         if guard.is_none() {
             let connection = Connection::open(
                 &self.hosts,

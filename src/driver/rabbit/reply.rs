@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use amiquip::{ConsumerMessage, ConsumerOptions, QueueDeleteOptions};
@@ -12,8 +12,8 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, error, info};
 
 use crate::driver::timer::DecayingTimer;
-use crate::driver::{RawMessage, ReplySink};
-use crate::error::{Error, Result};
+use crate::driver::{spawn_when_ready, RawMessage, ReplySink};
+use crate::error::Result;
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
@@ -37,34 +37,20 @@ impl ReplyConsumer {
         sink: ReplySink,
         deadline: Option<Instant>,
     ) -> Result<ReplyConsumer> {
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
-        let thread = thread::Builder::new()
-            .name("warren-replies".into())
-            .spawn(move || {
-                run(
-                    &url, &hosts, &options, &queue, &sink, deadline, &stop_rx, &ready_tx,
-                );
-                flag.store(false, Ordering::Release);
-            })
-            .map_err(|e| Error::server_state(format!("cannot spawn the reply thread: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(ReplyConsumer {
-                stop: stop_tx,
-                running,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(Error::Closed)
-            }
-        }
+        let thread = spawn_when_ready("warren-replies".into(), move |ready| {
+            run(
+                &url, &hosts, &options, &queue, &sink, deadline, &stop_rx, &ready,
+            );
+            flag.store(false, Ordering::Release);
+        })?;
+        Ok(ReplyConsumer {
+            stop: stop_tx,
+            running,
+            thread: Some(thread),
+        })
     }
 
     /// `false` once the consumer lost its connection (the next call starts a new one).

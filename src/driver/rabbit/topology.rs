@@ -24,36 +24,14 @@ pub(crate) fn declare_topic_exchange(
     options: &TransportOptions,
     address: &str,
 ) -> Result<()> {
-    channel
-        .exchange_declare(
-            ExchangeType::Topic,
-            name,
-            ExchangeDeclareOptions {
-                durable: options.durable_queues,
-                auto_delete: options.auto_delete,
-                internal: false,
-                arguments: FieldTable::new(),
-            },
-        )
-        .map(drop)
-        .map_err(|e| amqp_error(e, address))
+    let flags = (options.durable_queues, options.auto_delete);
+    declare_exchange(channel, ExchangeType::Topic, name, flags, address)
 }
 
 /// Declares the fanout exchange of `topic`.
 pub(crate) fn declare_fanout_exchange(channel: &Channel, topic: &str, address: &str) -> Result<()> {
-    channel
-        .exchange_declare(
-            ExchangeType::Fanout,
-            fanout_exchange(topic),
-            ExchangeDeclareOptions {
-                durable: false,
-                auto_delete: true,
-                internal: false,
-                arguments: FieldTable::new(),
-            },
-        )
-        .map(drop)
-        .map_err(|e| amqp_error(e, address))
+    let name = fanout_exchange(topic);
+    declare_exchange(channel, ExchangeType::Fanout, &name, (false, true), address)
 }
 
 /// Declares a server queue (`<topic>` or `<topic>.<server>`) bound to `exchange` under its
@@ -65,20 +43,9 @@ pub(crate) fn declare_server_queue(
     options: &TransportOptions,
     address: &str,
 ) -> Result<()> {
-    channel
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                durable: options.durable_queues,
-                exclusive: false,
-                auto_delete: options.auto_delete,
-                arguments: FieldTable::new(),
-            },
-        )
-        .map_err(|e| amqp_error(e, address))?;
-    channel
-        .queue_bind(queue, exchange, queue, FieldTable::new())
-        .map_err(|e| amqp_error(e, address))
+    let flags = (options.durable_queues, options.auto_delete);
+    declare_queue(channel, queue, flags, FieldTable::new(), address)?;
+    bind(channel, queue, exchange, queue, address)
 }
 
 /// Declares a server's private fanout queue bound to `<topic>_fanout`.
@@ -90,9 +57,7 @@ pub(crate) fn declare_fanout_queue(
     address: &str,
 ) -> Result<()> {
     declare_transient_queue(channel, queue, options, address)?;
-    channel
-        .queue_bind(queue, fanout_exchange(topic), topic, FieldTable::new())
-        .map_err(|e| amqp_error(e, address))
+    bind(channel, queue, &fanout_exchange(topic), topic, address)
 }
 
 /// Declares a reply or fanout queue: non-durable, not exclusive, not auto-delete, with
@@ -103,17 +68,60 @@ pub(crate) fn declare_transient_queue(
     options: &TransportOptions,
     address: &str,
 ) -> Result<()> {
+    declare_queue(
+        channel,
+        queue,
+        (false, false),
+        transient_arguments(options),
+        address,
+    )
+}
+
+/// `(durable, auto_delete)`.
+type Flags = (bool, bool);
+
+fn declare_exchange(
+    channel: &Channel,
+    kind: ExchangeType,
+    name: &str,
+    (durable, auto_delete): Flags,
+    address: &str,
+) -> Result<()> {
+    let options = ExchangeDeclareOptions {
+        durable,
+        auto_delete,
+        internal: false,
+        arguments: FieldTable::new(),
+    };
     channel
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                durable: false,
-                exclusive: false,
-                auto_delete: false,
-                arguments: transient_arguments(options),
-            },
-        )
+        .exchange_declare(kind, name, options)
         .map(drop)
+        .map_err(|e| amqp_error(e, address))
+}
+
+/// Queues are never exclusive: oslo's are shared or outlive their connection.
+fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    (durable, auto_delete): Flags,
+    arguments: FieldTable,
+    address: &str,
+) -> Result<()> {
+    let options = QueueDeclareOptions {
+        durable,
+        exclusive: false,
+        auto_delete,
+        arguments,
+    };
+    channel
+        .queue_declare(queue, options)
+        .map(drop)
+        .map_err(|e| amqp_error(e, address))
+}
+
+fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str, address: &str) -> Result<()> {
+    channel
+        .queue_bind(queue, exchange, key, FieldTable::new())
         .map_err(|e| amqp_error(e, address))
 }
 
