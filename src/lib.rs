@@ -56,7 +56,7 @@ pub use client::RpcClient;
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
 pub use error::{BoxError, Error, RemoteDetails, Result};
-pub use options::{TransportOptions, OPTION_NAMES};
+pub use options::{FailoverStrategy, TransportOptions, OPTION_NAMES};
 pub use server::{RpcServer, RpcServerBuilder};
 pub use target::Target;
 pub use transport::{Transport, TransportBuilder};

@@ -14,6 +14,12 @@
 //! | `rabbit_transient_queues_ttl` | `x-expires` of reply and fanout queues in seconds (0 = none) | `1800` |
 //! | `amqp_durable_queues` | durable topic exchange and server queues | `false` |
 //! | `amqp_auto_delete` | auto-delete topic exchange and server queues | `false` |
+//! | `rabbit_retry_interval` | pause after the first failed pass over the hosts, seconds | `1` |
+//! | `rabbit_retry_backoff` | added to the pause after each further failed pass, seconds | `2` |
+//! | `rabbit_interval_max` | longest pause between passes, seconds | `30` |
+//! | `kombu_reconnect_splay` | random extra pause (0 to this), seconds: real jitter | `1` |
+//! | `kombu_failover_strategy` | `round-robin` (from the first host) or `shuffle` | `round-robin` |
+//! | `kombu_missing_consumer_retry_timeout` | how long a reply to a missing reply queue is retried, seconds | `60` |
 //!
 //! Booleans accept `true/false`, `yes/no`, `on/off`, `1/0` (any case), as oslo.config does.
 
@@ -49,6 +55,30 @@ pub struct TransportOptions {
     pub durable_queues: bool,
     /// Declare the topic exchange and the server queues auto-delete (oslo's `amqp_auto_delete`).
     pub auto_delete: bool,
+    /// Pause after the first failed pass over the hosts (kombu's `interval_start`).
+    pub retry_interval: Duration,
+    /// Added to the pause after each further failed pass (kombu's `interval_step`).
+    pub retry_backoff: Duration,
+    /// Longest pause between passes (kombu's `interval_max`).
+    pub interval_max: Duration,
+    /// Every pause gets a random extra of 0 to this, so that many clients losing the same broker
+    /// do not reconnect in lockstep. (oslo's option of this name only changes a log line.)
+    pub reconnect_splay: Duration,
+    /// Which host to try next after a connection failure.
+    pub failover_strategy: FailoverStrategy,
+    /// How long a server retries a reply whose reply queue does not exist (every 250 ms); after
+    /// that the queue is remembered as gone for a minute and replies to it are dropped.
+    pub missing_consumer_retry_timeout: Duration,
+}
+
+/// How a transport moves between the hosts of its URL after a connection failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailoverStrategy {
+    /// Try the hosts in URL order, starting with the first, going on from the one that failed.
+    RoundRobin,
+    /// Try the hosts in a new random order on every pass.
+    Shuffle,
 }
 
 impl Default for TransportOptions {
@@ -63,6 +93,12 @@ impl Default for TransportOptions {
             transient_queues_ttl: Duration::from_secs(1800),
             durable_queues: false,
             auto_delete: false,
+            retry_interval: Duration::from_secs(1),
+            retry_backoff: Duration::from_secs(2),
+            interval_max: Duration::from_secs(30),
+            reconnect_splay: Duration::from_secs(1),
+            failover_strategy: FailoverStrategy::RoundRobin,
+            missing_consumer_retry_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -78,6 +114,12 @@ pub const OPTION_NAMES: &[&str] = &[
     "rabbit_transient_queues_ttl",
     "amqp_durable_queues",
     "amqp_auto_delete",
+    "rabbit_retry_interval",
+    "rabbit_retry_backoff",
+    "rabbit_interval_max",
+    "kombu_reconnect_splay",
+    "kombu_failover_strategy",
+    "kombu_missing_consumer_retry_timeout",
 ];
 
 impl TransportOptions {
@@ -120,6 +162,25 @@ impl TransportOptions {
             }
             "amqp_durable_queues" => self.durable_queues = parse_bool(name, value)?,
             "amqp_auto_delete" => self.auto_delete = parse_bool(name, value)?,
+            "rabbit_retry_interval" => self.retry_interval = parse_seconds_or_zero(name, value)?,
+            "rabbit_retry_backoff" => self.retry_backoff = parse_seconds_or_zero(name, value)?,
+            "rabbit_interval_max" => self.interval_max = parse_seconds_or_zero(name, value)?,
+            "kombu_reconnect_splay" => self.reconnect_splay = parse_seconds_or_zero(name, value)?,
+            "kombu_failover_strategy" => {
+                self.failover_strategy = match value.trim() {
+                    "round-robin" => FailoverStrategy::RoundRobin,
+                    "shuffle" => FailoverStrategy::Shuffle,
+                    _ => {
+                        return Err(Error::invalid_option(
+                            name,
+                            format!("{value:?} is not round-robin or shuffle"),
+                        ))
+                    }
+                }
+            }
+            "kombu_missing_consumer_retry_timeout" => {
+                self.missing_consumer_retry_timeout = parse_seconds_or_zero(name, value)?
+            }
             _ => {
                 return Err(Error::invalid_option(
                     name,
@@ -187,6 +248,18 @@ fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
     }
 }
 
+fn parse_seconds_or_zero(name: &str, value: &str) -> Result<Duration> {
+    match value.trim().parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..1e9).contains(&secs) => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err(Error::invalid_option(
+            name,
+            format!("{value:?} is not a number of seconds"),
+        )),
+    }
+}
+
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -214,6 +287,12 @@ mod tests {
             ("rabbit_transient_queues_ttl", "0"),
             ("amqp_durable_queues", "Yes"),
             ("amqp_auto_delete", "off"),
+            ("rabbit_retry_interval", "0.5"),
+            ("rabbit_retry_backoff", "0"),
+            ("rabbit_interval_max", "4"),
+            ("kombu_reconnect_splay", "0.1"),
+            ("kombu_failover_strategy", "shuffle"),
+            ("kombu_missing_consumer_retry_timeout", "3"),
         ];
         assert_eq!(samples.len(), OPTION_NAMES.len());
         let mut o = TransportOptions::default();
@@ -229,6 +308,12 @@ mod tests {
         assert_eq!(o.transient_queues_ttl, Duration::ZERO);
         assert!(o.durable_queues);
         assert!(!o.auto_delete);
+        assert_eq!(o.retry_interval, Duration::from_millis(500));
+        assert_eq!(o.retry_backoff, Duration::ZERO);
+        assert_eq!(o.interval_max, Duration::from_secs(4));
+        assert_eq!(o.reconnect_splay, Duration::from_millis(100));
+        assert_eq!(o.failover_strategy, FailoverStrategy::Shuffle);
+        assert_eq!(o.missing_consumer_retry_timeout, Duration::from_secs(3));
         o.validate().unwrap();
     }
 
@@ -243,6 +328,8 @@ mod tests {
             ("executor_thread_pool_size", "0"),
             ("codec", "xml"),
             ("amqp_durable_queues", "maybe"),
+            ("kombu_failover_strategy", "random"),
+            ("rabbit_retry_interval", "-1"),
             ("ssl", "true"),
         ] {
             let err = o.apply(k, v).unwrap_err();

@@ -88,6 +88,12 @@ impl Transport {
         self.inner.driver.close();
     }
 
+    /// The name of this transport's reply queue (`reply_<uuid hex>`), once its consumer runs
+    /// (after the first call). For diagnostics: oslo logs it in timeouts too.
+    pub fn reply_queue_name(&self) -> Option<String> {
+        self.inner.driver.reply_queue_name()
+    }
+
     /// Number of calls currently waiting for a reply on this transport.
     pub fn pending_calls(&self) -> usize {
         self.inner.replies.waiting()
@@ -207,7 +213,7 @@ impl TransportBuilder {
             Arc::new(move |message| replies.deliver(message))
         };
         let driver: Box<dyn Driver> = match url.scheme() {
-            Scheme::Rabbit => Box::new(RabbitDriver::new(url.clone(), options.clone(), sink)),
+            Scheme::Rabbit => Box::new(RabbitDriver::new(url.clone(), options.clone(), sink)?),
             Scheme::Memory => Box::new(MemoryDriver::new(&url, sink)),
         };
         Ok(Transport {

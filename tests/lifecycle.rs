@@ -21,6 +21,22 @@ fn our_connections() -> usize {
         .count()
 }
 
+/// Every amiquip connection has a detached timer thread (mio-extras) that exits shortly after
+/// the connection is closed; nothing can join it, so wait until no such thread is left.
+/// They carry the name of the thread that opened the connection; ours are all "warren-*" or
+/// "amiquip-io", so an unnamed straggler shows up under a borrowed name.
+fn settle_threads() {
+    let mut last = thread_count();
+    let mut stable = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stable < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = thread_count();
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
+}
+
 /// A started server whose `echo` returns its arguments.
 fn echo_server(transport: &Transport, topic: &str, name: &str, workers: usize) -> RpcServer {
     let echo = Endpoint::new().method("echo", |_: &RequestContext, v: Value| Ok::<_, Failure>(v));
@@ -51,6 +67,7 @@ fn exercise(url: &str, rabbit: bool) -> String {
             .unwrap();
         server_for_warmup.stop();
         server_for_warmup.wait();
+        settle_threads();
         let baseline = thread_count();
 
         for round in 0..3 {
@@ -70,10 +87,12 @@ fn exercise(url: &str, rabbit: bool) -> String {
             }
             server.stop();
             server.wait();
+            settle_threads();
             assert_eq!(
                 thread_count(),
                 baseline,
-                "round {round}: server threads gone after wait()"
+                "round {round}: server threads gone after wait(): {:?}",
+                common::thread_names()
             );
             drop(server);
         }
@@ -86,10 +105,12 @@ fn exercise(url: &str, rabbit: bool) -> String {
         }
     }
     // Dropping the transport (and every clone) closes its connections and joins their threads.
+    settle_threads();
     assert_eq!(
         thread_count(),
         before_transport,
-        "transport threads joined on drop"
+        "transport threads joined on drop: {:?}",
+        common::thread_names()
     );
     if rabbit {
         // The broker lists a closed connection for a moment longer.

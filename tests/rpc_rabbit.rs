@@ -332,25 +332,31 @@ fn mismatched_declarations_are_refused_with_406() {
 }
 
 #[test]
-fn unreachable_broker_is_a_connection_error() {
+fn unreachable_broker_with_retry_0_fails_fast_with_a_delivery_failure() {
     let transport = Transport::new("amqp://guest:guest@127.0.0.1:1/").unwrap();
     let client = RpcClient::new(&transport, Target::new("t"))
         .timeout(Duration::from_secs(5))
         .retry(0);
     let started = Instant::now();
     let call: Result<Value, Error> = client.call(&RequestContext::new(), "m", &());
+    match &call {
+        Err(Error::DeliveryFailure { host, reason }) => {
+            assert_eq!(host, "127.0.0.1:1");
+            assert!(reason.contains("after 1 attempts"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let cast = client.cast(&RequestContext::new(), "m", &());
     assert!(
-        matches!(call, Err(Error::Connection { ref host, .. }) if host == "127.0.0.1:1"),
-        "{call:?}"
+        matches!(cast, Err(Error::DeliveryFailure { .. })),
+        "{cast:?}"
     );
-    assert!(matches!(
-        client.cast(&RequestContext::new(), "m", &()),
-        Err(Error::Connection { .. })
-    ));
     let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+        .retry(0)
         .build()
         .unwrap();
-    assert!(matches!(server.start(), Err(Error::Connection { .. })));
+    assert!(matches!(server.start(), Err(Error::DeliveryFailure { .. })));
+    assert!(!server.is_running());
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -359,13 +365,53 @@ fn unreachable_broker_is_a_connection_error() {
 }
 
 #[test]
+fn a_server_without_retry_limit_starts_without_its_broker() {
+    let transport =
+        Transport::new("amqp://guest:guest@127.0.0.1:1/?kombu_reconnect_splay=0").unwrap();
+    let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    server.start().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(server.is_running() && !server.is_consuming());
+    // stop() and wait() interrupt the background reconnection at once.
+    let stopping = Instant::now();
+    server.stop();
+    server.wait();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+}
+
+#[test]
 fn cast_retries_until_its_timeout_when_the_broker_stays_away() {
-    let transport = Transport::new("amqp://guest:guest@127.0.0.1:1/").unwrap();
+    let transport = Transport::new(
+        "amqp://guest:guest@127.0.0.1:1/?rabbit_retry_interval=0.2&rabbit_retry_backoff=0&kombu_reconnect_splay=0",
+    )
+    .unwrap();
     let client = RpcClient::new(&transport, Target::new("t")).timeout(Duration::from_millis(1200));
     let started = Instant::now();
     let cast = client.cast(&RequestContext::new(), "m", &());
     let elapsed = started.elapsed();
-    assert!(matches!(cast, Err(Error::Connection { .. })), "{cast:?}");
+    match &cast {
+        Err(Error::DeliveryFailure { reason, .. }) => {
+            let attempts: u32 = reason
+                .split("after ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            assert!(attempts >= 3, "kept trying with backoff: {reason}");
+        }
+        other => panic!("{other:?}"),
+    }
     assert!(
         elapsed >= Duration::from_millis(1000) && elapsed < Duration::from_secs(3),
         "{elapsed:?}"
@@ -383,7 +429,7 @@ fn bad_credentials_never_show_the_password() {
     let error = client
         .call::<_, Value>(&RequestContext::new(), "m", &())
         .unwrap_err();
-    assert!(matches!(error, Error::Connection { .. }), "{error:?}");
+    assert!(matches!(error, Error::DeliveryFailure { .. }), "{error:?}");
     let shown = format!("{error} {error:?}");
     assert!(!shown.contains("sekrit"), "{shown}");
 }

@@ -115,8 +115,10 @@ impl RpcClient {
         self
     }
 
-    /// Connection attempts after a connection failure while sending (`0`: fail at once).
-    /// By default a send retries until its timeout.
+    /// How hard to try when the broker cannot be reached (oslo's `retry`): `retry` more passes
+    /// over the URL's hosts after the first, with kombu's backoff between passes, then
+    /// [`Error::DeliveryFailure`]; `0` fails after one pass. By default a call or cast keeps
+    /// trying until its timeout.
     pub fn retry(mut self, retry: u32) -> RpcClient {
         self.retry = Some(retry);
         self
@@ -174,7 +176,7 @@ impl RpcClient {
             method: method.to_string(),
             timeout,
         };
-        let reply_q = match transport.driver().reply_queue(Some(deadline)) {
+        let reply_q = match transport.driver().reply_queue(&self.send_options(deadline)) {
             Err(Error::Timeout { .. }) => return Err(timed_out()),
             other => other?,
         };

@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::debug;
 use parking_lot::Mutex;
 
-use crate::driver::poll::{Accepted, Consumers, Outcome, PollLoop, PollThread};
+use crate::driver::poll::{Accepted, Consumers, PollThread, SessionEnd};
 use crate::driver::{
     fanout_exchange, AckKind, Driver, Incoming, ListenSpec, Listener, Outgoing, RawMessage,
     ReplySink, Route, SendOptions,
@@ -170,7 +170,7 @@ impl Driver for MemoryDriver {
         Ok(())
     }
 
-    fn reply_queue(&self, _deadline: Option<Instant>) -> Result<String> {
+    fn reply_queue(&self, _options: &SendOptions) -> Result<String> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -180,6 +180,14 @@ impl Driver for MemoryDriver {
             .entry(self.reply_queue.clone())
             .or_insert_with(|| self.sink.clone());
         Ok(self.reply_queue.clone())
+    }
+
+    fn reply_queue_name(&self) -> Option<String> {
+        self.broker
+            .replies
+            .lock()
+            .contains_key(&self.reply_queue)
+            .then(|| self.reply_queue.clone())
     }
 
     fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>> {
@@ -211,29 +219,28 @@ impl Driver for MemoryDriver {
             .collect();
         let broker = self.broker.clone();
         let topic = spec.topic.clone();
-        let thread = PollThread::spawn(
-            format!("warren-listen-{}", spec.topic),
-            move |control, ready| {
-                let _ = ready.send(Ok(()));
-                let consumers = MemoryConsumers {
-                    broker: broker.clone(),
-                    receivers,
-                    unacked: HashMap::new(),
-                    next_tag: 1,
-                };
-                let (outcome, consumers) = PollLoop::new(consumers, incoming).run(&control);
-                // Like a closed channel: whatever was not acknowledged goes back to its queue.
-                for (_, message) in consumers.unacked {
-                    broker.push(message);
+        let name = format!("warren-listen-{}", spec.topic);
+        let thread = PollThread::spawn(name, incoming, move |mut poll, control, ready| {
+            let _ = ready.send(Ok(()));
+            let mut consumers = MemoryConsumers {
+                broker: broker.clone(),
+                receivers,
+                unacked: HashMap::new(),
+                next_tag: 1,
+            };
+            // In-process queues are never lost: one session, until closed.
+            let end = poll.run_session(&mut consumers, &control);
+            // Like a closed channel: whatever was not acknowledged goes back to its queue.
+            for (_, message) in consumers.unacked {
+                broker.push(message);
+            }
+            if end == SessionEnd::Closed {
+                if let Some(queues) = broker.fanout.lock().get_mut(&fanout_exchange(&topic)) {
+                    queues.retain(|q| *q != fanout_queue);
                 }
-                if outcome == Outcome::Closed {
-                    if let Some(queues) = broker.fanout.lock().get_mut(&fanout_exchange(&topic)) {
-                        queues.retain(|q| *q != fanout_queue);
-                    }
-                    broker.queues.lock().remove(&fanout_queue);
-                }
-            },
-        )?;
+                broker.queues.lock().remove(&fanout_queue);
+            }
+        })?;
         Ok(Box::new(thread))
     }
 
@@ -285,9 +292,5 @@ impl Consumers for MemoryConsumers {
     fn cancel(&mut self) -> Vec<Message> {
         // Nothing is buffered outside the shared queues.
         Vec::new()
-    }
-
-    fn location(&self) -> &str {
-        "memory"
     }
 }

@@ -193,6 +193,8 @@ pub(crate) struct ListenSpec {
     pub exchange: String,
     pub topic: String,
     pub server: String,
+    /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
+    pub retry: Option<u32>,
 }
 
 impl ListenSpec {
@@ -210,8 +212,12 @@ pub(crate) trait Driver: Send + Sync {
     /// Publishes one message; returns once the broker has it (publisher confirm) or fails.
     fn send(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()>;
 
-    /// The transport's reply queue, starting its consumer on first use.
-    fn reply_queue(&self, deadline: Option<Instant>) -> Result<String>;
+    /// The transport's reply queue, starting its consumer on first use (connecting within
+    /// the deadline and retry of `options`).
+    fn reply_queue(&self, options: &SendOptions) -> Result<String>;
+
+    /// The reply queue's name once its consumer runs.
+    fn reply_queue_name(&self) -> Option<String>;
 
     /// Starts a listener thread; returns once its queues are declared and consumed.
     fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>>;
@@ -229,4 +235,7 @@ pub(crate) trait Listener: Send {
     /// Once the workers are done: executes the remaining acks, deletes the fanout queue,
     /// closes channel and connection, and joins the thread.
     fn close(self: Box<Self>);
+
+    /// `true` while the listener consumes (connected, not stopped).
+    fn is_consuming(&self) -> bool;
 }

@@ -11,10 +11,16 @@
 //! to the workers, then the incoming queue is closed so the workers finish. `close()` (after
 //! the workers are done) executes the remaining operations and ends the thread, which then
 //! cleans up its driver resources.
+//!
+//! Sessions: the loop outlives the channel it reads. When a session's channel or connection
+//! is lost, its deliveries can no longer be acknowledged (the broker redelivers them), so they
+//! are dropped and later acks for them fail; the driver reconnects and starts a new session.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, error, warn};
@@ -59,38 +65,42 @@ pub(crate) trait Consumers {
     fn settle(&mut self, tag: u64, kind: AckKind) -> Result<()>;
     /// Cancels the consumers; returns items they had already received.
     fn cancel(&mut self) -> Vec<Self::Item>;
-    /// Where the consumers are (for messages), e.g. `host:port`.
-    fn location(&self) -> &str;
 }
 
-/// How the loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
     /// Closed on request: clean shutdown.
     Closed,
     /// The server side went away without a close.
     Abandoned,
+    /// The consumers' channel or connection is gone; the driver reconnects.
+    Lost(String),
 }
 
 /// Handle on a running poll thread; the server's [`Listener`].
 pub(crate) struct PollThread {
     control: Sender<Control>,
     thread: Option<JoinHandle<()>>,
+    consuming: Arc<AtomicBool>,
 }
 
 impl PollThread {
-    /// Spawns a poll thread running `body(control, ready)`. `body` must send `Ok(())` on
-    /// `ready` once it consumes (or the error that stopped it), then run a [`PollLoop`].
+    /// Spawns a poll thread running `body(poll, control, ready)`: `body` must send `Ok(())`
+    /// on `ready` once it consumes (or the error that stopped it), then run `poll`'s sessions.
     /// Returns when `ready` was answered.
-    pub fn spawn<F>(name: String, body: F) -> Result<PollThread>
+    pub fn spawn<F>(name: String, incoming: Sender<Incoming>, body: F) -> Result<PollThread>
     where
-        F: FnOnce(Receiver<Control>, Sender<Result<()>>) + Send + 'static,
+        F: FnOnce(PollLoop, Receiver<Control>, Sender<Result<()>>) + Send + 'static,
     {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let thread = spawn_when_ready(name, move |ready| body(control_rx, ready))?;
+        let consuming = Arc::new(AtomicBool::new(false));
+        let poll = PollLoop::new(incoming, consuming.clone());
+        let thread = spawn_when_ready(name, move |ready| body(poll, control_rx, ready))?;
         Ok(PollThread {
             control: control_tx,
             thread: Some(thread),
+            consuming,
         })
     }
 
@@ -117,6 +127,10 @@ impl Listener for PollThread {
     fn close(mut self: Box<Self>) {
         self.shutdown();
     }
+
+    fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for PollThread {
@@ -136,73 +150,137 @@ enum Event<T> {
     Idle,
 }
 
-/// The loop itself. See the [module documentation](self).
-pub(crate) struct PollLoop<C: Consumers> {
-    consumers: C,
+/// The loop itself, kept across sessions (one per channel) so that the incoming queue, the
+/// deliveries waiting for it and the stop state survive a reconnection. See the
+/// [module documentation](self).
+pub(crate) struct PollLoop {
     incoming: Option<Sender<Incoming>>,
     ops_tx: Sender<AckOp>,
     ops_rx: Receiver<AckOp>,
     pending: VecDeque<Incoming>,
+    /// The current session is reading its consumers.
     consuming: bool,
-    /// Bumped when the consumers are lost, so stale operations are dropped.
+    /// `stop()` was asked: no more consuming, in this session or any later one.
+    stopped: bool,
+    /// The channel generation; operations for deliveries of another one are dropped.
     generation: u64,
     timer: DecayingTimer,
+    /// Mirrors `consuming` for the server's health check.
+    health: Arc<AtomicBool>,
 }
 
-impl<C: Consumers> PollLoop<C> {
-    pub fn new(consumers: C, incoming: Sender<Incoming>) -> Self {
+impl PollLoop {
+    fn new(incoming: Sender<Incoming>, health: Arc<AtomicBool>) -> Self {
         let (ops_tx, ops_rx) = crossbeam_channel::unbounded();
         PollLoop {
-            consumers,
             incoming: Some(incoming),
             ops_tx,
             ops_rx,
             pending: VecDeque::new(),
-            consuming: true,
-            generation: 1,
+            consuming: false,
+            stopped: false,
+            generation: 0,
             timer: DecayingTimer::until(None),
+            health,
         }
     }
 
-    /// Runs until closed; returns the consumers for the driver's clean-up.
-    pub fn run(mut self, control: &Receiver<Control>) -> (Outcome, C) {
+    fn set_consuming(&mut self, consuming: bool) {
+        self.consuming = consuming;
+        self.health.store(consuming, Ordering::Release);
+    }
+
+    /// `stop()` was asked: the driver must not consume again.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Runs one session on freshly consuming `consumers` until it is closed or lost.
+    pub fn run_session<C: Consumers>(
+        &mut self,
+        consumers: &mut C,
+        control: &Receiver<Control>,
+    ) -> SessionEnd {
+        self.generation += 1;
+        self.set_consuming(!self.stopped);
+        if self.stopped {
+            consumers.cancel();
+        }
         loop {
-            if !self.consuming && self.pending.is_empty() && self.incoming.take().is_some() {
-                debug!("listener handed over its last delivery; closing the incoming queue");
-            }
-            match self.next_event(control) {
-                Event::Op(op) => self.execute(op),
+            self.close_incoming_when_done();
+            match self.next_event(Some(&*consumers), control) {
+                Event::Op(op) => self.execute(Some(&mut *consumers), op),
                 Event::Control(Some(Control::Stop(done))) => {
-                    self.stop_consuming();
+                    self.stop_consuming(consumers);
                     let _ = done.send(());
                 }
                 Event::Control(Some(Control::Close)) => {
-                    self.stop_consuming();
+                    self.stop_consuming(consumers);
                     while let Ok(op) = self.ops_rx.try_recv() {
-                        self.execute(op);
+                        self.execute(Some(&mut *consumers), op);
                     }
-                    return (Outcome::Closed, self.consumers);
+                    return SessionEnd::Closed;
                 }
                 Event::Control(None) => {
-                    self.stop_consuming();
-                    return (Outcome::Abandoned, self.consumers);
+                    self.stop_consuming(consumers);
+                    return SessionEnd::Abandoned;
                 }
                 Event::Handed | Event::Idle => {}
-                Event::WorkersGone => {
-                    warn!(
-                        "the server's workers are gone; dropping {} deliveries",
-                        self.pending.len()
-                    );
-                    self.pending.clear();
-                    self.incoming = None;
-                }
-                Event::Item(item) => self.accept(item),
-                Event::ConsumerGone => self.lost("consumer channel closed"),
+                Event::WorkersGone => self.workers_gone(),
+                Event::Item(item) => match consumers.accept(item) {
+                    Accepted::Deliver(tag, message) => self.hand_over(tag, message),
+                    Accepted::Skip => {}
+                    Accepted::Lost(why) => return self.lose(why),
+                },
+                Event::ConsumerGone => return self.lose("the connection is gone".into()),
             }
         }
     }
 
-    fn next_event(&mut self, control: &Receiver<Control>) -> Event<C::Item> {
+    /// Between sessions: waits up to `pause` while answering operations (they fail: their
+    /// channel is gone) and obeying stop; `Some(end)` if closed meanwhile.
+    pub fn wait_offline(
+        &mut self,
+        control: &Receiver<Control>,
+        pause: Duration,
+    ) -> Option<SessionEnd> {
+        let deadline = Instant::now() + pause;
+        loop {
+            self.close_incoming_when_done();
+            let mut select = Select::new();
+            let ops_index = select.recv(&self.ops_rx);
+            let control_index = select.recv(control);
+            let Ok(operation) = select.select_deadline(deadline) else {
+                return None;
+            };
+            if operation.index() == ops_index {
+                if let Ok(op) = operation.recv(&self.ops_rx) {
+                    self.execute::<NoConsumers>(None, op);
+                }
+            } else if operation.index() == control_index {
+                match operation.recv(control) {
+                    Ok(Control::Stop(done)) => {
+                        self.stopped = true;
+                        let _ = done.send(());
+                    }
+                    Ok(Control::Close) => return Some(SessionEnd::Closed),
+                    Err(_) => return Some(SessionEnd::Abandoned),
+                }
+            }
+        }
+    }
+
+    fn close_incoming_when_done(&mut self) {
+        if self.stopped && self.pending.is_empty() && self.incoming.take().is_some() {
+            debug!("listener handed over its last delivery; closing the incoming queue");
+        }
+    }
+
+    fn next_event<C: Consumers>(
+        &mut self,
+        consumers: Option<&C>,
+        control: &Receiver<Control>,
+    ) -> Event<C::Item> {
         let mut select = Select::new();
         let ops_index = select.recv(&self.ops_rx);
         let control_index = select.recv(control);
@@ -211,8 +289,9 @@ impl<C: Consumers> PollLoop<C> {
             _ => None,
         };
         let mut first_consumer = usize::MAX;
-        if self.consuming && self.pending.len() < PENDING_MAX {
-            for receiver in self.consumers.receivers() {
+        let readable = consumers.filter(|_| self.consuming && self.pending.len() < PENDING_MAX);
+        if let Some(consumers) = readable {
+            for receiver in consumers.receivers() {
                 first_consumer = first_consumer.min(select.recv(receiver));
             }
         }
@@ -239,32 +318,40 @@ impl<C: Consumers> PollLoop<C> {
                 Err(_) => Event::WorkersGone,
             }
         } else {
-            let receiver = &self.consumers.receivers()[index - first_consumer];
-            operation
-                .recv(receiver)
-                .map_or(Event::ConsumerGone, Event::Item)
+            match readable {
+                Some(consumers) => operation
+                    .recv(&consumers.receivers()[index - first_consumer])
+                    .map_or(Event::ConsumerGone, Event::Item),
+                None => Event::Idle,
+            }
         }
     }
 
-    fn accept(&mut self, item: C::Item) {
-        match self.consumers.accept(item) {
-            Accepted::Deliver(tag, message) => self.pending.push_back(Incoming {
-                message,
-                acker: Acker::new(tag, self.generation, self.ops_tx.clone()),
-            }),
-            Accepted::Skip => {}
-            Accepted::Lost(why) => self.lost(&why),
-        }
+    fn hand_over(&mut self, tag: u64, message: RawMessage) {
+        self.pending.push_back(Incoming {
+            message,
+            acker: Acker::new(tag, self.generation, self.ops_tx.clone()),
+        });
     }
 
-    fn execute(&mut self, op: AckOp) {
-        let result = if op.generation == self.generation {
-            self.consumers.settle(op.tag, op.kind)
-        } else {
-            Err(Error::Connection {
-                host: self.consumers.location().to_string(),
+    fn workers_gone(&mut self) {
+        warn!(
+            "the server's workers are gone; dropping {} deliveries",
+            self.pending.len()
+        );
+        self.pending.clear();
+        self.incoming = None;
+    }
+
+    fn execute<C: Consumers>(&mut self, consumers: Option<&mut C>, op: AckOp) {
+        let result = match consumers {
+            Some(consumers) if op.generation == self.generation => {
+                consumers.settle(op.tag, op.kind)
+            }
+            _ => Err(Error::Connection {
+                host: String::new(),
                 source: "the delivery's channel is closed".into(),
-            })
+            }),
         };
         match (op.done, result) {
             (Some(done), result) => {
@@ -276,13 +363,16 @@ impl<C: Consumers> PollLoop<C> {
     }
 
     /// Cancels the consumers and keeps what they had already delivered, to hand it over.
-    fn stop_consuming(&mut self) {
+    fn stop_consuming<C: Consumers>(&mut self, consumers: &mut C) {
+        self.stopped = true;
         if !self.consuming {
             return;
         }
-        self.consuming = false;
-        for item in self.consumers.cancel() {
-            self.accept(item);
+        self.set_consuming(false);
+        for item in consumers.cancel() {
+            if let Accepted::Deliver(tag, message) = consumers.accept(item) {
+                self.hand_over(tag, message);
+            }
         }
         debug!(
             "stopped consuming; {} deliveries left to hand over",
@@ -290,18 +380,35 @@ impl<C: Consumers> PollLoop<C> {
         );
     }
 
-    /// The channel or connection is gone: nothing more will arrive, and nothing it delivered
-    /// can be acknowledged any more.
-    fn lost(&mut self, why: &str) {
-        if !self.consuming {
-            return;
-        }
-        error!(
-            "listener lost its channel on {}: {why}",
-            self.consumers.location()
-        );
-        self.consuming = false;
+    /// The session's channel is gone: nothing more arrives from it, and nothing it delivered
+    /// can be acknowledged any more (the broker will redeliver it).
+    fn lose(&mut self, why: String) -> SessionEnd {
+        self.set_consuming(false);
         self.generation += 1;
+        let dropped = self.pending.len();
         self.pending.clear();
+        if dropped > 0 {
+            debug!("dropped {dropped} deliveries of the lost channel; the broker redelivers them");
+        }
+        SessionEnd::Lost(why)
+    }
+}
+
+/// The consumers of no session (between sessions).
+struct NoConsumers;
+
+impl Consumers for NoConsumers {
+    type Item = ();
+    fn receivers(&self) -> &[Receiver<()>] {
+        &[]
+    }
+    fn accept(&mut self, _: ()) -> Accepted {
+        Accepted::Skip
+    }
+    fn settle(&mut self, _: u64, _: AckKind) -> Result<()> {
+        Err(Error::Closed)
+    }
+    fn cancel(&mut self) -> Vec<()> {
+        Vec::new()
     }
 }

@@ -29,6 +29,7 @@ pub struct RpcServerBuilder {
     endpoints: Vec<Endpoint>,
     workers: Option<usize>,
     policy: AccessPolicy,
+    retry: Option<u32>,
 }
 
 impl RpcServerBuilder {
@@ -41,6 +42,15 @@ impl RpcServerBuilder {
     /// Number of worker threads (default: the transport's `executor_thread_pool_size`).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
+        self
+    }
+
+    /// How hard `start()` tries to reach the broker: `retry` more passes over the URL's hosts
+    /// after the first, then `start()` fails with [`Error::DeliveryFailure`]. By default
+    /// (no limit) a server whose broker is down starts anyway and consumes once the broker is
+    /// reachable. After start, a lost connection is always retried.
+    pub fn retry(mut self, retry: u32) -> Self {
+        self.retry = Some(retry);
         self
     }
 
@@ -89,6 +99,7 @@ impl RpcServerBuilder {
                 exchange,
                 topic,
                 server,
+                retry: self.retry,
             },
             workers,
             context: Arc::new(context),
@@ -161,6 +172,7 @@ impl RpcServer {
             endpoints: Vec::new(),
             workers: None,
             policy: AccessPolicy::Default,
+            retry: None,
         }
     }
 
@@ -257,6 +269,15 @@ impl RpcServer {
     /// `true` between `start()` and `stop()`.
     pub fn is_running(&self) -> bool {
         matches!(*self.state.lock(), State::Running(_))
+    }
+
+    /// `true` while the server is connected and consuming: `false` before `start()`, while
+    /// it reconnects after losing its broker, and after `stop()`. A health check.
+    pub fn is_consuming(&self) -> bool {
+        match &*self.state.lock() {
+            State::Running(running) => running.listener.is_consuming(),
+            _ => false,
+        }
     }
 }
 

@@ -301,6 +301,19 @@ pub fn thread_count() -> usize {
         .unwrap_or(0)
 }
 
+/// Names of this process's threads (for failure messages).
+pub fn thread_names() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Waits until `condition` holds (polling an external state we cannot subscribe to).
 pub fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

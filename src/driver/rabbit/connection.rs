@@ -1,48 +1,81 @@
-//! One AMQP connection to one of the URL's hosts: the single place where warren opens
-//! sockets, logs in, and classifies amiquip's errors.
+//! Connections to the URL's hosts: the one place where warren opens sockets, logs in, fails
+//! over between hosts, backs off, and classifies amiquip's errors.
 //!
-//! Every connection is opened on a socket warren configures itself: `TCP_NODELAY` (without
-//! it amiquip request/reply runs at ~23 calls/s because of Nagle + delayed ACK), a bounded TCP
-//! connect timeout, then the AMQP handshake through amiquip's `insecure_open_stream`.
-//! Hosts are tried in turn, starting after the last host that worked or failed, so a dead
-//! first host does not stop the transport from using the second.
+//! Every owner of a connection (the publisher, the reply consumer, each server's listener)
+//! obtains it through [`Connection::establish`], kombu's `ensure_connection`: passes over the
+//! hosts (round-robin or shuffled), a pause after each failed pass (kombu's schedule,
+//! 1 s, 3 s, 5 s... up to 30 s, plus real random jitter), `retry` bounding the passes
+//! (`None`: until it works, `Some(0)`: one pass), a deadline bounding everything, and an
+//! interruptible pause so a closing owner never waits out a backoff. A failure is logged once
+//! per outage (warn), the recovery once (info).
+//!
+//! Sockets are configured by warren: `TCP_NODELAY` (without it amiquip request/reply runs at
+//! ~23 calls/s because of Nagle + delayed ACK), a bounded TCP connect, then the AMQP handshake
+//! through amiquip's `insecure_open_stream`.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use amiquip::{Auth, Channel, ConnectionOptions, ConnectionTuning};
+use amiquip::{Auth, Channel, ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning};
+use crossbeam_channel::Receiver;
 use log::{debug, info, warn};
 
 use crate::error::{BoxError, Error, Result};
-use crate::options::TransportOptions;
+use crate::options::{FailoverStrategy, TransportOptions};
 use crate::url::{Host, TransportUrl};
 
-/// Upper bound of a TCP connect + AMQP handshake when the caller has no deadline.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of one host's TCP connect + AMQP handshake: twice the heartbeat, within these.
+const CONNECT_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 
-/// The hosts of a URL and which one to try next (round-robin failover).
+/// A uniformly distributed number in `[0, 1)`, from the standard library's random hash keys.
+pub(crate) fn random_unit() -> f64 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(0x5eed);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A random duration in `[0, max)`.
+pub(crate) fn jitter(max: Duration) -> Duration {
+    max.mul_f64(random_unit())
+}
+
+/// The hosts of a URL and which one to try next.
 #[derive(Debug)]
 pub(crate) struct HostCycle {
     hosts: Vec<Host>,
+    strategy: FailoverStrategy,
     next: AtomicUsize,
 }
 
 impl HostCycle {
-    pub fn new(url: &TransportUrl) -> HostCycle {
+    pub fn new(url: &TransportUrl, strategy: FailoverStrategy) -> HostCycle {
         HostCycle {
             hosts: url.effective_hosts(),
+            strategy,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The hosts in the order to try them now.
-    fn rotation(&self) -> impl Iterator<Item = (usize, &Host)> {
-        let start = self.next.load(Ordering::Relaxed) % self.hosts.len();
-        (0..self.hosts.len()).map(move |i| {
-            let index = (start + i) % self.hosts.len();
-            (index, &self.hosts[index])
-        })
+    /// One pass over every host, in the order to try them now.
+    fn pass(&self) -> Vec<(usize, &Host)> {
+        let mut order: Vec<usize> = (0..self.hosts.len()).collect();
+        match self.strategy {
+            FailoverStrategy::RoundRobin => {
+                let start = self.next.load(Ordering::Relaxed) % self.hosts.len();
+                order.rotate_left(start);
+            }
+            FailoverStrategy::Shuffle => {
+                for i in (1..order.len()).rev() {
+                    let j = ((i + 1) as f64 * random_unit()) as usize;
+                    order.swap(i, j.min(i));
+                }
+            }
+        }
+        order.into_iter().map(|i| (i, &self.hosts[i])).collect()
     }
 
     fn succeeded(&self, index: usize) {
@@ -52,6 +85,59 @@ impl HostCycle {
     fn failed(&self, index: usize) {
         self.next.store(index + 1, Ordering::Relaxed);
     }
+
+    fn len(&self) -> usize {
+        self.hosts.len()
+    }
+}
+
+/// kombu's reconnect schedule: after the n-th failed pass over the hosts, pause
+/// `min(interval_max, retry_interval + (n - 1) × retry_backoff)`, plus a random
+/// `0..reconnect_splay`.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    interval: Duration,
+    step: Duration,
+    max: Duration,
+    splay: Duration,
+    failed_passes: u32,
+}
+
+impl Backoff {
+    pub fn new(options: &TransportOptions) -> Backoff {
+        Backoff {
+            interval: options.retry_interval,
+            step: options.retry_backoff,
+            max: options.interval_max,
+            splay: options.reconnect_splay,
+            failed_passes: 0,
+        }
+    }
+
+    /// The pause after one more failed pass.
+    pub fn next_pause(&mut self) -> Duration {
+        let base = self
+            .interval
+            .saturating_add(self.step.saturating_mul(self.failed_passes))
+            .min(self.max);
+        self.failed_passes = self.failed_passes.saturating_add(1);
+        base + jitter(self.splay)
+    }
+
+    /// The pause before reconnecting after a connection was lost: only the jitter, so that
+    /// every client of a restarted broker does not come back at the same instant.
+    pub fn first_pause(&self) -> Duration {
+        jitter(self.splay)
+    }
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RetryPolicy {
+    /// Passes over the hosts after the first (`None`: until it works).
+    pub retry: Option<u32>,
+    /// Give up at this instant.
+    pub deadline: Option<Instant>,
 }
 
 /// An open AMQP connection and the host it reached.
@@ -59,57 +145,101 @@ pub(crate) struct Connection {
     inner: amiquip::Connection,
     address: String,
     role: &'static str,
+    liveness: Option<Receiver<ConnectionBlockedNotification>>,
 }
 
 impl Connection {
-    /// Opens a connection for `role` ("send", "reply", "listen"), trying every host once.
-    pub fn open(
+    /// kombu's `ensure_connection`: connects for `role` ("send", "reply", "listen"), failing
+    /// over between hosts and backing off as described in the [module documentation](self).
+    /// `pause(d)` waits `d` between passes and returns `false` to give up (its owner closes).
+    ///
+    /// Fails with [`Error::DeliveryFailure`] (host, attempts, last cause) when `policy` is
+    /// exhausted, with [`Error::Closed`] when `pause` gives up.
+    pub fn establish(
         hosts: &HostCycle,
         url: &TransportUrl,
         options: &TransportOptions,
         role: &'static str,
-        deadline: Option<Instant>,
+        policy: RetryPolicy,
+        pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Result<Connection> {
-        let mut last_error = None;
-        for (index, host) in hosts.rotation() {
-            let timeout = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(DEFAULT_CONNECT_TIMEOUT),
-                None => DEFAULT_CONNECT_TIMEOUT,
-            };
-            if timeout.is_zero() {
-                break;
+        let mut backoff = Backoff::new(options);
+        let mut attempts = 0_u32;
+        let mut last: Option<(String, Error)> = None;
+        for pass in 0_u32.. {
+            for (index, host) in hosts.pass() {
+                let Some(timeout) = connect_timeout(options, policy.deadline) else {
+                    break;
+                };
+                attempts += 1;
+                match open_host(host, url.virtual_host(), options, role, timeout) {
+                    Ok(mut inner) => {
+                        hosts.succeeded(index);
+                        if attempts > 1 {
+                            info!("reconnected to AMQP server on {} ({role}) after {attempts} attempts", host.address());
+                        } else {
+                            info!("connected to AMQP server on {} ({role})", host.address());
+                        }
+                        let liveness = inner.listen_for_connection_blocked().ok();
+                        return Ok(Connection {
+                            inner,
+                            address: host.address(),
+                            role,
+                            liveness,
+                        });
+                    }
+                    Err(e) => {
+                        hosts.failed(index);
+                        if attempts == 1 {
+                            warn!(
+                                "AMQP server on {} is unreachable ({role}): {e}",
+                                host.address()
+                            );
+                        } else {
+                            debug!(
+                                "AMQP server on {} still unreachable ({role}): {e}",
+                                host.address()
+                            );
+                        }
+                        last = Some((host.address(), e));
+                    }
+                }
             }
-            match open_host(host, url.virtual_host(), options, role, timeout) {
-                Ok(inner) => {
-                    hosts.succeeded(index);
-                    info!("connected to AMQP server on {} ({role})", host.address());
-                    return Ok(Connection {
-                        inner,
-                        address: host.address(),
-                        role,
-                    });
-                }
-                Err(e) => {
-                    hosts.failed(index);
-                    warn!(
-                        "AMQP server on {} is unreachable ({role}): {e}",
-                        host.address()
-                    );
-                    last_error = Some(e);
-                }
+            let out_of_time = policy.deadline.is_some_and(|d| Instant::now() >= d);
+            if policy.retry.is_some_and(|r| pass >= r) || out_of_time {
+                let (host, cause) = last.unwrap_or_else(|| {
+                    (
+                        hosts
+                            .hosts
+                            .iter()
+                            .map(Host::address)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        Error::Closed,
+                    )
+                });
+                return Err(Error::DeliveryFailure {
+                    host,
+                    reason: format!(
+                        "unable to connect ({role}) after {attempts} attempts: {cause}"
+                    ),
+                });
+            }
+            let mut wait = backoff.next_pause();
+            if let Some(deadline) = policy.deadline {
+                wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            }
+            if attempts as usize == hosts.len() {
+                warn!(
+                    "no AMQP server reachable ({role}); trying again in {:.1}s, then with growing pauses",
+                    wait.as_secs_f64()
+                );
+            }
+            if !pause(wait) {
+                return Err(Error::Closed);
             }
         }
-        Err(last_error.unwrap_or_else(|| Error::Connection {
-            host: hosts
-                .hosts
-                .iter()
-                .map(Host::address)
-                .collect::<Vec<_>>()
-                .join(","),
-            source: "deadline passed before a connection could be attempted".into(),
-        }))
+        Err(Error::Closed)
     }
 
     /// Opens a channel on this connection.
@@ -124,16 +254,40 @@ impl Connection {
         &self.address
     }
 
+    /// The connection's `connection.blocked` notifications; disconnected when the connection
+    /// dies (its I/O thread ends), which is how an idle dead connection is noticed.
+    pub fn take_liveness(&mut self) -> Option<Receiver<ConnectionBlockedNotification>> {
+        self.liveness.take()
+    }
+
     /// Closes the connection and joins amiquip's I/O thread.
     pub fn close(self) {
         let Connection {
             inner,
             address,
             role,
+            ..
         } = self;
         match inner.close() {
             Ok(()) => debug!("closed connection to {address} ({role})"),
             Err(e) => debug!("closing connection to {address} ({role}): {e}"),
+        }
+    }
+}
+
+/// Time allowed to connect to one host: twice the heartbeat (2 to 10 s), within the deadline;
+/// `None` once the deadline has passed.
+fn connect_timeout(options: &TransportOptions, deadline: Option<Instant>) -> Option<Duration> {
+    let by_heartbeat = if options.heartbeat.is_zero() {
+        CONNECT_TIMEOUT_MAX
+    } else {
+        (options.heartbeat * 2).clamp(CONNECT_TIMEOUT_MIN, CONNECT_TIMEOUT_MAX)
+    };
+    match deadline {
+        None => Some(by_heartbeat),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(by_heartbeat))
         }
     }
 }
@@ -213,5 +367,113 @@ pub(crate) fn amqp_error(error: amiquip::Error, address: &str) -> Error {
             host: address.to_string(),
             source: Box::new(other),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(interval: u64, step: u64, max: u64, splay_ms: u64) -> TransportOptions {
+        TransportOptions {
+            retry_interval: Duration::from_secs(interval),
+            retry_backoff: Duration::from_secs(step),
+            interval_max: Duration::from_secs(max),
+            reconnect_splay: Duration::from_millis(splay_ms),
+            ..TransportOptions::default()
+        }
+    }
+
+    #[test]
+    fn backoff_follows_kombu_schedule() {
+        let mut backoff = Backoff::new(&options(1, 2, 30, 0));
+        let pauses: Vec<u64> = (0..18).map(|_| backoff.next_pause().as_secs()).collect();
+        assert_eq!(
+            pauses,
+            [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 30, 30, 30]
+        );
+    }
+
+    #[test]
+    fn jitter_is_real_and_bounded() {
+        let mut backoff = Backoff::new(&options(1, 0, 30, 500));
+        let pauses: Vec<Duration> = (0..50).map(|_| backoff.next_pause()).collect();
+        assert!(pauses
+            .iter()
+            .all(|p| *p >= Duration::from_secs(1) && *p < Duration::from_millis(1500)));
+        let distinct: std::collections::BTreeSet<Duration> = pauses.into_iter().collect();
+        assert!(distinct.len() > 40, "pauses differ: {}", distinct.len());
+        let firsts: Vec<Duration> = (0..20).map(|_| backoff.first_pause()).collect();
+        assert!(firsts.iter().all(|p| *p < Duration::from_millis(500)));
+    }
+
+    fn cycle(strategy: FailoverStrategy) -> HostCycle {
+        let url = TransportUrl::parse("rabbit://a:1,b:2,c:3/").unwrap();
+        HostCycle::new(&url, strategy)
+    }
+
+    fn names(pass: Vec<(usize, &Host)>) -> String {
+        pass.into_iter().map(|(_, h)| h.hostname.as_str()).collect()
+    }
+
+    #[test]
+    fn round_robin_starts_at_the_first_host_and_moves_past_failures() {
+        let hosts = cycle(FailoverStrategy::RoundRobin);
+        assert_eq!(names(hosts.pass()), "abc");
+        hosts.failed(0);
+        assert_eq!(names(hosts.pass()), "bca");
+        hosts.succeeded(1);
+        assert_eq!(names(hosts.pass()), "bca");
+        hosts.failed(2);
+        assert_eq!(names(hosts.pass()), "abc");
+    }
+
+    #[test]
+    fn shuffle_tries_every_host_once_per_pass() {
+        let hosts = cycle(FailoverStrategy::Shuffle);
+        let mut orders = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut pass: Vec<char> = names(hosts.pass()).chars().collect();
+            orders.insert(pass.iter().collect::<String>());
+            pass.sort_unstable();
+            assert_eq!(pass, ['a', 'b', 'c']);
+        }
+        assert!(orders.len() > 3, "{orders:?}");
+    }
+
+    #[test]
+    fn unreachable_hosts_exhaust_into_a_delivery_failure() {
+        let url = TransportUrl::parse("amqp://u:secret@127.0.0.1:1,127.0.0.1:2/").unwrap();
+        let options = options(0, 0, 0, 0);
+        let hosts = HostCycle::new(&url, FailoverStrategy::RoundRobin);
+        let mut pauses = 0;
+        let policy = RetryPolicy {
+            retry: Some(2),
+            deadline: None,
+        };
+        let error = Connection::establish(&hosts, &url, &options, "send", policy, &mut |_| {
+            pauses += 1;
+            true
+        })
+        .err()
+        .expect("nothing listens there");
+        assert_eq!(pauses, 2, "a pause after each failed pass but the last");
+        match &error {
+            Error::DeliveryFailure { host, reason } => {
+                assert!(host.starts_with("127.0.0.1:"), "{host}");
+                assert!(reason.contains("after 6 attempts"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{error} {error:?}").contains("secret"));
+        let interrupted = Connection::establish(
+            &hosts,
+            &url,
+            &options,
+            "send",
+            RetryPolicy::default(),
+            &mut |_| false,
+        );
+        assert!(matches!(interrupted, Err(Error::Closed)));
     }
 }

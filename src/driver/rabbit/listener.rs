@@ -1,21 +1,25 @@
-//! A server's listen connection: opens it, declares oslo's server topology, consumes the
+//! A server's listen connection: connects, declares oslo's server topology, consumes the
 //! three queues (`<topic>`, `<topic>.<server>`, `<topic>_fanout_<uuid>`), and runs the shared
-//! [`PollLoop`](crate::driver::poll::PollLoop) on them; on close, deletes the fanout queue.
+//! [`PollLoop`] on them. When the channel or connection is lost (I/O error, `CONNECTION_FORCED`,
+//! missed heartbeats, or a consumer cancelled by the broker, e.g. its queue was deleted) it
+//! reconnects through [`Connection::establish`], re-declares the exact topology (same fanout
+//! queue name) and consumes again: oslo's `consume()` under `ensure()`. On close it deletes
+//! the fanout queue.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Sender};
-use log::{debug, info};
+use log::{debug, info, warn};
 
-use crate::driver::poll::{Accepted, Consumers, Control, Outcome, PollLoop, PollThread};
+use crate::driver::poll::{Accepted, Consumers, Control, PollLoop, PollThread, SessionEnd};
 use crate::driver::{AckKind, Incoming, ListenSpec, RawMessage};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
-use super::connection::{amqp_error, Connection, HostCycle};
+use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
 use super::topology;
 
 /// Everything the poll thread needs.
@@ -24,89 +28,195 @@ pub(crate) struct Setup {
     pub hosts: Arc<HostCycle>,
     pub options: TransportOptions,
     pub spec: ListenSpec,
+    /// Passes over the hosts at start-up. `None`: if the broker is down, `start()` returns and
+    /// the listener keeps trying in the background.
+    pub retry: Option<u32>,
 }
 
-/// Starts the poll thread; returns once the topology is declared and the consumers run.
+/// Starts the poll thread; returns once the topology is declared and the consumers run (or,
+/// with `retry: None` and no broker reachable, once the first pass over the hosts failed).
 pub(crate) fn spawn(setup: Setup, incoming: Sender<Incoming>) -> Result<PollThread> {
-    PollThread::spawn(
-        format!("warren-listen-{}", setup.spec.topic),
-        move |control, ready| run(&setup, incoming, &control, &ready),
-    )
+    let name = format!("warren-listen-{}", setup.spec.topic);
+    PollThread::spawn(name, incoming, move |mut poll, control, ready| {
+        run(&setup, &mut poll, &control, ready)
+    })
 }
 
-fn run(
-    setup: &Setup,
-    incoming: Sender<Incoming>,
-    control: &Receiver<Control>,
-    ready: &Sender<Result<()>>,
-) {
-    let mut connection =
-        match Connection::open(&setup.hosts, &setup.url, &setup.options, "listen", None) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
-    let address = connection.address().to_string();
-    let fanout_queue = format!(
-        "{}_fanout_{}",
-        setup.spec.topic,
-        uuid::Uuid::new_v4().simple()
-    );
-    let channel = match open_and_declare(&mut connection, setup, &fanout_queue) {
-        Ok(channel) => channel,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            connection.close();
+fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: Sender<Result<()>>) {
+    let topic = &setup.spec.topic;
+    let fanout_queue = format!("{topic}_fanout_{}", uuid::Uuid::new_v4().simple());
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::new(&setup.options);
+    loop {
+        if poll.is_stopped() {
+            // Stopped while disconnected: never consume again, wait for close.
+            while poll.wait_offline(control, backoff.next_pause()).is_none() {}
             return;
         }
-    };
-    let mut queues: Vec<String> = setup.spec.topic_queues().to_vec();
-    queues.push(fanout_queue.clone());
-    let mut consumers = Vec::with_capacity(queues.len());
-    // amiquip kills the whole connection if it notifies a consumer whose receiver was dropped
-    // (after a cancel or a channel close): the clones live until the connection is closed.
-    let mut receivers: Vec<Receiver<ConsumerMessage>> = Vec::new();
-    for queue in &queues {
-        match channel.basic_consume(queue.as_str(), ConsumerOptions::default()) {
-            Ok(consumer) => {
-                receivers.push(consumer.receiver().clone());
-                consumers.push(consumer);
-            }
+        let mut connection = match connect(setup, poll, control, &mut ready) {
+            Some(connection) => connection,
+            None => return,
+        };
+        let address = connection.address().to_string();
+        let channel = match open_and_declare(&mut connection, setup, &fanout_queue) {
+            Ok(channel) => channel,
             Err(e) => {
-                // Dropping consumers, channel and connection (in that order) closes them.
-                let _ = ready.send(Err(amqp_error(e, &address)));
+                connection.close();
+                if give_up(e, &mut ready, poll, control, &mut backoff, topic) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let consumers = match consume(&channel, setup, &fanout_queue) {
+            Ok(consumers) => consumers,
+            Err(e) => {
+                // Dropping the channel later (at the end of this iteration) closes nothing more.
+                connection.close();
+                if give_up(e, &mut ready, poll, control, &mut backoff, topic) {
+                    return;
+                }
+                continue;
+            }
+        };
+        // amiquip kills the whole connection if it notifies a consumer whose receiver was
+        // dropped (after a cancel or a channel close): the clones live until the connection is
+        // closed.
+        let receivers: Vec<Receiver<ConsumerMessage>> =
+            consumers.iter().map(|c| c.receiver().clone()).collect();
+        if let Some(ready) = ready.take() {
+            info!(
+                "listening on {topic} (exchange {:?}) via {address}",
+                setup.spec.exchange
+            );
+            let _ = ready.send(Ok(()));
+        } else {
+            info!("listener on {topic} consumes again via {address}");
+        }
+        backoff = Backoff::new(&setup.options);
+        let mut rabbit = RabbitConsumers {
+            channel: &channel,
+            consumers: &consumers,
+            receivers: receivers.clone(),
+            unacked: HashMap::new(),
+            address: &address,
+        };
+        let end = poll.run_session(&mut rabbit, control);
+        drop(rabbit);
+        for consumer in &consumers {
+            let _ = consumer.cancel();
+        }
+        drop(consumers);
+        match end {
+            SessionEnd::Closed | SessionEnd::Abandoned => {
+                if end == SessionEnd::Closed {
+                    if let Err(e) =
+                        channel.queue_delete(fanout_queue.as_str(), QueueDeleteOptions::default())
+                    {
+                        debug!("could not delete fanout queue {fanout_queue}: {e}");
+                    }
+                }
+                let _ = channel.close();
+                connection.close();
+                drop(receivers);
+                debug!("listener on {topic} finished");
                 return;
             }
+            SessionEnd::Lost(why) => {
+                warn!("listener on {topic} lost its connection to {address} ({why}); reconnecting");
+                drop(channel);
+                connection.close();
+                drop(receivers);
+                if poll.wait_offline(control, backoff.first_pause()).is_some() {
+                    return;
+                }
+            }
         }
     }
-    info!(
-        "listening on {} (exchange {:?}) via {address}",
-        queues.join(", "),
-        setup.spec.exchange
-    );
-    let _ = ready.send(Ok(()));
+}
 
-    let rabbit = RabbitConsumers {
-        channel: &channel,
-        consumers: &consumers,
-        receivers,
-        unacked: HashMap::new(),
-        address: &address,
+/// Connects for a session. At start-up (`ready` still unanswered) it honours the server's
+/// `retry`, and with `retry: None` it lets `start()` return after the first failed pass and
+/// goes on in the background. `None` when closed meanwhile or when start-up failed.
+fn connect(
+    setup: &Setup,
+    poll: &mut PollLoop,
+    control: &Receiver<Control>,
+    ready: &mut Option<Sender<Result<()>>>,
+) -> Option<Connection> {
+    let mut closed_while_waiting = None;
+    let mut pause = |pause: std::time::Duration| match poll.wait_offline(control, pause) {
+        None => true,
+        Some(end) => {
+            closed_while_waiting = Some(end);
+            false
+        }
     };
-    let (outcome, rabbit) = PollLoop::new(rabbit, incoming).run(control);
-    let receivers = rabbit.receivers;
-    drop(consumers);
-    if outcome == Outcome::Closed {
-        if let Err(e) = channel.queue_delete(fanout_queue.as_str(), QueueDeleteOptions::default()) {
-            debug!("could not delete fanout queue {fanout_queue}: {e}");
+    let starting = ready.is_some();
+    let policy = RetryPolicy {
+        retry: if starting {
+            setup.retry.or(Some(0))
+        } else {
+            None
+        },
+        deadline: None,
+    };
+    let first = Connection::establish(
+        &setup.hosts,
+        &setup.url,
+        &setup.options,
+        "listen",
+        policy,
+        &mut pause,
+    );
+    let result = match first {
+        Err(Error::DeliveryFailure { .. }) if starting && setup.retry.is_none() => {
+            warn!(
+                "server on {} starts without a broker; it will consume once one is reachable",
+                setup.spec.topic
+            );
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Ok(()));
+            }
+            let policy = RetryPolicy::default();
+            Connection::establish(
+                &setup.hosts,
+                &setup.url,
+                &setup.options,
+                "listen",
+                policy,
+                &mut pause,
+            )
+        }
+        other => other,
+    };
+    match result {
+        Ok(connection) => Some(connection),
+        Err(e) => {
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Err(e));
+            }
+            None
         }
     }
-    let _ = channel.close();
-    connection.close();
-    drop(receivers);
-    debug!("listener on {} finished", setup.spec.topic);
+}
+
+/// A session could not start. At start-up the error goes to `start()` (a 406 refusal, say);
+/// later it is logged and retried after a pause. `true`: the thread must end.
+fn give_up(
+    error: Error,
+    ready: &mut Option<Sender<Result<()>>>,
+    poll: &mut PollLoop,
+    control: &Receiver<Control>,
+    backoff: &mut Backoff,
+    topic: &str,
+) -> bool {
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(Err(error));
+        return true;
+    }
+    warn!("listener on {topic} could not resume: {error}");
+    poll.wait_offline(control, backoff.next_pause()).is_some()
 }
 
 fn open_and_declare(
@@ -130,6 +240,26 @@ fn open_and_declare(
     topology::declare_fanout_exchange(&channel, &spec.topic, &address)?;
     topology::declare_fanout_queue(&channel, &spec.topic, fanout_queue, options, &address)?;
     Ok(channel)
+}
+
+fn consume<'c>(
+    channel: &'c Channel,
+    setup: &Setup,
+    fanout_queue: &str,
+) -> Result<Vec<Consumer<'c>>> {
+    let mut queues: Vec<String> = setup.spec.topic_queues().to_vec();
+    queues.push(fanout_queue.to_string());
+    queues
+        .iter()
+        .map(|queue| {
+            channel
+                .basic_consume(queue.as_str(), ConsumerOptions::default())
+                .map_err(|e| Error::Refused {
+                    code: 0,
+                    text: format!("cannot consume {queue}: {e}"),
+                })
+        })
+        .collect()
 }
 
 /// amiquip consumers on one channel; deliveries wait here (without their bodies) for their ack.
@@ -163,6 +293,10 @@ impl Consumers for RabbitConsumers<'_> {
             ConsumerMessage::ClientCancelled
             | ConsumerMessage::ClientClosedChannel
             | ConsumerMessage::ClientClosedConnection => Accepted::Skip,
+            ConsumerMessage::ServerCancelled => {
+                self.unacked.clear();
+                Accepted::Lost("a consumer was cancelled by the broker (queue deleted?)".into())
+            }
             lost => {
                 self.unacked.clear();
                 Accepted::Lost(format!("{lost:?}"))
@@ -192,9 +326,5 @@ impl Consumers for RabbitConsumers<'_> {
             .iter()
             .flat_map(|r| r.try_iter().collect::<Vec<_>>())
             .collect()
-    }
-
-    fn location(&self) -> &str {
-        self.address
     }
 }

@@ -1,14 +1,16 @@
 //! The RabbitMQ driver (`rabbit://`, `amqp://`), on amiquip.
 //!
 //! Connections per transport, as in oslo: one *send* connection with a pool of confirm-mode
-//! channels ([`publisher`]), one *reply* connection consuming the reply queue ([`reply`]),
-//! and one *listen* connection per server, owned by its poll thread ([`listener`]).
-//! [`connection`] opens them all (TCP_NODELAY, host failover); [`topology`] declares what
-//! oslo declares.
+//! channels ([`publisher`]) watched by a [`heartbeat`] thread, one *reply* connection
+//! consuming the reply queue ([`reply`]), and one *listen* connection per server, owned by
+//! its poll thread ([`listener`]). [`connection`] opens them all and is the one recovery
+//! path: failover between hosts, backoff with jitter, retry and deadline; each owner then
+//! re-creates what lived on the lost connection (channels, topology, consumers).
+//! [`topology`] declares what oslo declares.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
@@ -19,12 +21,14 @@ use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
 mod connection;
+mod heartbeat;
 mod listener;
 mod publisher;
 mod reply;
 mod topology;
 
-use connection::HostCycle;
+use connection::{Backoff, HostCycle, RetryPolicy};
+use heartbeat::Heartbeat;
 use publisher::Publisher;
 use reply::ReplyConsumer;
 
@@ -32,7 +36,8 @@ pub(crate) struct RabbitDriver {
     url: Arc<TransportUrl>,
     hosts: Arc<HostCycle>,
     options: TransportOptions,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
+    heartbeat: Mutex<Option<Heartbeat>>,
     reply_queue: String,
     reply: Mutex<Option<ReplyConsumer>>,
     sink: ReplySink,
@@ -40,11 +45,24 @@ pub(crate) struct RabbitDriver {
 }
 
 impl RabbitDriver {
-    pub fn new(url: TransportUrl, options: TransportOptions, sink: ReplySink) -> RabbitDriver {
+    pub fn new(
+        url: TransportUrl,
+        options: TransportOptions,
+        sink: ReplySink,
+    ) -> Result<RabbitDriver> {
         let url = Arc::new(url);
-        let hosts = Arc::new(HostCycle::new(&url));
-        RabbitDriver {
-            publisher: Publisher::new(url.clone(), hosts.clone(), options.clone()),
+        let hosts = Arc::new(HostCycle::new(&url, options.failover_strategy));
+        let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
+        let publisher = Arc::new(Publisher::new(
+            url.clone(),
+            hosts.clone(),
+            options.clone(),
+            watch_tx,
+        ));
+        let heartbeat = Heartbeat::start(publisher.clone(), watch_rx, Backoff::new(&options))?;
+        Ok(RabbitDriver {
+            publisher,
+            heartbeat: Mutex::new(Some(heartbeat)),
             reply_queue: format!("reply_{}", uuid::Uuid::new_v4().simple()),
             url,
             hosts,
@@ -52,7 +70,7 @@ impl RabbitDriver {
             reply: Mutex::new(None),
             sink,
             closed: AtomicBool::new(false),
-        }
+        })
     }
 }
 
@@ -61,9 +79,9 @@ impl Driver for RabbitDriver {
         self.publisher.publish(message, options)
     }
 
-    fn reply_queue(&self, deadline: Option<Instant>) -> Result<String> {
+    fn reply_queue(&self, options: &SendOptions) -> Result<String> {
         // Another caller may be starting the consumer: wait for it within our own deadline.
-        let mut reply = match deadline {
+        let mut reply = match options.deadline {
             Some(deadline) => {
                 self.reply
                     .try_lock_until(deadline)
@@ -82,16 +100,28 @@ impl Driver for RabbitDriver {
             if let Some(dead) = reply.take() {
                 dead.close();
             }
+            let policy = RetryPolicy {
+                retry: options.retry,
+                deadline: options.deadline,
+            };
             *reply = Some(ReplyConsumer::start(
                 self.url.clone(),
                 self.hosts.clone(),
                 self.options.clone(),
                 self.reply_queue.clone(),
                 self.sink.clone(),
-                deadline,
+                policy,
             )?);
         }
         Ok(self.reply_queue.clone())
+    }
+
+    fn reply_queue_name(&self) -> Option<String> {
+        self.reply
+            .lock()
+            .as_ref()
+            .filter(|r| r.is_running())
+            .map(|_| self.reply_queue.clone())
     }
 
     fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>> {
@@ -103,6 +133,7 @@ impl Driver for RabbitDriver {
             hosts: self.hosts.clone(),
             options: self.options.clone(),
             spec: spec.clone(),
+            retry: spec.retry,
         };
         let listener = listener::spawn(setup, incoming)?;
         Ok(Box::new(listener))
@@ -112,6 +143,9 @@ impl Driver for RabbitDriver {
         self.closed.store(true, Ordering::Release);
         if let Some(reply) = self.reply.lock().take() {
             reply.close();
+        }
+        if let Some(mut heartbeat) = self.heartbeat.lock().take() {
+            heartbeat.stop();
         }
         self.publisher.close();
     }

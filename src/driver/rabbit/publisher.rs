@@ -7,8 +7,10 @@
 //! (amiquip channels are `Send` but not `Sync`). Each channel declares the exchanges it
 //! publishes to once, as oslo does.
 //!
-//! A connection-level failure drops the connection and every channel opened on it; the next
-//! publish opens a new connection (to the next host if the current one is down).
+//! A connection-level failure drops the connection and every channel opened on it; the publish
+//! is retried on a new connection (to the next host if the current one is down) as its
+//! `retry` and deadline allow. The [heartbeat](super::heartbeat) thread also reconnects a send
+//! connection that died while idle, before the next publish needs it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +18,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use amiquip::{AmqpProperties, Channel, Confirm, FieldTable, Publish, Return};
+use amiquip::{
+    AmqpProperties, Channel, Confirm, ConnectionBlockedNotification, FieldTable, Publish, Return,
+};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
 use parking_lot::Mutex;
@@ -27,15 +31,13 @@ use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 use crate::wire::Codec;
 
-use super::connection::{amqp_error, Connection, HostCycle};
+use super::connection::{amqp_error, Connection, HostCycle, RetryPolicy};
 use super::topology;
 
 /// Channels per send connection.
 const MAX_CHANNELS: usize = 32;
 /// Longest wait for a channel or a confirm when the caller has no deadline.
 const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause before the n-th retry after a connection failure: n × this, at most 8 × this.
-const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// The AMQP properties oslo puts on every message: content type and encoding, empty headers,
 /// persistent delivery, priority 0, and `expiration` (ms) on calls.
@@ -52,6 +54,7 @@ pub(crate) fn properties(codec: Codec, expiration: Option<Duration>) -> AmqpProp
     }
 }
 
+/// The live send connection and its generation (bumped whenever it is dropped).
 struct SendConnection {
     connection: Connection,
     generation: u64,
@@ -69,6 +72,9 @@ struct PubChannel {
     address: String,
 }
 
+/// A new send connection's liveness receiver, for the [heartbeat](super::heartbeat) thread.
+pub(crate) type Watch = (u64, Receiver<ConnectionBlockedNotification>);
+
 pub(crate) struct Publisher {
     url: Arc<TransportUrl>,
     hosts: Arc<HostCycle>,
@@ -79,13 +85,16 @@ pub(crate) struct Publisher {
     idle_rx: Receiver<PubChannel>,
     channels: AtomicUsize,
     closed: AtomicBool,
+    watch: Sender<Watch>,
 }
 
 impl Publisher {
+    /// A publisher; every new connection's liveness receiver is sent on `watch`.
     pub fn new(
         url: Arc<TransportUrl>,
         hosts: Arc<HostCycle>,
         options: TransportOptions,
+        watch: Sender<Watch>,
     ) -> Publisher {
         let (idle_tx, idle_rx) = crossbeam_channel::bounded(MAX_CHANNELS);
         Publisher {
@@ -98,41 +107,49 @@ impl Publisher {
             idle_rx,
             channels: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            watch,
         }
     }
 
-    /// Publishes `message` and waits for the broker's confirm. After a connection failure the
-    /// publish is retried on a new connection (to the next host) as `options.retry` allows,
-    /// within the deadline.
+    /// Publishes `message` and waits for the broker's confirm, kombu's `ensure()` around a
+    /// publish: when the connection fails, the publish is retried on a new connection (see
+    /// [`Connection::establish`] for failover and backoff), within `options.retry` and the
+    /// deadline. Channel-level refusals are not retried.
     pub fn publish(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
         let deadline = options
             .deadline
             .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
-        let mut attempt: u32 = 0;
+        let policy = RetryPolicy {
+            retry: options.retry,
+            deadline: Some(deadline),
+        };
+        let mut losses = 0_u32;
         loop {
-            match self.publish_once(message, deadline) {
-                Err(e @ Error::Connection { .. })
-                    if options.retry.map_or(true, |r| attempt < r) =>
-                {
-                    attempt += 1;
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(e);
+            match self.publish_once(message, policy) {
+                Err(Error::Connection { host, source }) => {
+                    losses += 1;
+                    let exhausted =
+                        options.retry.is_some_and(|r| losses > r) || Instant::now() >= deadline;
+                    if exhausted {
+                        return Err(Error::DeliveryFailure {
+                            host,
+                            reason: format!(
+                                "connection lost while publishing ({losses} attempts): {source}"
+                            ),
+                        });
                     }
-                    let pause = RETRY_PAUSE.saturating_mul(attempt.min(8)).min(left);
-                    warn!(
-                        "publish failed ({e}); retrying in {:.1}s (attempt {attempt})",
-                        pause.as_secs_f64()
+                    debug!(
+                        "publish interrupted by a lost connection to {host} ({source}); retrying"
                     );
-                    thread::sleep(pause);
                 }
                 other => return other,
             }
         }
     }
 
-    fn publish_once(&self, message: &Outgoing<'_>, deadline: Instant) -> Result<()> {
-        let mut channel = self.checkout(deadline)?;
+    fn publish_once(&self, message: &Outgoing<'_>, policy: RetryPolicy) -> Result<()> {
+        let deadline = policy.deadline.unwrap_or_else(Instant::now);
+        let mut channel = self.checkout(policy)?;
         let result = channel.publish(message, deadline, &self.options);
         match &result {
             Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
@@ -151,7 +168,8 @@ impl Publisher {
         result
     }
 
-    fn checkout(&self, deadline: Instant) -> Result<PubChannel> {
+    fn checkout(&self, policy: RetryPolicy) -> Result<PubChannel> {
+        let deadline = policy.deadline.unwrap_or_else(Instant::now);
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Error::Closed);
@@ -159,7 +177,7 @@ impl Publisher {
             let channel = match self.idle_rx.try_recv() {
                 Ok(channel) => channel,
                 Err(_) if self.channels.fetch_add(1, Ordering::AcqRel) < MAX_CHANNELS => {
-                    return self.open_channel(deadline).inspect_err(|_| {
+                    return self.open_channel(policy).inspect_err(|_| {
                         self.channels.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
@@ -197,35 +215,70 @@ impl Publisher {
         let _ = channel.channel.close();
     }
 
-    fn open_channel(&self, deadline: Instant) -> Result<PubChannel> {
-        // Another thread may be connecting (slowly, if the broker is down): wait for it no
-        // longer than this publish may take.
-        let mut guard = self
-            .connection
+    /// Locks the connection slot, but not past the deadline.
+    fn lock_until(
+        &self,
+        deadline: Instant,
+    ) -> Result<parking_lot::MutexGuard<'_, Option<SendConnection>>> {
+        self.connection
             .try_lock_until(deadline)
             .ok_or_else(|| Error::Timeout {
                 msg_id: String::new(),
                 method: "publish (waiting for the send connection)".into(),
                 timeout: Duration::ZERO,
-            })?;
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
+            })
+    }
+
+    /// Makes sure there is a send connection, connecting (outside the lock, so no caller
+    /// waits on another's backoff) if there is none.
+    pub fn connect(
+        &self,
+        policy: RetryPolicy,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Result<()> {
+        let deadline = policy
+            .deadline
+            .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
+        if self.lock_until(deadline)?.is_some() {
+            return Ok(());
         }
-        if guard.is_none() {
-            let connection = Connection::open(
-                &self.hosts,
-                &self.url,
-                &self.options,
-                "send",
-                Some(deadline),
-            )?;
-            *guard = Some(SendConnection {
-                connection,
-                generation: self.generation.load(Ordering::Acquire),
-            });
+        let mut connection =
+            Connection::establish(&self.hosts, &self.url, &self.options, "send", policy, pause)?;
+        let mut guard = self.lock_until(deadline)?;
+        if self.closed.load(Ordering::Acquire) || guard.is_some() {
+            // Closed meanwhile, or another thread connected first.
+            drop(guard);
+            connection.close();
+            return if self.closed.load(Ordering::Acquire) {
+                Err(Error::Closed)
+            } else {
+                Ok(())
+            };
         }
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(liveness) = connection.take_liveness() {
+            let _ = self.watch.send((generation, liveness));
+        }
+        *guard = Some(SendConnection {
+            connection,
+            generation,
+        });
+        Ok(())
+    }
+
+    fn open_channel(&self, policy: RetryPolicy) -> Result<PubChannel> {
+        let deadline = policy.deadline.unwrap_or_else(Instant::now);
+        self.connect(policy, &mut |pause| {
+            thread::sleep(pause);
+            !self.closed.load(Ordering::Acquire)
+        })?;
+        let mut guard = self.lock_until(deadline)?;
         let Some(send) = guard.as_mut() else {
-            return Err(Error::Closed);
+            // Dropped again right after it was made: report it as a lost connection.
+            return Err(Error::Connection {
+                host: String::new(),
+                source: "the send connection was lost".into(),
+            });
         };
         let address = send.connection.address().to_string();
         let generation = send.generation;
@@ -256,8 +309,8 @@ impl Publisher {
         opened
     }
 
-    /// Drops the send connection if it is still the one of `generation`.
-    fn reset_connection(&self, generation: u64) {
+    /// Drops the send connection if it is still the one of `generation`; `true` if it was.
+    pub fn reset_connection(&self, generation: u64) -> bool {
         let old = {
             let mut guard = self.connection.lock();
             match guard.as_ref() {
@@ -268,8 +321,12 @@ impl Publisher {
                 _ => None,
             }
         };
-        if let Some(send) = old {
-            send.connection.close();
+        match old {
+            Some(send) => {
+                send.connection.close();
+                true
+            }
+            None => false,
         }
     }
 

@@ -1,15 +1,19 @@
 //! The transport's reply consumer: one thread and one connection consuming the transport's
 //! single reply queue `reply_<uuid hex>` (non-durable, not exclusive, `x-expires`), acking each
 //! reply on receipt and handing it to the [`ReplySink`] that routes it to the waiting caller.
+//!
+//! When its connection is lost (or the broker cancels its consumer because the queue was
+//! deleted) it reconnects through [`Connection::establish`] and re-declares the queue under
+//! the same name, so calls in flight keep waiting and get the replies that reach it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::Duration;
 
-use amiquip::{ConsumerMessage, ConsumerOptions, QueueDeleteOptions};
+use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Select, Sender};
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 
 use crate::driver::timer::DecayingTimer;
 use crate::driver::{spawn_when_ready, RawMessage, ReplySink};
@@ -17,7 +21,7 @@ use crate::error::Result;
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
-use super::connection::{amqp_error, Connection, HostCycle};
+use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
 use super::topology;
 
 /// A running reply consumer.
@@ -28,22 +32,29 @@ pub(crate) struct ReplyConsumer {
 }
 
 impl ReplyConsumer {
-    /// Declares `queue`, starts consuming it, and returns once replies can arrive.
+    /// Declares `queue`, starts consuming it, and returns once replies can arrive, connecting
+    /// within `policy`. From then on it reconnects by itself whenever its connection is lost,
+    /// re-declaring the same queue, until [`close`](Self::close).
     pub fn start(
         url: Arc<TransportUrl>,
         hosts: Arc<HostCycle>,
         options: TransportOptions,
         queue: String,
         sink: ReplySink,
-        deadline: Option<Instant>,
+        policy: RetryPolicy,
     ) -> Result<ReplyConsumer> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let running = Arc::new(AtomicBool::new(true));
         let flag = running.clone();
+        let setup = Setup {
+            url,
+            hosts,
+            options,
+            queue,
+            sink,
+        };
         let thread = spawn_when_ready("warren-replies".into(), move |ready| {
-            run(
-                &url, &hosts, &options, &queue, &sink, deadline, &stop_rx, &ready,
-            );
+            run(&setup, policy, &stop_rx, ready);
             flag.store(false, Ordering::Release);
         })?;
         Ok(ReplyConsumer {
@@ -53,7 +64,7 @@ impl ReplyConsumer {
         })
     }
 
-    /// `false` once the consumer lost its connection (the next call starts a new one).
+    /// `false` once the thread ended (it could not start; the next call tries again).
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::Acquire)
     }
@@ -79,57 +90,142 @@ impl Drop for ReplyConsumer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    url: &TransportUrl,
-    hosts: &HostCycle,
+/// What the reply thread needs.
+struct Setup {
+    url: Arc<TransportUrl>,
+    hosts: Arc<HostCycle>,
+    options: TransportOptions,
+    queue: String,
+    sink: ReplySink,
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost(String),
+}
+
+fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Result<()>>) {
+    let queue = setup.queue.as_str();
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::new(&setup.options);
+    let mut pause = |d: Duration| stop.recv_timeout(d).is_err();
+    loop {
+        let policy = if ready.is_some() {
+            start
+        } else {
+            RetryPolicy::default()
+        };
+        let established = Connection::establish(
+            &setup.hosts,
+            &setup.url,
+            &setup.options,
+            "reply",
+            policy,
+            &mut pause,
+        );
+        let mut connection = match established {
+            Ok(connection) => connection,
+            Err(e) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(e));
+                }
+                return;
+            }
+        };
+        let address = connection.address().to_string();
+        let channel = match open_and_declare(&mut connection, &setup.options, queue) {
+            Ok(channel) => channel,
+            Err(e) => {
+                connection.close();
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+                warn!("reply consumer could not resume on {address}: {e}");
+                if !pause(backoff.next_pause()) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let consumer = match channel.basic_consume(queue, ConsumerOptions::default()) {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                // Dropping channel and connection closes them.
+                let e = amqp_error(e, &address);
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+                warn!("reply consumer could not resume on {address}: {e}");
+                if !pause(backoff.next_pause()) {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Kept until the connection is closed (see the listener for why).
+        let keep_alive = consumer.receiver().clone();
+        match ready.take() {
+            Some(ready) => {
+                info!("consuming replies on {queue} via {address}");
+                let _ = ready.send(Ok(()));
+            }
+            None => info!("consuming replies on {queue} again via {address}"),
+        }
+        backoff = Backoff::new(&setup.options);
+        let end = consume(&channel, &consumer, stop, &setup.sink);
+        let _ = consumer.cancel();
+        drop(consumer);
+        match end {
+            SessionEnd::Stopped => {
+                // Nobody else uses this uuid-named queue: do not leave it behind for 30 minutes.
+                if let Err(e) = channel.queue_delete(queue, QueueDeleteOptions::default()) {
+                    debug!("could not delete reply queue {queue}: {e}");
+                }
+                let _ = channel.close();
+                connection.close();
+                drop(keep_alive);
+                return;
+            }
+            SessionEnd::Lost(why) => {
+                warn!("reply consumer lost its connection to {address} ({why}); reconnecting");
+                drop(channel);
+                connection.close();
+                drop(keep_alive);
+                if !pause(backoff.first_pause()) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn open_and_declare(
+    connection: &mut Connection,
     options: &TransportOptions,
     queue: &str,
-    sink: &ReplySink,
-    deadline: Option<Instant>,
-    stop: &Receiver<()>,
-    ready: &Sender<Result<()>>,
-) {
-    let mut connection = match Connection::open(hosts, url, options, "reply", deadline) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
+) -> Result<Channel> {
     let address = connection.address().to_string();
-    let setup = connection.open_channel().and_then(|channel| {
-        if options.prefetch_count > 0 {
-            channel
-                .qos(0, options.prefetch_count, false)
-                .map_err(|e| amqp_error(e, &address))?;
-        }
-        topology::declare_transient_queue(&channel, queue, options, &address)?;
-        Ok(channel)
-    });
-    let channel = match setup {
-        Ok(channel) => channel,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            connection.close();
-            return;
-        }
-    };
-    let consumer = match channel.basic_consume(queue, ConsumerOptions::default()) {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            // Dropping channel and connection closes them.
-            let _ = ready.send(Err(amqp_error(e, &address)));
-            return;
-        }
-    };
-    // Kept until the connection is closed (see the listener for why).
-    let keep_alive = consumer.receiver().clone();
-    info!("consuming replies on {queue} via {address}");
-    let _ = ready.send(Ok(()));
+    let channel = connection.open_channel()?;
+    if options.prefetch_count > 0 {
+        channel
+            .qos(0, options.prefetch_count, false)
+            .map_err(|e| amqp_error(e, &address))?;
+    }
+    topology::declare_transient_queue(&channel, queue, options, &address)?;
+    Ok(channel)
+}
 
+/// Acks each reply on receipt and hands it to the sink, until stopped or lost.
+fn consume(
+    channel: &Channel,
+    consumer: &Consumer<'_>,
+    stop: &Receiver<()>,
+    sink: &ReplySink,
+) -> SessionEnd {
     let mut timer = DecayingTimer::until(None);
-    let clean = loop {
+    loop {
         let mut select = Select::new();
         let stop_index = select.recv(stop);
         select.recv(consumer.receiver());
@@ -142,7 +238,7 @@ fn run(
         timer.activity();
         if operation.index() == stop_index {
             let _ = operation.recv(stop);
-            break true;
+            return SessionEnd::Stopped;
         }
         match operation.recv(consumer.receiver()) {
             Ok(ConsumerMessage::Delivery(mut delivery)) => {
@@ -151,30 +247,18 @@ fn run(
                     content_type: delivery.properties.content_type().clone(),
                     routing_key: std::mem::take(&mut delivery.routing_key),
                 };
-                if let Err(e) = delivery.ack(&channel) {
+                if let Err(e) = delivery.ack(channel) {
                     debug!("could not ack a reply: {e}");
                 }
                 sink(message);
             }
-            Ok(other) => {
-                error!("reply consumer on {queue} lost its channel: {other:?}");
-                break false;
+            Ok(ConsumerMessage::ServerCancelled) => {
+                return SessionEnd::Lost(
+                    "the consumer was cancelled by the broker (reply queue deleted?)".into(),
+                )
             }
-            Err(_) => {
-                error!("reply consumer on {queue} lost its channel");
-                break false;
-            }
-        }
-    };
-    let _ = consumer.cancel();
-    drop(consumer);
-    if clean {
-        // Nobody else uses this uuid-named queue; do not leave it behind for 30 minutes.
-        if let Err(e) = channel.queue_delete(queue, QueueDeleteOptions::default()) {
-            debug!("could not delete reply queue {queue}: {e}");
+            Ok(other) => return SessionEnd::Lost(format!("{other:?}")),
+            Err(_) => return SessionEnd::Lost("the connection is gone".into()),
         }
     }
-    let _ = channel.close();
-    connection.close();
-    drop(keep_alive);
 }
