@@ -57,7 +57,7 @@ pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
 pub use error::{BoxError, Error, RemoteDetails, Result};
 pub use options::{FailoverStrategy, TransportOptions, OPTION_NAMES};
-pub use server::{RpcServer, RpcServerBuilder};
+pub use server::{AckMode, RpcServer, RpcServerBuilder};
 pub use target::Target;
 pub use transport::{Transport, TransportBuilder};
 pub use url::{Host, Scheme, TransportUrl};

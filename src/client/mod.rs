@@ -47,6 +47,7 @@ pub struct RpcClient {
     timeout: Option<Duration>,
     version_cap: Option<String>,
     retry: Option<u32>,
+    at_least_once: bool,
 }
 
 impl RpcClient {
@@ -58,6 +59,7 @@ impl RpcClient {
             timeout: None,
             version_cap: None,
             retry: None,
+            at_least_once: false,
         }
     }
 
@@ -121,6 +123,14 @@ impl RpcClient {
     /// trying until its timeout.
     pub fn retry(mut self, retry: u32) -> RpcClient {
         self.retry = Some(retry);
+        self
+    }
+
+    /// oslo's `TransportOptions(at_least_once=True)`: publish calls and casts as `mandatory`,
+    /// so a message no queue can take fails at once with [`Error::Undeliverable`] instead of
+    /// being dropped by the broker (a call would then only time out).
+    pub fn at_least_once(mut self, at_least_once: bool) -> RpcClient {
+        self.at_least_once = at_least_once;
         self
     }
 
@@ -206,7 +216,8 @@ impl RpcClient {
             // The request expires in its queue when the caller stops waiting for it, so a
             // server that comes up late never runs a call nobody waits for.
             expiration: Some(deadline.saturating_duration_since(Instant::now())),
-            mandatory: false,
+            mandatory: self.at_least_once,
+            redelivery: None,
         };
         match transport
             .driver()
@@ -281,7 +292,8 @@ impl RpcClient {
             body: &body,
             codec,
             expiration: None,
-            mandatory: false,
+            mandatory: self.at_least_once,
+            redelivery: None,
         };
         match self
             .transport

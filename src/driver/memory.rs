@@ -38,6 +38,7 @@ struct Message {
     routing_key: String,
     queue: String,
     expires: Option<Instant>,
+    attempts: u32,
 }
 
 struct Queue {
@@ -134,17 +135,24 @@ impl Driver for MemoryDriver {
                 .get(&fanout_exchange(topic))
                 .cloned()
                 .unwrap_or_default(),
-            Route::Reply { queue } => {
+            Route::Direct { queue } => {
                 let sink = self.broker.replies.lock().get(queue).cloned();
                 if let Some(sink) = sink {
                     sink(RawMessage {
                         body: message.body.to_vec(),
                         content_type: Some(message.codec.content_type().to_string()),
-                        routing_key,
+                        routing_key: routing_key.clone(),
+                        queue: routing_key,
+                        attempts: 0,
                     });
                     return Ok(());
                 }
-                Vec::new()
+                let exists = self.broker.queues.lock().contains_key(queue);
+                if exists {
+                    vec![queue.to_string()]
+                } else {
+                    Vec::new()
+                }
             }
         };
         if queues.is_empty() {
@@ -165,6 +173,7 @@ impl Driver for MemoryDriver {
                 routing_key: routing_key.clone(),
                 queue,
                 expires: message.expiration.map(|e| Instant::now() + e),
+                attempts: message.redelivery.map_or(0, |r| r.attempts),
             });
         }
         Ok(())
@@ -213,6 +222,9 @@ impl Driver for MemoryDriver {
             .or_default()
             .push(fanout_queue.clone());
         names.push(fanout_queue.clone());
+        if let Some(dead_letters) = &spec.dead_letter_queue {
+            self.broker.queue(dead_letters);
+        }
         let receivers = names
             .iter()
             .map(|n| self.broker.queue(n).rx.clone())
@@ -265,7 +277,7 @@ impl Consumers for MemoryConsumers {
         &self.receivers
     }
 
-    fn accept(&mut self, message: Message) -> Accepted {
+    fn accept(&mut self, _source: usize, message: Message) -> Accepted {
         if message.expires.is_some_and(|at| at <= Instant::now()) {
             debug!("memory: dropping expired message on {}", message.queue);
             return Accepted::Skip;
@@ -276,6 +288,8 @@ impl Consumers for MemoryConsumers {
             body: message.body.clone(),
             content_type: Some(message.content_type.clone()),
             routing_key: message.routing_key.clone(),
+            queue: message.queue.clone(),
+            attempts: message.attempts,
         };
         self.unacked.insert(tag, message);
         Accepted::Deliver(tag, raw)
@@ -289,7 +303,7 @@ impl Consumers for MemoryConsumers {
         Ok(())
     }
 
-    fn cancel(&mut self) -> Vec<Message> {
+    fn cancel(&mut self) -> Vec<(usize, Message)> {
         // Nothing is buffered outside the shared queues.
         Vec::new()
     }

@@ -33,8 +33,8 @@ pub(crate) enum Route<'a> {
     },
     /// The fanout exchange `<topic>_fanout` (routing key `""`).
     Fanout { topic: &'a str },
-    /// A reply queue, through the default exchange.
-    Reply { queue: &'a str },
+    /// One queue, through the default exchange: replies, requeued and dead-lettered casts.
+    Direct { queue: &'a str },
 }
 
 impl Route<'_> {
@@ -46,7 +46,7 @@ impl Route<'_> {
                 routing_key,
             } => (exchange.to_string(), routing_key.to_string()),
             Route::Fanout { topic } => (fanout_exchange(topic), String::new()),
-            Route::Reply { queue } => (String::new(), queue.to_string()),
+            Route::Direct { queue } => (String::new(), queue.to_string()),
         }
     }
 }
@@ -66,6 +66,18 @@ pub(crate) struct Outgoing<'a> {
     pub expiration: Option<Duration>,
     /// Return the message if no queue takes it ([`Error::Undeliverable`]).
     pub mandatory: bool,
+    /// Set when warren re-sends a failed cast (requeue or dead letter).
+    pub redelivery: Option<&'a Redelivery>,
+}
+
+/// What warren records on a cast it re-sends after its handler failed (AMQP headers
+/// `x-warren-attempts` and `x-warren-failure`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Redelivery {
+    /// Handling attempts so far.
+    pub attempts: u32,
+    /// The last failure, `module.Class: message`.
+    pub failure: Option<String>,
 }
 
 /// Bounds on one send.
@@ -84,6 +96,10 @@ pub(crate) struct RawMessage {
     pub body: Vec<u8>,
     pub content_type: Option<String>,
     pub routing_key: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+    /// Failed handling attempts recorded by warren (`x-warren-attempts`), 0 for a new message.
+    pub attempts: u32,
 }
 
 /// A delivery handed from a listener to a server's workers.
@@ -193,6 +209,8 @@ pub(crate) struct ListenSpec {
     pub exchange: String,
     pub topic: String,
     pub server: String,
+    /// The dead-letter queue to declare (durable) for `AckMode::AfterHandling`.
+    pub dead_letter_queue: Option<String>,
     /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
     pub retry: Option<u32>,
 }

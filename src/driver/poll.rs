@@ -59,12 +59,13 @@ pub(crate) trait Consumers {
     type Item;
     /// The receivers to wait on.
     fn receivers(&self) -> &[Receiver<Self::Item>];
-    /// Takes one received item (keeping what is needed to settle it later).
-    fn accept(&mut self, item: Self::Item) -> Accepted;
+    /// Takes one item received from `receivers()[source]` (keeping what is needed to settle
+    /// it later).
+    fn accept(&mut self, source: usize, item: Self::Item) -> Accepted;
     /// Acks or rejects delivery `tag` on the owning channel.
     fn settle(&mut self, tag: u64, kind: AckKind) -> Result<()>;
-    /// Cancels the consumers; returns items they had already received.
-    fn cancel(&mut self) -> Vec<Self::Item>;
+    /// Cancels the consumers; returns items they had already received, with their source.
+    fn cancel(&mut self) -> Vec<(usize, Self::Item)>;
 }
 
 /// How a session ended.
@@ -145,7 +146,7 @@ enum Event<T> {
     Control(Option<Control>),
     Handed,
     WorkersGone,
-    Item(T),
+    Item(usize, T),
     ConsumerGone,
     Idle,
 }
@@ -227,7 +228,7 @@ impl PollLoop {
                 }
                 Event::Handed | Event::Idle => {}
                 Event::WorkersGone => self.workers_gone(),
-                Event::Item(item) => match consumers.accept(item) {
+                Event::Item(source, item) => match consumers.accept(source, item) {
                     Accepted::Deliver(tag, message) => self.hand_over(tag, message),
                     Accepted::Skip => {}
                     Accepted::Lost(why) => return self.lose(why),
@@ -318,10 +319,11 @@ impl PollLoop {
                 Err(_) => Event::WorkersGone,
             }
         } else {
+            let source = index - first_consumer;
             match readable {
                 Some(consumers) => operation
-                    .recv(&consumers.receivers()[index - first_consumer])
-                    .map_or(Event::ConsumerGone, Event::Item),
+                    .recv(&consumers.receivers()[source])
+                    .map_or(Event::ConsumerGone, |item| Event::Item(source, item)),
                 None => Event::Idle,
             }
         }
@@ -369,8 +371,8 @@ impl PollLoop {
             return;
         }
         self.set_consuming(false);
-        for item in consumers.cancel() {
-            if let Accepted::Deliver(tag, message) = consumers.accept(item) {
+        for (source, item) in consumers.cancel() {
+            if let Accepted::Deliver(tag, message) = consumers.accept(source, item) {
                 self.hand_over(tag, message);
             }
         }
@@ -402,13 +404,13 @@ impl Consumers for NoConsumers {
     fn receivers(&self) -> &[Receiver<()>] {
         &[]
     }
-    fn accept(&mut self, _: ()) -> Accepted {
+    fn accept(&mut self, _: usize, _: ()) -> Accepted {
         Accepted::Skip
     }
     fn settle(&mut self, _: u64, _: AckKind) -> Result<()> {
         Err(Error::Closed)
     }
-    fn cancel(&mut self) -> Vec<()> {
+    fn cancel(&mut self) -> Vec<(usize, ())> {
         Vec::new()
     }
 }

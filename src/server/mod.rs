@@ -21,6 +21,34 @@ mod worker_pool;
 
 use worker_pool::WorkerContext;
 
+/// When a server acknowledges what it receives.
+///
+/// ```
+/// use warren::AckMode;
+///
+/// // A failed cast is retried twice (three attempts in all), then dead-lettered.
+/// let mode = AckMode::AfterHandling { requeue_limit: 2 };
+/// # let _ = mode;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AckMode {
+    /// oslo's behaviour: every message is acknowledged on receipt, before its handler runs.
+    /// At most once: a crash or an error after the ack loses the work.
+    #[default]
+    BeforeDispatch,
+    /// For casts (calls keep oslo's ack-before-dispatch): a cast is acknowledged only once its
+    /// handler returned `Ok`. A failed cast (error or panic) is re-published to the back of its
+    /// queue up to `requeue_limit` times, its attempts counted in the `x-warren-attempts`
+    /// header; after that it goes to the durable dead-letter queue `<topic>_dlq` with its last
+    /// failure in `x-warren-failure`. A cast delivered again after a crash is recognised by
+    /// its `_unique_id` (see [`RpcServerBuilder::duplicate_window`]) and not handled twice.
+    AfterHandling {
+        /// How many times a failed cast is retried before it is dead-lettered.
+        requeue_limit: u32,
+    },
+}
+
 /// Builds an [`RpcServer`].
 #[derive(Debug)]
 pub struct RpcServerBuilder {
@@ -30,6 +58,8 @@ pub struct RpcServerBuilder {
     workers: Option<usize>,
     policy: AccessPolicy,
     retry: Option<u32>,
+    ack_mode: AckMode,
+    duplicate_window: usize,
 }
 
 impl RpcServerBuilder {
@@ -51,6 +81,20 @@ impl RpcServerBuilder {
     /// reachable. After start, a lost connection is always retried.
     pub fn retry(mut self, retry: u32) -> Self {
         self.retry = Some(retry);
+        self
+    }
+
+    /// When messages are acknowledged (default: on receipt, as oslo does).
+    pub fn ack_mode(mut self, mode: AckMode) -> Self {
+        self.ack_mode = mode;
+        self
+    }
+
+    /// How many recent `_unique_id`s the server remembers to drop duplicates (default 16, as
+    /// oslo). Make it larger than what can be redelivered at once (prefetch × consumers) when
+    /// relying on [`AckMode::AfterHandling`] across broker restarts.
+    pub fn duplicate_window(mut self, window: usize) -> Self {
+        self.duplicate_window = window;
         self
     }
 
@@ -93,12 +137,15 @@ impl RpcServerBuilder {
             self.transport.clone(),
             Dispatcher::new(self.endpoints, self.policy),
             topic.clone(),
+            self.ack_mode,
+            self.duplicate_window,
         );
         Ok(RpcServer {
             spec: ListenSpec {
                 exchange,
                 topic,
                 server,
+                dead_letter_queue: context.dead_letter_queue.clone(),
                 retry: self.retry,
             },
             workers,
@@ -173,6 +220,8 @@ impl RpcServer {
             workers: None,
             policy: AccessPolicy::Default,
             retry: None,
+            ack_mode: AckMode::BeforeDispatch,
+            duplicate_window: 16,
         }
     }
 
@@ -264,6 +313,11 @@ impl RpcServer {
         *self.state.lock() = State::Idle;
         self.changed.notify_all();
         debug!("server {}.{} finished", self.spec.topic, self.spec.server);
+    }
+
+    /// The dead-letter queue of failed casts under [`AckMode::AfterHandling`] (`<topic>_dlq`).
+    pub fn dead_letter_queue(&self) -> Option<&str> {
+        self.context.dead_letter_queue.as_deref()
     }
 
     /// `true` between `start()` and `stop()`.

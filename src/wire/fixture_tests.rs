@@ -269,7 +269,7 @@ fn routes_match_the_captures() {
             "rpc_cast_fanout" => Route::Fanout {
                 topic: "oslo_wire_topic",
             },
-            "rpc_reply" | "rpc_reply_heartbeat" => Route::Reply {
+            "rpc_reply" | "rpc_reply_heartbeat" => Route::Direct {
                 queue: &c.routing_key,
             },
             "rpc_call_request" | "rpc_cast" => Route::Topic {

@@ -138,6 +138,15 @@ impl Document {
         Ok(Document { codec, bytes })
     }
 
+    /// A body carrying this message again: oslo's envelope around it for JSON, the same bytes
+    /// for MessagePack.
+    pub fn reencode(&self) -> Result<Vec<u8>> {
+        match self.codec {
+            Codec::Json => oslo_json::wrap_envelope(&self.bytes).map_err(Error::encode),
+            Codec::MsgPack => Ok(self.bytes.clone()),
+        }
+    }
+
     /// Decodes `T` from the message map.
     pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> std::result::Result<T, DecodeError> {
         fn split<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> DecodeError {

@@ -3,6 +3,8 @@
 //! the broker when dropped; and `rabbitmqctl` helpers.
 #![allow(dead_code)]
 
+pub mod node;
+pub mod proxy;
 pub mod scenarios;
 
 use std::process::Command;
@@ -14,8 +16,8 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren::{
-    Codec, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport,
-    Version,
+    Codec, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, RpcServerBuilder,
+    Target, Transport, Version,
 };
 
 /// The broker the tests use (never stopped by them).
@@ -63,8 +65,9 @@ struct Fail {
 }
 
 /// The endpoints every test server has:
-/// * version 1.3, null namespace: `echo`, `whoami`, `add`, `sleep`, `fail`, `panic`,
-///   `context`, `record` (reports an event), `_private`;
+/// * version 1.3, null namespace: `echo`, `whoami`, `add`, `sleep` (reports when done),
+///   `slow` (reports when it starts), `fail` and `panic` (report each attempt), `context`,
+///   `record` (reports an event), `_private`;
 /// * namespace `admin` (legacy `old_admin`), version 2.1: `reset`.
 pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
     let name = server.to_string();
@@ -75,7 +78,8 @@ pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
             value,
         });
     };
-    let (who, record, slept) = (server.to_string(), report.clone(), report);
+    let (who, record, slept) = (server.to_string(), report.clone(), report.clone());
+    let (failed, exploded, started) = (report.clone(), report.clone(), report);
     let main = Endpoint::new()
         .version(Version::new(1, 3))
         .method("echo", |_: &RequestContext, args: Value| {
@@ -94,7 +98,8 @@ pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
         })
         .method(
             "fail",
-            |_: &RequestContext, f: Fail| -> Result<(), Failure> {
+            move |_: &RequestContext, f: Fail| -> Result<(), Failure> {
+                failed("fail", json!(f.message));
                 let failure = Failure::new(f.class, f.module, f.message);
                 Err(if f.expected {
                     failure.expected()
@@ -105,8 +110,16 @@ pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
         )
         .method(
             "panic",
-            |_: &RequestContext, _: NoArgs| -> Result<(), Failure> { panic!("handler exploded") },
+            move |_: &RequestContext, _: NoArgs| -> Result<(), Failure> {
+                exploded("panic", Value::Null);
+                panic!("handler exploded")
+            },
         )
+        .method("slow", move |_: &RequestContext, s: Sleep| {
+            started("slow", json!(s.ms));
+            thread::sleep(Duration::from_millis(s.ms));
+            Ok::<_, Failure>(s.ms)
+        })
         .method("context", |ctx: &RequestContext, _: NoArgs| {
             Ok::<_, Failure>(ctx.clone())
         })
@@ -132,6 +145,8 @@ pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
 /// deletes the queues and exchange it created.
 pub struct Bus {
     pub url: String,
+    /// Where to delete what the bus declared (the broker itself, not a proxy in front of it).
+    admin_url: String,
     pub topic: String,
     pub exchange: String,
     pub events: Receiver<Event>,
@@ -142,9 +157,16 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(url: &str) -> Bus {
+        Bus::through(url, url)
+    }
+
+    /// A bus whose clients and servers use `url` (a proxy, say) while clean-up goes to
+    /// `admin_url`.
+    pub fn through(url: &str, admin_url: &str) -> Bus {
         let (events_tx, events) = crossbeam_channel::unbounded();
         Bus {
             url: url.to_string(),
+            admin_url: admin_url.to_string(),
             topic: unique("topic"),
             exchange: unique("exchange"),
             events,
@@ -169,16 +191,22 @@ impl Bus {
 
     /// Starts a server named `name` (own transport, msgpack) with `workers` workers.
     pub fn start_server(&mut self, name: &str, workers: usize) -> &RpcServer {
+        self.start_server_with(name, |b| b.workers(workers))
+    }
+
+    /// Starts a server named `name` with the standard endpoints, configured by `configure`.
+    pub fn start_server_with(
+        &mut self,
+        name: &str,
+        configure: impl FnOnce(RpcServerBuilder) -> RpcServerBuilder,
+    ) -> &RpcServer {
         let transport = self.transport(Codec::MsgPack);
-        let mut builder = RpcServer::builder(
-            &transport,
-            Target::new(self.topic.as_str()).with_server(name),
-        )
-        .workers(workers);
+        let target = Target::new(self.topic.as_str()).with_server(name);
+        let mut builder = RpcServer::builder(&transport, target);
         for endpoint in endpoints(name, self.events_tx.clone()) {
             builder = builder.endpoint(endpoint);
         }
-        let server = builder.build().expect("server");
+        let server = configure(builder).build().expect("server");
         server.start().expect("server start");
         self.transports.push(transport);
         self.servers.push((name.to_string(), server));
@@ -223,7 +251,7 @@ impl Bus {
     }
 
     fn queue_names(&self) -> Vec<String> {
-        let mut names = vec![self.topic.clone()];
+        let mut names = vec![self.topic.clone(), format!("{}_dlq", self.topic)];
         names.extend(
             self.servers
                 .iter()
@@ -243,7 +271,7 @@ impl Drop for Bus {
         }
         if self.is_rabbit() {
             delete_on_broker(
-                &self.url,
+                &self.admin_url,
                 &self.queue_names(),
                 std::slice::from_ref(&self.exchange),
             );
@@ -251,10 +279,16 @@ impl Drop for Bus {
     }
 }
 
-/// Deletes queues and exchanges (missing ones are fine).
+/// Deletes queues and exchanges (missing ones are fine) through a plain AMQP connection to
+/// `url` (its query, warren's options, is dropped).
 pub fn delete_on_broker(url: &str, queues: &[String], exchanges: &[String]) {
-    let Ok(mut connection) = amiquip::Connection::insecure_open(url) else {
-        return;
+    let url = url.split('?').next().unwrap_or(url);
+    let mut connection = match amiquip::Connection::insecure_open(url) {
+        Ok(connection) => connection,
+        Err(e) => {
+            eprintln!("clean-up: cannot connect to {url}: {e}");
+            return;
+        }
     };
     for queue in queues {
         if let Ok(channel) = connection.open_channel(None) {

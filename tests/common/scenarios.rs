@@ -50,6 +50,7 @@ macro_rules! scenario_tests {
             invalid_targets_are_refused,
             stop_then_wait_finishes_taken_messages_and_restart_serves_the_rest,
             expired_calls_are_not_run_late,
+            at_least_once_fails_fast_when_no_queue_takes_the_message,
         );
     };
     (@each $url:expr; $($name:ident),* $(,)?) => {
@@ -562,4 +563,31 @@ pub fn expired_calls_are_not_run_late(url: &str) {
         "the expired call never runs"
     );
     bus.expect_quiet(Duration::from_millis(300));
+}
+
+pub fn at_least_once_fails_fast_when_no_queue_takes_the_message(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    let nobody = bus
+        .client(Codec::MsgPack)
+        .prepare()
+        .topic(unique("nobody"))
+        .at_least_once(true)
+        .timeout(Duration::from_secs(10));
+    let started = Instant::now();
+    let cast = nobody.cast(&ctx(), "record", &json!({}));
+    assert!(matches!(cast, Err(Error::Undeliverable { .. })), "{cast:?}");
+    let call: Result<Value, Error> = nobody.call(&ctx(), "whoami", &());
+    assert!(matches!(call, Err(Error::Undeliverable { .. })), "{call:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Routable messages are unaffected.
+    let served = bus.client(Codec::MsgPack).at_least_once(true);
+    let who: String = served.call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1");
+    served.cast(&ctx(), "record", &json!({"ok": true})).unwrap();
+    bus.expect_events(1, WAIT);
 }

@@ -144,6 +144,8 @@ pub(crate) struct RetryPolicy {
 pub(crate) struct Connection {
     inner: amiquip::Connection,
     address: String,
+    /// Index of the host in the [`HostCycle`].
+    host: usize,
     role: &'static str,
     liveness: Option<Receiver<ConnectionBlockedNotification>>,
 }
@@ -184,6 +186,7 @@ impl Connection {
                         return Ok(Connection {
                             inner,
                             address: host.address(),
+                            host: index,
                             role,
                             liveness,
                         });
@@ -258,6 +261,13 @@ impl Connection {
     /// dies (its I/O thread ends), which is how an idle dead connection is noticed.
     pub fn take_liveness(&mut self) -> Option<Receiver<ConnectionBlockedNotification>> {
         self.liveness.take()
+    }
+
+    /// Closes a connection that failed, and makes the next connection start with the next
+    /// host (kombu's `maybe_switch_next`): a host that just died is the last one to retry.
+    pub fn abandon(self, hosts: &HostCycle) {
+        hosts.failed(self.host);
+        self.close();
     }
 
     /// Closes the connection and joins amiquip's I/O thread.

@@ -20,6 +20,7 @@ use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
 use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
+use super::publisher::ATTEMPTS_HEADER;
 use super::topology;
 
 /// Everything the poll thread needs.
@@ -98,6 +99,7 @@ fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: S
             channel: &channel,
             consumers: &consumers,
             receivers: receivers.clone(),
+            queues: consumed_queues(setup, &fanout_queue),
             unacked: HashMap::new(),
             address: &address,
         };
@@ -125,7 +127,7 @@ fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: S
             SessionEnd::Lost(why) => {
                 warn!("listener on {topic} lost its connection to {address} ({why}); reconnecting");
                 drop(channel);
-                connection.close();
+                connection.abandon(&setup.hosts);
                 drop(receivers);
                 if poll.wait_offline(control, backoff.first_pause()).is_some() {
                     return;
@@ -239,7 +241,17 @@ fn open_and_declare(
     }
     topology::declare_fanout_exchange(&channel, &spec.topic, &address)?;
     topology::declare_fanout_queue(&channel, &spec.topic, fanout_queue, options, &address)?;
+    if let Some(dead_letters) = &spec.dead_letter_queue {
+        topology::declare_dead_letter_queue(&channel, dead_letters, &address)?;
+    }
     Ok(channel)
+}
+
+/// The queues a listener consumes, in consumer order.
+fn consumed_queues(setup: &Setup, fanout_queue: &str) -> Vec<String> {
+    let mut queues: Vec<String> = setup.spec.topic_queues().to_vec();
+    queues.push(fanout_queue.to_string());
+    queues
 }
 
 fn consume<'c>(
@@ -247,9 +259,7 @@ fn consume<'c>(
     setup: &Setup,
     fanout_queue: &str,
 ) -> Result<Vec<Consumer<'c>>> {
-    let mut queues: Vec<String> = setup.spec.topic_queues().to_vec();
-    queues.push(fanout_queue.to_string());
-    queues
+    consumed_queues(setup, fanout_queue)
         .iter()
         .map(|queue| {
             channel
@@ -267,6 +277,8 @@ struct RabbitConsumers<'a> {
     channel: &'a Channel,
     consumers: &'a [Consumer<'a>],
     receivers: Vec<Receiver<ConsumerMessage>>,
+    /// The queue of each receiver.
+    queues: Vec<String>,
     unacked: HashMap<u64, Delivery>,
     address: &'a str,
 }
@@ -278,7 +290,7 @@ impl Consumers for RabbitConsumers<'_> {
         &self.receivers
     }
 
-    fn accept(&mut self, item: ConsumerMessage) -> Accepted {
+    fn accept(&mut self, source: usize, item: ConsumerMessage) -> Accepted {
         match item {
             ConsumerMessage::Delivery(mut delivery) => {
                 let tag = delivery.delivery_tag();
@@ -286,6 +298,8 @@ impl Consumers for RabbitConsumers<'_> {
                     body: std::mem::take(&mut delivery.body),
                     content_type: delivery.properties.content_type().clone(),
                     routing_key: std::mem::take(&mut delivery.routing_key),
+                    queue: self.queues.get(source).cloned().unwrap_or_default(),
+                    attempts: attempts(&delivery.properties),
                 };
                 self.unacked.insert(tag, delivery);
                 Accepted::Deliver(tag, message)
@@ -316,15 +330,31 @@ impl Consumers for RabbitConsumers<'_> {
         .map_err(|e| amqp_error(e, self.address))
     }
 
-    fn cancel(&mut self) -> Vec<ConsumerMessage> {
+    fn cancel(&mut self) -> Vec<(usize, ConsumerMessage)> {
         for consumer in self.consumers {
             if let Err(e) = consumer.cancel() {
                 debug!("cancelling consumer {}: {e}", consumer.consumer_tag());
             }
         }
-        self.receivers
-            .iter()
-            .flat_map(|r| r.try_iter().collect::<Vec<_>>())
-            .collect()
+        let mut buffered = Vec::new();
+        for (source, receiver) in self.receivers.iter().enumerate() {
+            buffered.extend(receiver.try_iter().map(|item| (source, item)));
+        }
+        buffered
+    }
+}
+
+/// The `x-warren-attempts` header of a delivery (0 when absent).
+fn attempts(properties: &amiquip::AmqpProperties) -> u32 {
+    use amiquip::AmqpValue;
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.get(ATTEMPTS_HEADER));
+    match value {
+        Some(AmqpValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AmqpValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AmqpValue::LongUInt(n)) => *n,
+        _ => 0,
     }
 }

@@ -19,13 +19,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, Channel, Confirm, ConnectionBlockedNotification, FieldTable, Publish, Return,
+    AmqpProperties, AmqpValue, Channel, Confirm, ConnectionBlockedNotification, FieldTable,
+    Publish, Return,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use crate::driver::{Outgoing, Route, SendOptions};
+use crate::driver::{Outgoing, Redelivery, Route, SendOptions};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
@@ -39,13 +40,36 @@ const MAX_CHANNELS: usize = 32;
 /// Longest wait for a channel or a confirm when the caller has no deadline.
 const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Header counting the failed handling attempts of a re-sent cast.
+pub(crate) const ATTEMPTS_HEADER: &str = "x-warren-attempts";
+/// Header holding the last failure of a dead-lettered cast.
+pub(crate) const FAILURE_HEADER: &str = "x-warren-failure";
+
 /// The AMQP properties oslo puts on every message: content type and encoding, empty headers,
-/// persistent delivery, priority 0, and `expiration` (ms) on calls.
-pub(crate) fn properties(codec: Codec, expiration: Option<Duration>) -> AmqpProperties {
+/// persistent delivery, priority 0, and `expiration` (ms) on calls. A re-sent cast also
+/// carries warren's attempt count and last failure as headers.
+pub(crate) fn properties(
+    codec: Codec,
+    expiration: Option<Duration>,
+    redelivery: Option<&Redelivery>,
+) -> AmqpProperties {
+    let mut headers = FieldTable::new();
+    if let Some(redelivery) = redelivery {
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AmqpValue::LongLongInt(i64::from(redelivery.attempts)),
+        );
+        if let Some(failure) = &redelivery.failure {
+            headers.insert(
+                FAILURE_HEADER.into(),
+                AmqpValue::LongString(failure.clone()),
+            );
+        }
+    }
     let properties = AmqpProperties::default()
         .with_content_type(codec.content_type().to_string())
         .with_content_encoding(codec.content_encoding().to_string())
-        .with_headers(FieldTable::new())
+        .with_headers(headers)
         .with_delivery_mode(2)
         .with_priority(0);
     match expiration {
@@ -323,7 +347,7 @@ impl Publisher {
         };
         match old {
             Some(send) => {
-                send.connection.close();
+                send.connection.abandon(&self.hosts);
                 true
             }
             None => false,
@@ -369,7 +393,7 @@ impl PubChannel {
                     routing_key: routing_key.clone(),
                     mandatory: message.mandatory,
                     immediate: false,
-                    properties: properties(message.codec, message.expiration),
+                    properties: properties(message.codec, message.expiration, message.redelivery),
                 },
             )
             .map_err(|e| amqp_error(e, &self.address))?;
@@ -435,7 +459,7 @@ mod tests {
                 "{}",
                 c.file
             );
-            let p = properties(Codec::Json, expiration);
+            let p = properties(Codec::Json, expiration, None);
             let text =
                 |v: &Option<String>| v.clone().map(serde_json::Value::from).unwrap_or_default();
             assert_eq!(
@@ -478,7 +502,7 @@ mod tests {
 
     #[test]
     fn msgpack_properties() {
-        let p = properties(Codec::MsgPack, None);
+        let p = properties(Codec::MsgPack, None, None);
         assert_eq!(p.content_type().as_deref(), Some("application/msgpack"));
         assert_eq!(p.content_encoding().as_deref(), Some("binary"));
     }

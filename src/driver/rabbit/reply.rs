@@ -191,7 +191,7 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
             SessionEnd::Lost(why) => {
                 warn!("reply consumer lost its connection to {address} ({why}); reconnecting");
                 drop(channel);
-                connection.close();
+                connection.abandon(&setup.hosts);
                 drop(keep_alive);
                 if !pause(backoff.first_pause()) {
                     return;
@@ -246,6 +246,8 @@ fn consume(
                     body: std::mem::take(&mut delivery.body),
                     content_type: delivery.properties.content_type().clone(),
                     routing_key: std::mem::take(&mut delivery.routing_key),
+                    queue: String::new(),
+                    attempts: 0,
                 };
                 if let Err(e) = delivery.ack(channel) {
                     debug!("could not ack a reply: {e}");

@@ -77,6 +77,15 @@ pub(crate) fn declare_transient_queue(
     )
 }
 
+/// Declares a dead-letter queue: durable (dead letters outlive a broker restart), no arguments.
+pub(crate) fn declare_dead_letter_queue(
+    channel: &Channel,
+    queue: &str,
+    address: &str,
+) -> Result<()> {
+    declare_queue(channel, queue, (true, false), FieldTable::new(), address)
+}
+
 /// `(durable, auto_delete)`.
 type Flags = (bool, bool);
 

@@ -1,0 +1,129 @@
+//! Private RabbitMQ nodes for tests that kill or restart a broker (never the shared one):
+//! own node name, AMQP and distribution ports, data and log directories; killed (`-9`) or
+//! stopped and deleted when dropped.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct RabbitNode {
+    pub name: String,
+    pub port: u16,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+impl RabbitNode {
+    /// Starts a node and waits until it accepts AMQP connections.
+    pub fn start(label: &str) -> RabbitNode {
+        let port = free_port();
+        let dist_port = free_port();
+        let name = format!("warren_{label}_{}@localhost", std::process::id());
+        let dir =
+            std::env::temp_dir().join(format!("warren-node-{label}-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(dir.join("mnesia")).expect("node dir");
+        std::fs::create_dir_all(dir.join("log")).expect("node dir");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(dir.join("rabbitmq.conf"), "").expect("config file");
+        // The Debian wrapper runs the node as the rabbitmq user.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status();
+        let d = |sub: &str| dir.join(sub).to_string_lossy().into_owned();
+        let env = vec![
+            ("RABBITMQ_NODENAME".into(), name.clone()),
+            ("RABBITMQ_NODE_PORT".into(), port.to_string()),
+            ("RABBITMQ_DIST_PORT".into(), dist_port.to_string()),
+            ("RABBITMQ_MNESIA_BASE".into(), d("mnesia")),
+            ("RABBITMQ_LOG_BASE".into(), d("log")),
+            ("RABBITMQ_PID_FILE".into(), d("pid")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), d("enabled_plugins")),
+            ("RABBITMQ_CONFIG_FILE".into(), d("rabbitmq")),
+        ];
+        let node = RabbitNode {
+            name,
+            port,
+            dir,
+            env,
+        };
+        node.launch();
+        node
+    }
+
+    fn launch(&self) {
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .status()
+            .expect("rabbitmq-server runs");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !port_open(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not open port {}",
+                self.name,
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/", self.port)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn os_pid(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("pid"))
+            .ok()
+            .map(|p| p.trim().to_string())
+    }
+
+    /// Kills the node's VM with SIGKILL (a crash) and waits until its port is closed.
+    pub fn kill9(&self) {
+        if let Some(pid) = self.os_pid() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while port_open(self.port) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the node again on the same data (durable queues and persistent messages kept).
+    pub fn restart(&self) {
+        self.launch();
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let stopped = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.name, "stop"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            self.kill9();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,190 @@
+//! A fault-injecting TCP proxy between warren and a broker: listens on 127.0.0.1 (an ephemeral
+//! port), forwards each connection to the upstream broker, and on demand cuts every
+//! connection, refuses new ones, blackholes traffic (sockets stay open, nothing flows), or
+//! delays it.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// One proxied connection: the client side and the broker side.
+struct Pair {
+    client: TcpStream,
+    upstream: TcpStream,
+    open: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct State {
+    refuse: AtomicBool,
+    blackhole: AtomicBool,
+    delay_ms: AtomicU64,
+    stop: AtomicBool,
+    pairs: Mutex<Vec<Pair>>,
+    upstream_ports: Mutex<Vec<u16>>,
+}
+
+pub struct Proxy {
+    port: u16,
+    state: Arc<State>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` (`host:port`).
+    pub fn start(upstream: &str) -> Proxy {
+        let upstream: SocketAddr = upstream.parse().expect("upstream address");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("local addr").port();
+        let state = Arc::new(State::default());
+        let acceptor_state = state.clone();
+        let acceptor = thread::spawn(move || accept(&listener, upstream, &acceptor_state));
+        Proxy {
+            port,
+            state,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// The proxy's address, `127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `base` (a broker URL with one host) pointing at the proxy instead.
+    pub fn url(&self, base: &str) -> String {
+        let (scheme, rest) = base.split_once("://").expect("url");
+        let (creds, after) = rest.rsplit_once('@').unwrap_or(("", rest));
+        let path = after.find('/').map_or("/", |i| &after[i..]);
+        let creds = if creds.is_empty() {
+            String::new()
+        } else {
+            format!("{creds}@")
+        };
+        format!("{scheme}://{creds}{}{path}", self.address())
+    }
+
+    /// Closes every proxied connection now (both sides), as a network cut or a broker
+    /// restart would.
+    pub fn cut_all(&self) {
+        for pair in self.state.pairs.lock().drain(..) {
+            pair.open.store(false, Ordering::Release);
+            let _ = pair.client.shutdown(Shutdown::Both);
+            let _ = pair.upstream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// New connections are accepted and closed at once (like a broker that is down).
+    pub fn refuse(&self, on: bool) {
+        self.state.refuse.store(on, Ordering::Release);
+    }
+
+    /// Nothing flows in either direction, on existing and new connections; sockets stay open.
+    pub fn blackhole(&self, on: bool) {
+        self.state.blackhole.store(on, Ordering::Release);
+    }
+
+    /// Every chunk is held back this long before it is forwarded.
+    pub fn delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Proxied connections still open.
+    pub fn open_connections(&self) -> usize {
+        let mut pairs = self.state.pairs.lock();
+        pairs.retain(|p| p.open.load(Ordering::Acquire));
+        pairs.len()
+    }
+
+    /// Local ports of every broker-side connection the proxy ever opened (to find them in
+    /// `rabbitmqctl list_connections peer_port`).
+    pub fn upstream_ports(&self) -> Vec<u16> {
+        self.state.upstream_ports.lock().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Release);
+        // Wake the acceptor.
+        let _ = TcpStream::connect(self.address());
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        self.cut_all();
+    }
+}
+
+fn accept(listener: &TcpListener, upstream: SocketAddr, state: &Arc<State>) {
+    for client in listener.incoming() {
+        if state.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(client) = client else { continue };
+        if state.refuse.load(Ordering::Acquire) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(upstream_stream) = TcpStream::connect(upstream) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream_stream.set_nodelay(true);
+        let upstream_port = upstream_stream.local_addr().map(|a| a.port()).unwrap_or(0);
+        state.upstream_ports.lock().push(upstream_port);
+        let open = Arc::new(AtomicBool::new(true));
+        let (Ok(c1), Ok(c2), Ok(u1), Ok(u2)) = (
+            client.try_clone(),
+            client.try_clone(),
+            upstream_stream.try_clone(),
+            upstream_stream.try_clone(),
+        ) else {
+            continue;
+        };
+        state.pairs.lock().push(Pair {
+            client,
+            upstream: upstream_stream,
+            open: open.clone(),
+        });
+        for (from, to) in [(c1, u1), (u2, c2)] {
+            let state = state.clone();
+            let open = open.clone();
+            thread::spawn(move || pump(from, to, &state, &open));
+        }
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, open: &AtomicBool) {
+    let mut buffer = vec![0_u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if state.blackhole.load(Ordering::Acquire) {
+            continue;
+        }
+        let delay = state.delay_ms.load(Ordering::Acquire);
+        if delay > 0 {
+            thread::sleep(Duration::from_millis(delay));
+        }
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    // A blackhole swallows the end of a connection too: the other side must find out by
+    // itself (missed heartbeats).
+    if !state.blackhole.load(Ordering::Acquire) {
+        open.store(false, Ordering::Release);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    }
+}

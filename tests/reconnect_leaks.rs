@@ -1,0 +1,100 @@
+//! (7) Fifty reconnects in a row leak no thread, channel, consumer or connection.
+//!
+//! Alone in its binary, so no other test's threads or connections blur the counts.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::{
+    broker_url, consumers_with_prefix, rabbitmqctl_json, thread_count, thread_names, Bus,
+};
+use warren::{Codec, RequestContext, RpcClient};
+
+fn until_served(client: &RpcClient) {
+    let started = Instant::now();
+    let probe = client.prepare().timeout(Duration::from_millis(700));
+    while probe
+        .call::<_, String>(&RequestContext::new(), "whoami", &())
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not served again within 5 s"
+        );
+    }
+}
+
+/// Waits until the thread count stops changing (amiquip's detached timer threads exit
+/// shortly after their connection closes; nothing can join them).
+fn settled_thread_count() -> usize {
+    let mut last = thread_count();
+    let mut stable = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stable < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = thread_count();
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
+#[test]
+fn fifty_reconnects_in_a_row_leak_nothing() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = format!(
+        "{}?heartbeat_timeout_threshold=2&kombu_reconnect_splay=0.05&rabbit_retry_interval=0.1&rabbit_retry_backoff=0.1&rabbit_interval_max=0.5",
+        proxy.url(&broker_url())
+    );
+    let mut bus = Bus::through(&url, &broker_url());
+    bus.start_server("s1", 4);
+    let client = bus.client(Codec::MsgPack);
+    until_served(&client);
+    let baseline = settled_thread_count();
+    for _ in 0..50 {
+        proxy.cut_all();
+        until_served(&client);
+    }
+    let after = settled_thread_count();
+    assert_eq!(
+        after,
+        baseline,
+        "threads after 50 reconnects: {:?}",
+        thread_names()
+    );
+
+    // Broker side: of every connection this proxy ever carried, only the live ones remain:
+    // the server's listen and send (replies) connections, the client's reply and send ones.
+    assert_eq!(proxy.open_connections(), 4);
+    let ours: HashSet<u16> = proxy.upstream_ports().into_iter().collect();
+    assert!(
+        ours.len() > 150,
+        "every cut made each connection reconnect: {}",
+        ours.len()
+    );
+    common::eventually(
+        "closed connections leave the broker",
+        Duration::from_secs(10),
+        || {
+            let connections = rabbitmqctl_json(&["list_connections", "peer_port", "channels"]);
+            let live: Vec<_> = connections
+                .iter()
+                .filter(|c| {
+                    c["peer_port"]
+                        .as_u64()
+                        .is_some_and(|p| ours.contains(&(p as u16)))
+                })
+                .collect();
+            let channels: u64 = live.iter().filter_map(|c| c["channels"].as_u64()).sum();
+            live.len() == 4 && channels <= 6
+        },
+    );
+    assert_eq!(
+        consumers_with_prefix(&bus.topic).len(),
+        3,
+        "one consumer per server queue"
+    );
+}

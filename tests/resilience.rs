@@ -1,0 +1,514 @@
+//! Fault injection against real brokers: connections cut, refused and blackholed through a
+//! proxy, queues deleted under consumers, a private broker node killed with SIGKILL and
+//! restarted. Every scenario asserts what the caller sees and how fast service comes back.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use amiquip::{AmqpProperties, AmqpValue, Publish};
+use common::node::RabbitNode;
+use common::proxy::Proxy;
+use common::{broker_url, delete_on_broker, eventually, rabbitmqctl_json, unique, Bus};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warren::{
+    AckMode, Codec, Endpoint, Error, Failure, RequestContext, RpcClient, RpcServer, Target,
+    Transport,
+};
+
+/// Options that make recovery fast enough for tests: 1 s heartbeats, short pauses.
+const FAST: &str = "heartbeat_timeout_threshold=1&kombu_reconnect_splay=0.2&rabbit_retry_interval=0.2&rabbit_retry_backoff=0.2&rabbit_interval_max=1";
+
+fn with_query(url: &str, query: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{query}")
+}
+
+fn ctx() -> RequestContext {
+    RequestContext::new().with("user_id", "resilience")
+}
+
+/// Calls `whoami` until it answers; returns how long that took.
+fn until_served(client: &RpcClient, within: Duration) -> Duration {
+    let started = Instant::now();
+    let probe = client.prepare().timeout(Duration::from_millis(700));
+    loop {
+        if probe.call::<_, String>(&ctx(), "whoami", &()).is_ok() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "not served again within {within:?}"
+        );
+    }
+}
+
+/// (1) Calls from 8 threads and a stream of casts while every connection is cut 5 times:
+/// each call returns its correct result or a typed error within its timeout, and service is
+/// back within 3 s of each cut.
+#[test]
+fn calls_and_casts_survive_five_cuts_of_every_connection() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = with_query(&proxy.url(&broker_url()), FAST);
+    let mut bus = Bus::through(&url, &broker_url());
+    bus.start_server("s1", 4);
+    let client = bus.client(Codec::MsgPack).timeout(Duration::from_secs(3));
+    let timeout = Duration::from_secs(3);
+    let running = Arc::new(AtomicBool::new(true));
+    let (ok_calls, failed_calls, casts) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let mut threads = Vec::new();
+    for t in 0..8_i64 {
+        let (client, running, ok_calls, failed_calls) = (
+            client.clone(),
+            running.clone(),
+            ok_calls.clone(),
+            failed_calls.clone(),
+        );
+        threads.push(thread::spawn(move || {
+            let mut i = 0_i64;
+            while running.load(Ordering::Acquire) {
+                let started = Instant::now();
+                let result: Result<i64, Error> =
+                    client.call(&ctx(), "add", &json!({"a": t * 1_000_000, "b": i}));
+                let elapsed = started.elapsed();
+                assert!(
+                    elapsed < timeout + Duration::from_millis(1500),
+                    "a call took {elapsed:?}"
+                );
+                match result {
+                    Ok(sum) => {
+                        assert_eq!(sum, t * 1_000_000 + i, "a call got another call's result");
+                        ok_calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(
+                        Error::Timeout { .. }
+                        | Error::DeliveryFailure { .. }
+                        | Error::Connection { .. },
+                    ) => {
+                        failed_calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(other) => panic!("unexpected error: {other:?}"),
+                }
+                i += 1;
+            }
+        }));
+    }
+    {
+        let (client, running, casts) = (client.clone(), running.clone(), casts.clone());
+        threads.push(thread::spawn(move || {
+            let mut i = 0;
+            while running.load(Ordering::Acquire) {
+                if client.cast(&ctx(), "record", &json!({"cast": i})).is_ok() {
+                    casts.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        }));
+    }
+    let mut recoveries = Vec::new();
+    for _ in 0..5 {
+        let before = ok_calls.load(Ordering::Relaxed);
+        eventually("calls flow before the cut", Duration::from_secs(10), || {
+            ok_calls.load(Ordering::Relaxed) >= before + 50
+        });
+        proxy.cut_all();
+        recoveries.push(until_served(&client, Duration::from_secs(3)));
+    }
+    let after_last_cut = ok_calls.load(Ordering::Relaxed);
+    eventually(
+        "calls flow after the last cut",
+        Duration::from_secs(10),
+        || ok_calls.load(Ordering::Relaxed) >= after_last_cut + 50,
+    );
+    running.store(false, Ordering::Release);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    assert!(casts.load(Ordering::Relaxed) > 0);
+    assert_eq!(client.target().topic.as_deref(), Some(bus.topic.as_str()));
+    eprintln!(
+        "ok calls {}, failed calls {}, casts {}, recoveries {recoveries:?}",
+        ok_calls.load(Ordering::Relaxed),
+        failed_calls.load(Ordering::Relaxed),
+        casts.load(Ordering::Relaxed)
+    );
+}
+
+#[derive(Deserialize)]
+struct Numbered {
+    id: u64,
+}
+
+/// (2) A private broker is killed with SIGKILL and restarted while casts flow, with durable
+/// queues, publisher confirms and `AckMode::AfterHandling`: every cast the broker confirmed is
+/// handled exactly once; nothing is lost, nothing is duplicated.
+#[test]
+fn confirmed_casts_survive_a_broker_crash_exactly_once() {
+    let node = RabbitNode::start("crash");
+    let url = with_query(&node.url(), &format!("{FAST}&amqp_durable_queues=true"));
+    let topic = unique("crash");
+    let (handled_tx, handled_rx) = crossbeam_channel::unbounded();
+    let server_transport = Transport::new(&url).unwrap();
+    let endpoint = Endpoint::new().method("record", move |_: &RequestContext, n: Numbered| {
+        let _ = handled_tx.send(n.id);
+        Ok::<_, Failure>(())
+    });
+    let server = RpcServer::builder(
+        &server_transport,
+        Target::new(topic.as_str()).with_server("s1"),
+    )
+    .endpoint(endpoint)
+    .workers(4)
+    .ack_mode(AckMode::AfterHandling { requeue_limit: 3 })
+    .duplicate_window(100_000)
+    .build()
+    .unwrap();
+    server.start().unwrap();
+
+    let client_transport = Transport::new(&url).unwrap();
+    let client = RpcClient::new(&client_transport, Target::new(topic.as_str()))
+        .timeout(Duration::from_secs(45));
+    let total = 400_u64;
+    let (progress_tx, progress_rx) = crossbeam_channel::unbounded();
+    let sender = thread::spawn(move || {
+        let mut confirmed = BTreeSet::new();
+        for id in 0..total {
+            match client.cast(&ctx(), "record", &json!({"id": id})) {
+                Ok(()) => {
+                    confirmed.insert(id);
+                }
+                Err(e) => eprintln!("cast {id} not confirmed: {e}"),
+            }
+            let _ = progress_tx.send(id);
+        }
+        confirmed
+    });
+    // Crash the broker in the middle of the stream, restart it a moment later.
+    while progress_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("casts progress")
+        < 150
+    {}
+    node.kill9();
+    thread::sleep(Duration::from_millis(500));
+    node.restart();
+    let confirmed = sender.join().expect("sender");
+    assert!(
+        confirmed.len() as u64 >= total - 5,
+        "almost every cast is eventually confirmed: {}",
+        confirmed.len()
+    );
+
+    let mut handled: HashMap<u64, usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed.iter().all(|id| handled.contains_key(id)) {
+        let id = handled_rx.recv_deadline(deadline).unwrap_or_else(|_| {
+            let missing: Vec<_> = confirmed
+                .iter()
+                .filter(|id| !handled.contains_key(id))
+                .collect();
+            panic!("confirmed casts never handled: {missing:?}")
+        });
+        *handled.entry(id).or_default() += 1;
+    }
+    // Anything still redelivered would arrive now.
+    while let Ok(id) = handled_rx.recv_timeout(Duration::from_secs(2)) {
+        *handled.entry(id).or_default() += 1;
+    }
+    let duplicated: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicated.is_empty(),
+        "handled more than once: {duplicated:?}"
+    );
+    server.stop();
+    server.wait();
+}
+
+/// (3) The first host's connections are blackholed (TCP open, nothing flows): the loss is
+/// detected within 2 × heartbeat and service resumes through the second host.
+#[test]
+fn a_blackholed_host_is_detected_and_the_second_host_takes_over() {
+    let first = Proxy::start("127.0.0.1:5672");
+    let second = Proxy::start("127.0.0.1:5672");
+    let url = with_query(
+        &format!(
+            "amqp://guest:guest@{},guest:guest@{}/",
+            first.address(),
+            second.address()
+        ),
+        FAST,
+    );
+    let mut bus = Bus::through(&url, &broker_url());
+    bus.start_server("s1", 2);
+    let client = bus.client(Codec::MsgPack);
+    until_served(&client, Duration::from_secs(5));
+    assert!(
+        first.open_connections() >= 3,
+        "listen, reply and send connections use the first host"
+    );
+    assert_eq!(second.open_connections(), 0);
+
+    first.blackhole(true);
+    let blackholed = Instant::now();
+    // Every connection (listen, reply, and the idle send connection) notices on its own and
+    // moves to the second host; the move is what can be observed from outside.
+    eventually(
+        "every connection moved to the second host",
+        Duration::from_secs(8),
+        || second.open_connections() >= 3,
+    );
+    let moved = blackholed.elapsed();
+    assert!(
+        moved <= Duration::from_millis(3500),
+        "moved after {moved:?}: 2 s to detect (heartbeat 1 s) + reconnect"
+    );
+    let server = bus.server("s1");
+    eventually("the listener consumes", Duration::from_secs(5), || {
+        server.is_consuming()
+    });
+    until_served(&client, Duration::from_secs(5));
+    first.blackhole(false);
+}
+
+/// (4) The server's queue is deleted under it: the broker cancels the consumer, the server
+/// re-declares its queues and serves again.
+#[test]
+fn a_deleted_server_queue_is_declared_again_and_served() {
+    let url = with_query(&broker_url(), FAST);
+    let mut bus = Bus::new(&url);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::MsgPack);
+    until_served(&client, Duration::from_secs(5));
+    delete_on_broker(&broker_url(), std::slice::from_ref(&bus.topic), &[]);
+    let recovered = until_served(&client, Duration::from_secs(5));
+    eprintln!("served again after {recovered:?}");
+    let queues = rabbitmqctl_json(&["list_queues", "name"]);
+    assert!(
+        queues.iter().any(|q| q["name"] == bus.topic.as_str()),
+        "queue declared again"
+    );
+}
+
+/// (5) The client's reply queue is deleted while a call waits: the reply consumer declares it
+/// again, the server retries its reply until the queue is back, the call completes; later calls
+/// work.
+#[test]
+fn a_deleted_reply_queue_does_not_lose_the_waiting_call() {
+    let url = with_query(&broker_url(), FAST);
+    let mut bus = Bus::new(&url);
+    bus.start_server("s1", 2);
+    let transport = bus.transport(Codec::MsgPack);
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()))
+        .timeout(Duration::from_secs(10));
+    let _: String = client.call(&ctx(), "whoami", &()).unwrap();
+    let reply_queue = transport.reply_queue_name().expect("reply queue in use");
+    let waiting = {
+        let client = client.clone();
+        thread::spawn(move || client.call::<_, u64>(&ctx(), "slow", &json!({"ms": 1500})))
+    };
+    let started = bus.expect_events(1, Duration::from_secs(5));
+    assert_eq!(started[0].method, "slow");
+    delete_on_broker(&broker_url(), std::slice::from_ref(&reply_queue), &[]);
+    let result = waiting.join().expect("caller");
+    assert_eq!(
+        result.unwrap(),
+        1500,
+        "the reply reached the re-declared queue"
+    );
+    assert_eq!(
+        transport.reply_queue_name().as_deref(),
+        Some(reply_queue.as_str()),
+        "same name"
+    );
+    let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1");
+}
+
+/// A reply to a queue that does not exist is retried for `kombu_missing_consumer_retry_timeout`,
+/// then the queue is remembered as gone and later replies to it are dropped at once.
+#[test]
+fn replies_to_a_missing_queue_are_retried_then_dropped() {
+    let url = with_query(&broker_url(), "kombu_missing_consumer_retry_timeout=1");
+    let mut bus = Bus::new(&url);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+    let _: String = client.call(&ctx(), "whoami", &()).unwrap();
+    let missing = unique("reply_missing");
+    let request = |n: u32| {
+        format!(
+            r#"{{"oslo.version": "2.0", "oslo.message": "{{\"method\": \"record\", \"args\": {{\"n\": {n}}}, \"_msg_id\": \"m{n}\", \"_reply_q\": \"{missing}\", \"_timeout\": null, \"_unique_id\": \"u{n}-{missing}\"}}"}}"#
+        )
+    };
+    let mut connection = amiquip::Connection::insecure_open(&broker_url()).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    let publish = |body: String| {
+        let properties = AmqpProperties::default().with_content_type("application/json".into());
+        channel
+            .basic_publish(
+                bus.exchange.as_str(),
+                Publish::with_properties(body.as_bytes(), bus.topic.as_str(), properties),
+            )
+            .unwrap();
+    };
+    // The only worker spends about a second retrying the first reply...
+    publish(request(1));
+    bus.expect_events(1, Duration::from_secs(5));
+    let started = Instant::now();
+    let _: String = client.call(&ctx(), "whoami", &()).unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the worker was busy retrying the reply"
+    );
+    // ...after which replies to that queue are dropped without retrying.
+    publish(request(2));
+    bus.expect_events(1, Duration::from_secs(5));
+    let started = Instant::now();
+    let _: String = client.call(&ctx(), "whoami", &()).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    connection.close().unwrap();
+}
+
+/// (6) The broker is down when client and server start: with retry unset both come up once it
+/// appears; with `retry(0)` they fail fast.
+#[test]
+fn a_broker_down_at_start_up_is_waited_for_or_reported_at_once() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = with_query(&proxy.url(&broker_url()), FAST);
+    let mut bus = Bus::through(&url, &broker_url());
+    // The deployment ran before: its topic queues exist on the broker (oslo never deletes
+    // them), so a request sent before the server is back waits there for it.
+    {
+        let direct = Transport::builder(&broker_url())
+            .control_exchange(bus.exchange.as_str())
+            .build()
+            .unwrap();
+        let earlier =
+            RpcServer::builder(&direct, Target::new(bus.topic.as_str()).with_server("s1"))
+                .build()
+                .unwrap();
+        earlier.start().unwrap();
+        earlier.stop();
+        earlier.wait();
+    }
+    proxy.refuse(true);
+    let started = Instant::now();
+    bus.start_server("s1", 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "start() does not wait for the broker"
+    );
+    let server = bus.server("s1");
+    assert!(server.is_running() && !server.is_consuming());
+
+    let fail_fast = bus.client(Codec::MsgPack).retry(0);
+    let started = Instant::now();
+    let error = fail_fast
+        .call::<_, String>(&ctx(), "whoami", &())
+        .unwrap_err();
+    assert!(matches!(error, Error::DeliveryFailure { .. }), "{error:?}");
+    assert!(matches!(
+        fail_fast.cast(&ctx(), "record", &json!({})),
+        Err(Error::DeliveryFailure { .. })
+    ));
+    let strict = RpcServer::builder(
+        &bus.transport(Codec::MsgPack),
+        Target::new(bus.topic.as_str()).with_server("s2"),
+    )
+    .retry(0)
+    .build()
+    .unwrap();
+    assert!(matches!(strict.start(), Err(Error::DeliveryFailure { .. })));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let patient = bus.client(Codec::MsgPack).timeout(Duration::from_secs(15));
+    let waiting = thread::spawn(move || patient.call::<_, String>(&ctx(), "whoami", &()));
+    thread::sleep(Duration::from_millis(800));
+    proxy.refuse(false);
+    assert_eq!(waiting.join().expect("caller").unwrap(), "s1");
+    eventually("the server consumes", Duration::from_secs(5), || {
+        server.is_consuming()
+    });
+}
+
+/// (8) Under `AckMode::AfterHandling`, a cast whose handler fails or panics is retried
+/// `requeue_limit` times, then lands in the dead-letter queue with its attempts and failure;
+/// a successful cast is handled once.
+#[test]
+fn failing_casts_end_in_the_dead_letter_queue_after_their_attempts() {
+    let mut bus = Bus::new(&broker_url());
+    let server = bus.start_server_with("s1", |b| {
+        b.workers(2)
+            .ack_mode(AckMode::AfterHandling { requeue_limit: 2 })
+    });
+    let dlq = server
+        .dead_letter_queue()
+        .expect("a dead-letter queue")
+        .to_string();
+    assert_eq!(dlq, format!("{}_dlq", bus.topic));
+    let client = bus.client(Codec::Json);
+    let failing = json!({"class": "ValueError", "module": "builtins", "message": "no way"});
+    client.cast(&ctx(), "fail", &failing).unwrap();
+    client.cast(&ctx(), "panic", &()).unwrap();
+    client
+        .cast(&ctx(), "record", &json!({"fine": true}))
+        .unwrap();
+    let events = bus.expect_events(7, Duration::from_secs(10));
+    let count = |method: &str| events.iter().filter(|e| e.method == method).count();
+    assert_eq!(
+        (count("fail"), count("panic"), count("record")),
+        (3, 3, 1),
+        "{events:?}"
+    );
+    bus.expect_quiet(Duration::from_millis(500));
+
+    let mut connection = amiquip::Connection::insecure_open(&broker_url()).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    let mut dead = Vec::new();
+    while let Some(message) = channel.basic_get(dlq.as_str(), true).unwrap() {
+        dead.push(message);
+    }
+    assert_eq!(dead.len(), 2, "the failing and the panicking cast");
+    for message in &dead {
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        assert_eq!(
+            headers.get("x-warren-attempts"),
+            Some(&AmqpValue::LongLongInt(3))
+        );
+        let failure = match headers.get("x-warren-failure") {
+            Some(AmqpValue::LongString(text)) => text.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            failure.contains("ValueError: no way") || failure.contains("HandlerPanic"),
+            "{failure}"
+        );
+        let body: Value = serde_json::from_slice(&message.delivery.body).unwrap();
+        assert_eq!(
+            body["oslo.version"], "2.0",
+            "the original message, in its codec"
+        );
+    }
+    connection.close().unwrap();
+}
