@@ -11,7 +11,7 @@ use crate::driver::memory::MemoryDriver;
 use crate::driver::rabbit::RabbitDriver;
 use crate::driver::{Driver, ReplySink};
 use crate::error::Result;
-use crate::options::TransportOptions;
+use crate::options::{FailoverStrategy, TransportOptions};
 use crate::url::{Scheme, TransportUrl};
 use crate::wire::Codec;
 
@@ -191,6 +191,41 @@ impl TransportBuilder {
     /// Auto-delete topic exchange and server queues (`amqp_auto_delete`, default false).
     pub fn auto_delete(self, auto_delete: bool) -> Self {
         self.set("amqp_auto_delete", |o| o.auto_delete = auto_delete)
+    }
+
+    /// Pause after the first failed pass over the hosts (`rabbit_retry_interval`, 1 s).
+    pub fn retry_interval(self, pause: Duration) -> Self {
+        self.set("rabbit_retry_interval", |o| o.retry_interval = pause)
+    }
+
+    /// Added to the pause after each further failed pass (`rabbit_retry_backoff`, 2 s).
+    pub fn retry_backoff(self, step: Duration) -> Self {
+        self.set("rabbit_retry_backoff", |o| o.retry_backoff = step)
+    }
+
+    /// Longest pause between passes (`rabbit_interval_max`, 30 s).
+    pub fn interval_max(self, max: Duration) -> Self {
+        self.set("rabbit_interval_max", |o| o.interval_max = max)
+    }
+
+    /// Random extra pause of up to this (`kombu_reconnect_splay`, 1 s).
+    pub fn reconnect_splay(self, splay: Duration) -> Self {
+        self.set("kombu_reconnect_splay", |o| o.reconnect_splay = splay)
+    }
+
+    /// Next host after a failure (`kombu_failover_strategy`, round-robin).
+    pub fn failover_strategy(self, strategy: FailoverStrategy) -> Self {
+        self.set("kombu_failover_strategy", |o| {
+            o.failover_strategy = strategy
+        })
+    }
+
+    /// How long a reply to a missing reply queue is retried
+    /// (`kombu_missing_consumer_retry_timeout`, 60 s).
+    pub fn missing_consumer_retry_timeout(self, timeout: Duration) -> Self {
+        self.set("kombu_missing_consumer_retry_timeout", |o| {
+            o.missing_consumer_retry_timeout = timeout
+        })
     }
 
     /// Parses the URL, applies its query options (except those set on the builder, which win),

@@ -512,3 +512,41 @@ fn failing_casts_end_in_the_dead_letter_queue_after_their_attempts() {
     }
     connection.close().unwrap();
 }
+
+/// A broker resource alarm blocks publishing connections (`connection.blocked`): a publish
+/// then waits, but never past its timeout, and goes through again once the alarm clears.
+#[test]
+fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
+    let node = RabbitNode::start("blocked");
+    let url = with_query(&node.url(), FAST);
+    let transport = Transport::new(&url).unwrap();
+    let topic = unique("blocked");
+    let client = RpcClient::new(&transport, Target::new(topic.as_str()))
+        .timeout(Duration::from_millis(1500));
+    client.cast(&ctx(), "anything", &()).unwrap();
+    let watermark = |value: &str| {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "-n",
+                &node.name,
+                "set_vm_memory_high_watermark",
+                value,
+            ])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+    };
+    watermark("0");
+    let started = Instant::now();
+    let blocked = client.cast(&ctx(), "anything", &());
+    let waited = started.elapsed();
+    assert!(matches!(blocked, Err(Error::Timeout { .. })), "{blocked:?}");
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    watermark("0.4");
+    let unblocked = client.prepare().timeout(Duration::from_secs(10));
+    unblocked.cast(&ctx(), "anything", &()).unwrap();
+}
