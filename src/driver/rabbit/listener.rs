@@ -54,87 +54,113 @@ fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: S
             while poll.wait_offline(control, backoff.next_pause()).is_none() {}
             return;
         }
-        let mut connection = match connect(setup, poll, control, &mut ready) {
-            Some(connection) => connection,
-            None => return,
+        let Some(mut connection) = connect(setup, poll, control, &mut ready) else {
+            return;
         };
         let address = connection.address().to_string();
-        let channel = match open_and_declare(&mut connection, setup, &fanout_queue) {
-            Ok(channel) => channel,
-            Err(e) => {
+        match session(
+            &mut connection,
+            setup,
+            &fanout_queue,
+            poll,
+            control,
+            &mut ready,
+        ) {
+            Session::Failed(e) => {
                 connection.close();
-                if give_up(e, &mut ready, poll, control, &mut backoff, topic) {
+                if let Some(ready) = ready.take() {
+                    // A refusal at start-up (406, 403...) is the caller's to see.
+                    let _ = ready.send(Err(e));
                     return;
                 }
-                continue;
-            }
-        };
-        let consumers = match consume(&channel, setup, &fanout_queue) {
-            Ok(consumers) => consumers,
-            Err(e) => {
-                // Dropping the channel later (at the end of this iteration) closes nothing more.
-                connection.close();
-                if give_up(e, &mut ready, poll, control, &mut backoff, topic) {
+                warn!("listener on {topic} could not resume on {address}: {e}");
+                if poll.wait_offline(control, backoff.next_pause()).is_some() {
                     return;
                 }
-                continue;
             }
-        };
-        // amiquip kills the whole connection if it notifies a consumer whose receiver was
-        // dropped (after a cancel or a channel close): the clones live until the connection is
-        // closed.
-        let receivers: Vec<Receiver<ConsumerMessage>> =
-            consumers.iter().map(|c| c.receiver().clone()).collect();
-        if let Some(ready) = ready.take() {
-            info!(
-                "listening on {topic} (exchange {:?}) via {address}",
-                setup.spec.exchange
-            );
-            let _ = ready.send(Ok(()));
-        } else {
-            info!("listener on {topic} consumes again via {address}");
-        }
-        backoff = Backoff::new(&setup.options);
-        let mut rabbit = RabbitConsumers {
-            channel: &channel,
-            consumers: &consumers,
-            receivers: receivers.clone(),
-            queues: consumed_queues(setup, &fanout_queue),
-            unacked: HashMap::new(),
-            address: &address,
-        };
-        let end = poll.run_session(&mut rabbit, control);
-        drop(rabbit);
-        for consumer in &consumers {
-            let _ = consumer.cancel();
-        }
-        drop(consumers);
-        match end {
-            SessionEnd::Closed | SessionEnd::Abandoned => {
-                if end == SessionEnd::Closed {
-                    if let Err(e) =
-                        channel.queue_delete(fanout_queue.as_str(), QueueDeleteOptions::default())
-                    {
-                        debug!("could not delete fanout queue {fanout_queue}: {e}");
-                    }
+            Session::Ended(SessionEnd::Lost(why), receivers) => {
+                warn!("listener on {topic} lost its connection to {address} ({why}); reconnecting");
+                connection.abandon(&setup.hosts);
+                drop(receivers);
+                backoff = Backoff::new(&setup.options);
+                if poll.wait_offline(control, backoff.first_pause()).is_some() {
+                    return;
                 }
-                let _ = channel.close();
+            }
+            Session::Ended(_, receivers) => {
                 connection.close();
                 drop(receivers);
                 debug!("listener on {topic} finished");
                 return;
             }
-            SessionEnd::Lost(why) => {
-                warn!("listener on {topic} lost its connection to {address} ({why}); reconnecting");
-                drop(channel);
-                connection.abandon(&setup.hosts);
-                drop(receivers);
-                if poll.wait_offline(control, backoff.first_pause()).is_some() {
-                    return;
-                }
-            }
         }
     }
+}
+
+/// How a session on one connection went.
+enum Session {
+    /// It could not start (declare or consume failed).
+    Failed(Error),
+    /// It ran and ended; the consumers' receivers must outlive the connection (amiquip kills the
+    /// whole connection if it notifies a consumer whose receiver was dropped).
+    Ended(SessionEnd, Vec<Receiver<ConsumerMessage>>),
+}
+
+/// Declares the topology on a new channel, consumes, runs the poll loop until the session ends;
+/// on a clean close deletes the fanout queue and closes the channel.
+fn session(
+    connection: &mut Connection,
+    setup: &Setup,
+    fanout_queue: &str,
+    poll: &mut PollLoop,
+    control: &Receiver<Control>,
+    ready: &mut Option<Sender<Result<()>>>,
+) -> Session {
+    let topic = &setup.spec.topic;
+    let address = connection.address().to_string();
+    let channel = match open_and_declare(connection, setup, fanout_queue) {
+        Ok(channel) => channel,
+        Err(e) => return Session::Failed(e),
+    };
+    let consumers = match consume(&channel, setup, fanout_queue) {
+        Ok(consumers) => consumers,
+        Err(e) => return Session::Failed(e),
+    };
+    let receivers: Vec<Receiver<ConsumerMessage>> =
+        consumers.iter().map(|c| c.receiver().clone()).collect();
+    match ready.take() {
+        Some(ready) => {
+            info!(
+                "listening on {topic} (exchange {:?}) via {address}",
+                setup.spec.exchange
+            );
+            let _ = ready.send(Ok(()));
+        }
+        None => info!("listener on {topic} consumes again via {address}"),
+    }
+    let mut rabbit = RabbitConsumers {
+        channel: &channel,
+        consumers: &consumers,
+        receivers: receivers.clone(),
+        queues: consumed_queues(setup, fanout_queue),
+        unacked: HashMap::new(),
+        address: &address,
+    };
+    let end = poll.run_session(&mut rabbit, control);
+    drop(rabbit);
+    for consumer in &consumers {
+        let _ = consumer.cancel();
+    }
+    drop(consumers);
+    if end == SessionEnd::Closed {
+        if let Err(e) = channel.queue_delete(fanout_queue, QueueDeleteOptions::default()) {
+            debug!("could not delete fanout queue {fanout_queue}: {e}");
+        }
+    }
+    if !matches!(end, SessionEnd::Lost(_)) {
+        let _ = channel.close();
+    }
+    Session::Ended(end, receivers)
 }
 
 /// Connects for a session. At start-up (`ready` still unanswered) it honours the server's
@@ -146,14 +172,8 @@ fn connect(
     control: &Receiver<Control>,
     ready: &mut Option<Sender<Result<()>>>,
 ) -> Option<Connection> {
-    let mut closed_while_waiting = None;
-    let mut pause = |pause: std::time::Duration| match poll.wait_offline(control, pause) {
-        None => true,
-        Some(end) => {
-            closed_while_waiting = Some(end);
-            false
-        }
-    };
+    // Closed while waiting: establish() then fails with Error::Closed.
+    let mut pause = |pause: std::time::Duration| poll.wait_offline(control, pause).is_none();
     let starting = ready.is_some();
     let policy = RetryPolicy {
         retry: if starting {
@@ -163,15 +183,17 @@ fn connect(
         },
         deadline: None,
     };
-    let first = Connection::establish(
-        &setup.hosts,
-        &setup.url,
-        &setup.options,
-        "listen",
-        policy,
-        &mut pause,
-    );
-    let result = match first {
+    let mut establish = |policy| {
+        Connection::establish(
+            &setup.hosts,
+            &setup.url,
+            &setup.options,
+            "listen",
+            policy,
+            &mut pause,
+        )
+    };
+    let result = match establish(policy) {
         Err(Error::DeliveryFailure { .. }) if starting && setup.retry.is_none() => {
             warn!(
                 "server on {} starts without a broker; it will consume once one is reachable",
@@ -180,15 +202,7 @@ fn connect(
             if let Some(ready) = ready.take() {
                 let _ = ready.send(Ok(()));
             }
-            let policy = RetryPolicy::default();
-            Connection::establish(
-                &setup.hosts,
-                &setup.url,
-                &setup.options,
-                "listen",
-                policy,
-                &mut pause,
-            )
+            establish(RetryPolicy::default())
         }
         other => other,
     };
@@ -201,24 +215,6 @@ fn connect(
             None
         }
     }
-}
-
-/// A session could not start. At start-up the error goes to `start()` (a 406 refusal, say);
-/// later it is logged and retried after a pause. `true`: the thread must end.
-fn give_up(
-    error: Error,
-    ready: &mut Option<Sender<Result<()>>>,
-    poll: &mut PollLoop,
-    control: &Receiver<Control>,
-    backoff: &mut Backoff,
-    topic: &str,
-) -> bool {
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(Err(error));
-        return true;
-    }
-    warn!("listener on {topic} could not resume: {error}");
-    poll.wait_offline(control, backoff.next_pause()).is_some()
 }
 
 fn open_and_declare(

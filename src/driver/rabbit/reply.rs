@@ -17,7 +17,7 @@ use log::{debug, error, info, warn};
 
 use crate::driver::timer::DecayingTimer;
 use crate::driver::{spawn_when_ready, RawMessage, ReplySink};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
@@ -104,8 +104,15 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// How a session on one connection went.
+enum Session {
+    /// It could not start (declare or consume failed).
+    Failed(Error),
+    /// It ran and ended; the consumer's receiver must outlive the connection (see the listener).
+    Ended(SessionEnd, Receiver<ConsumerMessage>),
+}
+
 fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Result<()>>) {
-    let queue = setup.queue.as_str();
     let mut ready = Some(ready);
     let mut backoff = Backoff::new(&setup.options);
     let mut pause = |d: Duration| stop.recv_timeout(d).is_err();
@@ -133,9 +140,8 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
             }
         };
         let address = connection.address().to_string();
-        let channel = match open_and_declare(&mut connection, &setup.options, queue) {
-            Ok(channel) => channel,
-            Err(e) => {
+        match session(&mut connection, setup, stop, &mut ready) {
+            Session::Failed(e) => {
                 connection.close();
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Err(e));
@@ -145,60 +151,62 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
                 if !pause(backoff.next_pause()) {
                     return;
                 }
-                continue;
             }
-        };
-        let consumer = match channel.basic_consume(queue, ConsumerOptions::default()) {
-            Ok(consumer) => consumer,
-            Err(e) => {
-                // Dropping channel and connection closes them.
-                let e = amqp_error(e, &address);
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
-                warn!("reply consumer could not resume on {address}: {e}");
-                if !pause(backoff.next_pause()) {
-                    return;
-                }
-                continue;
-            }
-        };
-        // Kept until the connection is closed (see the listener for why).
-        let keep_alive = consumer.receiver().clone();
-        match ready.take() {
-            Some(ready) => {
-                info!("consuming replies on {queue} via {address}");
-                let _ = ready.send(Ok(()));
-            }
-            None => info!("consuming replies on {queue} again via {address}"),
-        }
-        backoff = Backoff::new(&setup.options);
-        let end = consume(&channel, &consumer, stop, &setup.sink);
-        let _ = consumer.cancel();
-        drop(consumer);
-        match end {
-            SessionEnd::Stopped => {
-                // Nobody else uses this uuid-named queue: do not leave it behind for 30 minutes.
-                if let Err(e) = channel.queue_delete(queue, QueueDeleteOptions::default()) {
-                    debug!("could not delete reply queue {queue}: {e}");
-                }
-                let _ = channel.close();
-                connection.close();
-                drop(keep_alive);
-                return;
-            }
-            SessionEnd::Lost(why) => {
+            Session::Ended(SessionEnd::Lost(why), keep_alive) => {
                 warn!("reply consumer lost its connection to {address} ({why}); reconnecting");
-                drop(channel);
                 connection.abandon(&setup.hosts);
                 drop(keep_alive);
+                backoff = Backoff::new(&setup.options);
                 if !pause(backoff.first_pause()) {
                     return;
                 }
             }
+            Session::Ended(SessionEnd::Stopped, keep_alive) => {
+                connection.close();
+                drop(keep_alive);
+                return;
+            }
         }
     }
+}
+
+/// Declares the reply queue on a new channel and consumes it until stopped or lost; once
+/// stopped, deletes the queue (nobody else uses this uuid-named queue: do not leave it behind
+/// for 30 minutes) and closes the channel.
+fn session(
+    connection: &mut Connection,
+    setup: &Setup,
+    stop: &Receiver<()>,
+    ready: &mut Option<Sender<Result<()>>>,
+) -> Session {
+    let queue = setup.queue.as_str();
+    let address = connection.address().to_string();
+    let channel = match open_and_declare(connection, &setup.options, queue) {
+        Ok(channel) => channel,
+        Err(e) => return Session::Failed(e),
+    };
+    let consumer = match channel.basic_consume(queue, ConsumerOptions::default()) {
+        Ok(consumer) => consumer,
+        Err(e) => return Session::Failed(amqp_error(e, &address)),
+    };
+    let keep_alive = consumer.receiver().clone();
+    match ready.take() {
+        Some(ready) => {
+            info!("consuming replies on {queue} via {address}");
+            let _ = ready.send(Ok(()));
+        }
+        None => info!("consuming replies on {queue} again via {address}"),
+    }
+    let end = consume(&channel, &consumer, stop, &setup.sink);
+    let _ = consumer.cancel();
+    drop(consumer);
+    if matches!(end, SessionEnd::Stopped) {
+        if let Err(e) = channel.queue_delete(queue, QueueDeleteOptions::default()) {
+            debug!("could not delete reply queue {queue}: {e}");
+        }
+        let _ = channel.close();
+    }
+    Session::Ended(end, keep_alive)
 }
 
 fn open_and_declare(
