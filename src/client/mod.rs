@@ -17,6 +17,11 @@ use crate::wire::failure::Failure;
 
 pub(crate) mod reply_waiter;
 
+/// `_timeout` is whole seconds on the wire (oslo sends what the caller gave, usually an int).
+fn whole_seconds(monitor: Duration) -> u64 {
+    monitor.as_secs() + u64::from(monitor.subsec_nanos() > 0)
+}
+
 /// Sends calls and casts to a [`Target`] (oslo's `RPCClient`).
 ///
 /// Cheap to clone, `Send + Sync`, usable from many threads at once. `prepare()` returns a copy
@@ -48,6 +53,7 @@ pub struct RpcClient {
     version_cap: Option<String>,
     retry: Option<u32>,
     at_least_once: bool,
+    call_monitor_timeout: Option<Duration>,
 }
 
 impl RpcClient {
@@ -60,6 +66,7 @@ impl RpcClient {
             version_cap: None,
             retry: None,
             at_least_once: false,
+            call_monitor_timeout: None,
         }
     }
 
@@ -134,6 +141,16 @@ impl RpcClient {
         self
     }
 
+    /// oslo's call monitoring: the server sends a keep-alive every `monitor / 2` while the
+    /// method runs (sent as `_timeout`, in whole seconds, at least 2 to take effect), and a call
+    /// fails with [`Error::Timeout`] as soon as `monitor` passes without any message from the
+    /// server, even if its overall timeout is longer. A long call keeps going as long as its
+    /// server is alive; a lost one is noticed early.
+    pub fn call_monitor_timeout(mut self, monitor: Duration) -> RpcClient {
+        self.call_monitor_timeout = Some(monitor);
+        self
+    }
+
     /// The target messages go to.
     pub fn target(&self) -> &Target {
         &self.target
@@ -200,7 +217,7 @@ impl RpcClient {
             call: Some(CallFields {
                 msg_id: &msg_id,
                 reply_q: &reply_q,
-                monitor_timeout: None,
+                monitor_timeout: self.call_monitor_timeout.map(whole_seconds),
             }),
             unique_id: &unique_id,
             context: ctx,
@@ -229,11 +246,23 @@ impl RpcClient {
         // A reply with a result but no `ending` (oslo's old two-message replies) is kept until
         // the final message arrives.
         let mut early_result = None;
+        // With call monitoring, any message from the server (a keep-alive or the reply) must
+        // come within the monitor timeout; the overall deadline holds regardless.
+        let monitor = self.call_monitor_timeout;
+        let mut monitor_deadline = monitor.map(|m| Instant::now() + m);
         loop {
-            let event = waiting
-                .replies
-                .recv_deadline(deadline)
-                .map_err(|_| timed_out())?;
+            let wait_until = monitor_deadline.map_or(deadline, |m| m.min(deadline));
+            let Ok(event) = waiting.replies.recv_deadline(wait_until) else {
+                return Err(match (monitor, Instant::now() < deadline) {
+                    (Some(monitor), true) => Error::Timeout {
+                        msg_id: msg_id.clone(),
+                        method: method.to_string(),
+                        timeout: monitor,
+                    },
+                    _ => timed_out(),
+                });
+            };
+            monitor_deadline = monitor.map(|m| Instant::now() + m);
             if let Some(failure) = &event.header.failure {
                 return Err(Failure::from_wire(failure)
                     .map_err(Error::decode)?
@@ -252,7 +281,7 @@ impl RpcClient {
             if event.header.has_result {
                 early_result = Some(event.doc);
             }
-            // Otherwise a call-monitor heartbeat: keep waiting.
+            // Otherwise a call-monitor keep-alive: keep waiting.
         }
     }
 

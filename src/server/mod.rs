@@ -17,8 +17,10 @@ use crate::error::{Error, Result};
 use crate::target::Target;
 use crate::transport::Transport;
 
+mod call_monitor;
 mod worker_pool;
 
+use call_monitor::CallMonitor;
 use worker_pool::WorkerContext;
 
 /// When a server acknowledges what it receives.
@@ -166,6 +168,8 @@ enum State {
 struct Running {
     listener: Box<dyn Listener>,
     workers: Vec<JoinHandle<()>>,
+    /// Shared with the workers; the last one dropped stops the thread.
+    monitor: Arc<CallMonitor>,
 }
 
 /// An RPC server (oslo's `RPCServer`): consumes `<topic>`, `<topic>.<server>` and the topic's
@@ -243,7 +247,9 @@ impl RpcServer {
             State::Idle | State::Waiting => {}
         }
         let (tx, rx) = crossbeam_channel::bounded(self.workers);
-        let workers = worker_pool::spawn(self.context.clone(), rx, self.workers)?;
+        self.context.set_stopping(false);
+        let monitor = Arc::new(CallMonitor::start(self.context.transport.clone())?);
+        let workers = worker_pool::spawn(self.context.clone(), rx, self.workers, monitor.clone())?;
         let listener = match self.context.transport.driver().listen(&self.spec, tx) {
             Ok(listener) => listener,
             Err(e) => {
@@ -254,7 +260,11 @@ impl RpcServer {
                 return Err(e);
             }
         };
-        *state = State::Running(Box::new(Running { listener, workers }));
+        *state = State::Running(Box::new(Running {
+            listener,
+            workers,
+            monitor,
+        }));
         self.changed.notify_all();
         debug!("server {}.{} started", self.spec.topic, self.spec.server);
         Ok(())
@@ -269,6 +279,7 @@ impl RpcServer {
             return;
         }
         if let State::Running(mut running) = std::mem::replace(&mut *state, State::Idle) {
+            self.context.set_stopping(true);
             running.listener.stop();
             *state = State::Stopped(running);
             self.changed.notify_all();
@@ -300,7 +311,11 @@ impl RpcServer {
                 }
             }
         };
-        let Running { listener, workers } = *running;
+        let Running {
+            listener,
+            workers,
+            monitor,
+        } = *running;
         for worker in workers {
             if worker.join().is_err() {
                 error!(
@@ -309,6 +324,8 @@ impl RpcServer {
                 );
             }
         }
+        // The workers are gone: this was the last handle, dropping it joins the thread.
+        drop(monitor);
         listener.close();
         *self.state.lock() = State::Idle;
         self.changed.notify_all();

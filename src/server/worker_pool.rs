@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -17,11 +18,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use log::{debug, error, info, warn};
 use parking_lot::Mutex;
-use serde_json::Value;
 
 use crate::dispatcher::{Dispatcher, HandlerResult};
 use crate::driver::{Acker, Incoming, Outgoing, Redelivery, Route, SendOptions};
 use crate::error::{Error, Result};
+use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
 use crate::server::AckMode;
 use crate::transport::Transport;
 use crate::wire::envelope::{Reply, RequestHeader};
@@ -45,6 +46,8 @@ pub(crate) struct WorkerContext {
     pub dead_letter_queue: Option<String>,
     recent: Mutex<RecentIds>,
     gone: Mutex<HashMap<String, Instant>>,
+    /// Set by `stop()`: missing reply queues are no longer waited for.
+    stopping: AtomicBool,
 }
 
 impl WorkerContext {
@@ -67,7 +70,19 @@ impl WorkerContext {
             dead_letter_queue,
             recent: Mutex::new(RecentIds::new(duplicate_window)),
             gone: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
         }
+    }
+}
+
+impl WorkerContext {
+    /// Marks the server as stopping (or running again).
+    pub fn set_stopping(&self, stopping: bool) {
+        self.stopping.store(stopping, Ordering::Release);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 
@@ -114,18 +129,22 @@ pub(crate) fn spawn(
     context: Arc<WorkerContext>,
     incoming: Receiver<Incoming>,
     count: usize,
+    monitor: Arc<CallMonitor>,
 ) -> Result<Vec<JoinHandle<()>>> {
     (0..count)
         .map(|i| {
             let context = context.clone();
             let incoming = incoming.clone();
+            let monitor = monitor.clone();
             thread::Builder::new()
                 .name(format!("warren-worker-{i}"))
                 .spawn(move || {
                     for message in incoming {
                         // Handler panics are already failures; this keeps the worker alive
                         // through a panic anywhere else (a result's Serialize impl, say).
-                        if catch_unwind(AssertUnwindSafe(|| context.handle(message))).is_err() {
+                        if catch_unwind(AssertUnwindSafe(|| context.handle(message, &monitor)))
+                            .is_err()
+                        {
                             error!("a message's processing panicked; the worker carries on");
                         }
                     }
@@ -136,7 +155,7 @@ pub(crate) fn spawn(
 }
 
 impl WorkerContext {
-    fn handle(&self, incoming: Incoming) {
+    fn handle(&self, incoming: Incoming, monitor: &CallMonitor) {
         let Incoming { message, acker } = incoming;
         let routing_key = message.routing_key;
         let opened =
@@ -190,11 +209,22 @@ impl WorkerContext {
             _ => debug!("received cast {} on {routing_key:?}", header.method),
         }
         let mut context = header.context.clone();
-        context.insert(
-            "client_timeout",
-            header.monitor_timeout.map_or(Value::Null, Value::from),
-        );
+        context.insert("client_timeout", header.timeout.clone());
+        // A caller with a call-monitor timeout gets keep-alives while the handler runs.
+        let interval = header.monitor_timeout().and_then(keep_alive_interval);
+        let keep_alives = match (&header.msg_id, &header.reply_q, interval) {
+            (Some(msg_id), Some(reply_q), Some(interval)) => {
+                let caller = Caller {
+                    codec: doc.codec,
+                    msg_id: msg_id.clone(),
+                    reply_q: reply_q.clone(),
+                };
+                Some(monitor.watch(caller, interval))
+            }
+            _ => None,
+        };
         let outcome = self.dispatcher.dispatch(&header, &context, &doc);
+        drop(keep_alives);
         if let Err(failure) = &outcome {
             if failure.is_expected() {
                 debug!(
@@ -376,7 +406,10 @@ impl WorkerContext {
                 }
                 // The caller's reply queue is missing, perhaps while its consumer reconnects:
                 // keep trying for a while, as oslo does, then drop replies to it for a minute.
-                Err(Error::Undeliverable { .. }) if Instant::now() < give_up => {
+                // A stopping server does not hold its shutdown for a caller that went away.
+                Err(Error::Undeliverable { .. })
+                    if Instant::now() < give_up && !self.is_stopping() =>
+                {
                     thread::sleep(
                         MISSING_QUEUE_RETRY.min(give_up.saturating_duration_since(Instant::now())),
                     );

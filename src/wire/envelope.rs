@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::time::Duration;
 
 use serde::de::{self, IgnoredAny, IntoDeserializer, MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -180,12 +181,20 @@ pub(crate) struct RequestHeader {
     pub version: Option<String>,
     pub msg_id: Option<String>,
     pub reply_q: Option<String>,
-    /// `_timeout`: the caller's call-monitor timeout in seconds.
-    pub monitor_timeout: Option<f64>,
-    /// `true` when `_timeout` is present (even `null`): the sender is an oslo-style caller.
-    pub has_timeout_key: bool,
+    /// `_timeout` as sent: the caller's call-monitor timeout in seconds, or `null`.
+    pub timeout: Value,
     pub unique_id: Option<String>,
     pub context: RequestContext,
+}
+
+impl RequestHeader {
+    /// How often the caller wants keep-alives: its call-monitor timeout (`_timeout`), if any.
+    pub fn monitor_timeout(&self) -> Option<Duration> {
+        self.timeout
+            .as_f64()
+            .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+            .map(Duration::from_secs_f64)
+    }
 }
 
 impl<'de> Deserialize<'de> for RequestHeader {
@@ -206,10 +215,7 @@ impl<'de> Deserialize<'de> for RequestHeader {
                         "version" => header.version = map.next_value()?,
                         "_msg_id" => header.msg_id = map.next_value()?,
                         "_reply_q" => header.reply_q = map.next_value()?,
-                        "_timeout" => {
-                            header.has_timeout_key = true;
-                            header.monitor_timeout = map.next_value()?;
-                        }
+                        "_timeout" => header.timeout = map.next_value()?,
                         "_unique_id" => header.unique_id = map.next_value()?,
                         other => match other.strip_prefix(CONTEXT_PREFIX) {
                             Some(name) => {

@@ -107,8 +107,8 @@ fn requests_decode_and_reencode_byte_for_byte() {
             str_field(&c.inner, "_unique_id")
         );
         assert_eq!(
-            header.monitor_timeout,
-            c.inner.get("_timeout").and_then(Value::as_f64)
+            header.timeout,
+            c.inner.get("_timeout").cloned().unwrap_or(Value::Null)
         );
         let expected_context: Map<String, Value> = c
             .inner
@@ -136,7 +136,7 @@ fn requests_decode_and_reencode_byte_for_byte() {
                 call: header.msg_id.as_deref().map(|msg_id| CallFields {
                     msg_id,
                     reply_q: header.reply_q.as_deref().unwrap_or_default(),
-                    monitor_timeout: header.monitor_timeout.map(|t| t as u64),
+                    monitor_timeout: header.timeout.as_u64(),
                 }),
                 unique_id: header.unique_id.as_deref().unwrap_or_default(),
                 context: &header.context,

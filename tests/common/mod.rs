@@ -5,6 +5,7 @@
 
 pub mod node;
 pub mod proxy;
+pub mod python;
 pub mod scenarios;
 
 use std::process::Command;
@@ -153,6 +154,8 @@ pub struct Bus {
     events_tx: Sender<Event>,
     servers: Vec<(String, RpcServer)>,
     transports: Vec<Transport>,
+    /// More queues to delete (declared by peers outside the bus).
+    extra_queues: Vec<String>,
 }
 
 impl Bus {
@@ -173,6 +176,7 @@ impl Bus {
             events_tx,
             servers: Vec::new(),
             transports: Vec::new(),
+            extra_queues: Vec::new(),
         }
     }
 
@@ -250,8 +254,14 @@ impl Bus {
         }
     }
 
+    /// Deletes `queue` too when the bus is dropped (one a Python peer declared, say).
+    pub fn track_queue(&mut self, queue: impl Into<String>) {
+        self.extra_queues.push(queue.into());
+    }
+
     fn queue_names(&self) -> Vec<String> {
         let mut names = vec![self.topic.clone(), format!("{}_dlq", self.topic)];
+        names.extend(self.extra_queues.iter().cloned());
         names.extend(
             self.servers
                 .iter()

@@ -51,6 +51,7 @@ macro_rules! scenario_tests {
             stop_then_wait_finishes_taken_messages_and_restart_serves_the_rest,
             expired_calls_are_not_run_late,
             at_least_once_fails_fast_when_no_queue_takes_the_message,
+            call_monitoring_keeps_long_calls_alive_and_catches_lost_ones,
         );
     };
     (@each $url:expr; $($name:ident),* $(,)?) => {
@@ -590,4 +591,40 @@ pub fn at_least_once_fails_fast_when_no_queue_takes_the_message(url: &str) {
     assert_eq!(who, "s1");
     served.cast(&ctx(), "record", &json!({"ok": true})).unwrap();
     bus.expect_events(1, WAIT);
+}
+
+pub fn call_monitoring_keeps_long_calls_alive_and_catches_lost_ones(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    let monitored = bus
+        .client(Codec::Json)
+        .timeout(Duration::from_secs(10))
+        .call_monitor_timeout(Duration::from_secs(2));
+    // 3.5 s of work, longer than the 2 s monitor: keep-alives every second keep it going.
+    let started = Instant::now();
+    let slept: u64 = monitored
+        .call(&ctx(), "sleep", &json!({"ms": 3500}))
+        .unwrap();
+    assert_eq!(slept, 3500);
+    assert!(started.elapsed() >= Duration::from_millis(3500));
+    let seen: Value = monitored.call(&ctx(), "context", &()).unwrap();
+    assert_eq!(
+        seen["client_timeout"], 2,
+        "the server sees the monitor timeout"
+    );
+    // Nobody consumes the queue any more: the monitor, not the 10 s timeout, ends the call.
+    let server = bus.server("s1");
+    server.stop();
+    server.wait();
+    let started = Instant::now();
+    let lost: Result<Value, Error> = monitored.call(&ctx(), "whoami", &());
+    match lost {
+        Err(Error::Timeout { timeout, .. }) => assert_eq!(timeout, Duration::from_secs(2)),
+        other => panic!("{other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
 }

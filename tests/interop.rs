@@ -1,0 +1,431 @@
+//! Live interoperability with Python oslo.messaging 18.3.1 (from PyPI, in the virtualenv of
+//! `scripts/ensure-oslo-venv`): warren calls Python servers and serves Python clients on the
+//! real broker, both directions, with no change on the Python side.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::python::Peer;
+use common::{broker_url, Bus};
+use serde_json::{json, Value};
+use warren::{Codec, Error, RequestContext, RpcClient};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ctx() -> RequestContext {
+    RequestContext::new()
+        .with("user_id", "interop-user")
+        .with("project_id", "interop-project")
+        .with("roles", json!(["member"]))
+        .with("is_admin", false)
+}
+
+/// A bus whose Python server `name` is running; its queue is cleaned up with the bus.
+fn python_server(bus: &mut Bus, name: &str) -> Peer {
+    bus.track_queue(format!("{}.{name}", bus.topic));
+    Peer::start(
+        "rpc-server",
+        &bus.url,
+        &bus.exchange,
+        &bus.topic,
+        &["--server", name],
+    )
+}
+
+fn json_client(bus: &Bus) -> RpcClient {
+    bus.client(Codec::Json).timeout(Duration::from_secs(20))
+}
+
+fn remote(result: Result<Value, Error>) -> (String, String, String, warren::RemoteDetails) {
+    match result {
+        Err(Error::Remote {
+            class,
+            module,
+            message,
+            details,
+            ..
+        }) => (class, module, message, *details),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+#[test]
+fn rust_calls_a_python_server_and_gets_every_json_type() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    let client = json_client(&bus);
+    let types: Value = client.call(&ctx(), "types", &()).unwrap();
+    assert_eq!(
+        types,
+        json!({
+            "int": 42, "negative": -7, "big": 4611686018427387904_i64, "float": 1.5, "small": 1e-05,
+            "unicode": "h\u{e9}llo \u{2603} \u{1F680}", "null": null, "true": true, "false": false,
+            "list": [1, "two", [3.0, null]], "nested": {"a": {"b": {"c": [1, 2, 3]}}},
+            "empty_list": [], "empty_dict": {}
+        })
+    );
+    let args = json!({"s": "\u{e9}\u{1F680}\"\\\n", "f": 0.1, "n": null, "l": [true, false, {"k": [1.25e100]}]});
+    let echoed: Value = client.call(&ctx(), "echo", &args).unwrap();
+    assert_eq!(echoed, args);
+    let big: String = client
+        .call(&ctx(), "big", &json!({"size": 1 << 20}))
+        .unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    // oslo servers hand the context to the endpoint, plus client_timeout.
+    let seen: Value = client.call(&ctx(), "context", &()).unwrap();
+    assert_eq!(
+        seen,
+        json!({"user_id": "interop-user", "project_id": "interop-project", "roles": ["member"], "is_admin": false, "client_timeout": null})
+    );
+}
+
+#[test]
+fn python_exceptions_arrive_as_remote_errors() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    let client = json_client(&bus);
+    let (class, module, message, details) =
+        remote(client.call(&ctx(), "fail", &json!({"message": "bad value"})));
+    assert_eq!(
+        (class.as_str(), module.as_str(), message.as_str()),
+        ("ValueError", "builtins", "bad value")
+    );
+    assert_eq!(details.args, vec![json!("bad value")]);
+    let (class, module, message, details) =
+        remote(client.call(&ctx(), "not_found", &json!({"instance_id": "vm-9"})));
+    assert_eq!(
+        (class.as_str(), module.as_str()),
+        ("InstanceNotFound", "__main__")
+    );
+    assert_eq!(message, "Instance vm-9 could not be found.");
+    assert_eq!(details.kwargs.get("instance_id"), Some(&json!("vm-9")));
+    // An expected exception is logged differently on the server; the caller sees the original.
+    let (class, module, message, _) =
+        remote(client.call(&ctx(), "expected", &json!({"key": "k1"})));
+    assert_eq!(
+        (class.as_str(), module.as_str(), message.as_str()),
+        ("KeyError", "builtins", "'k1'")
+    );
+    // Typed matching on the class name.
+    let error = client
+        .call::<_, Value>(&ctx(), "fail", &json!({"message": "x"}))
+        .unwrap_err();
+    assert!(error.is_remote("ValueError"));
+}
+
+#[test]
+fn python_dispatch_rules_reach_rust_callers() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    let client = json_client(&bus);
+    let call = |c: RpcClient, method: &str| c.call::<_, Value>(&ctx(), method, &json!({}));
+    let (class, module, message, _) = remote(call(client.prepare(), "no_such_method"));
+    assert_eq!(
+        (class.as_str(), module.as_str()),
+        ("NoSuchMethod", "oslo_messaging.rpc.dispatcher")
+    );
+    assert_eq!(
+        message,
+        "Endpoint does not support RPC method no_such_method"
+    );
+    let (class, _, message, _) = remote(call(client.prepare().version("2.0"), "whoami"));
+    assert_eq!(class, "UnsupportedVersion");
+    assert_eq!(
+        message,
+        "Endpoint does not support RPC version 2.0. Attempted method: whoami"
+    );
+    assert_eq!(
+        remote(call(client.prepare().version("1.4"), "whoami")).0,
+        "UnsupportedVersion"
+    );
+    assert_eq!(
+        call(client.prepare().version("1.2"), "whoami").unwrap(),
+        json!("py1")
+    );
+    assert_eq!(
+        call(client.prepare().namespace("admin").version("2.1"), "reset").unwrap(),
+        json!("reset by py1")
+    );
+    assert_eq!(
+        remote(call(
+            client.prepare().namespace("admin").version("2.2"),
+            "reset"
+        ))
+        .0,
+        "UnsupportedVersion"
+    );
+    // A request without a version asks for 1.0, which the 2.1 admin endpoint cannot serve.
+    assert_eq!(
+        remote(call(client.prepare().namespace("admin"), "whoami")).0,
+        "UnsupportedVersion"
+    );
+    assert_eq!(
+        remote(call(
+            client.prepare().namespace("admin").version("2.0"),
+            "whoami"
+        ))
+        .0,
+        "NoSuchMethod"
+    );
+    assert_eq!(
+        call(client.prepare().server("py1"), "whoami").unwrap(),
+        json!("py1")
+    );
+}
+
+#[test]
+fn a_rust_call_to_a_slow_python_method_times_out() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    let client = json_client(&bus).timeout(Duration::from_millis(800));
+    let started = Instant::now();
+    let result: Result<Value, Error> = client.call(&ctx(), "sleep", &json!({"seconds": 2}));
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn rust_casts_are_counted_by_python_and_fanout_reaches_both_python_servers() {
+    let mut bus = Bus::new(&broker_url());
+    let mut first = python_server(&mut bus, "py1");
+    let mut second = python_server(&mut bus, "py2");
+    let client = json_client(&bus);
+    for n in 0..40 {
+        client
+            .prepare()
+            .server("py1")
+            .cast(&ctx(), "count", &json!({"n": n}))
+            .unwrap();
+    }
+    let mut seen: Vec<i64> = first
+        .events("cast", 40, WAIT)
+        .iter()
+        .map(|e| e["n"].as_i64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..40).collect::<Vec<_>>(), "no loss, no duplicate");
+    first.quiet("cast", Duration::from_millis(300));
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "count", &json!({"n": 1000}))
+        .unwrap();
+    assert_eq!(first.events("cast", 1, WAIT)[0]["n"], 1000);
+    assert_eq!(second.events("cast", 1, WAIT)[0]["n"], 1000);
+    second.quiet("cast", Duration::from_millis(300));
+}
+
+/// A Python client against a Rust server.
+fn python_client(bus: &Bus, allow: &[&str]) -> Peer {
+    let extra: Vec<&str> = allow.iter().flat_map(|m| ["--allow", m]).collect();
+    Peer::start("rpc-client", &bus.url, &bus.exchange, &bus.topic, &extra)
+}
+
+fn py_call(peer: &mut Peer, method: &str, args: Value, more: Value) -> Value {
+    let mut request =
+        json!({"op": "call", "method": method, "args": args, "ctxt": {"user_id": "py-user"}});
+    if let (Some(request), Some(more)) = (request.as_object_mut(), more.as_object()) {
+        request.extend(more.clone());
+    }
+    peer.request(request, WAIT)
+}
+
+#[test]
+fn python_calls_a_rust_server_and_gets_every_json_type() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("rs1", 4);
+    let mut python = python_client(&bus, &[]);
+    let args = json!({"s": "h\u{e9}llo \u{2603} \u{1F680}", "i": -3, "big": 4611686018427387904_i64, "f": 0.1,
+        "n": null, "b": [true, false], "nested": {"a": [1, {"b": {}}]}, "empty": []});
+    assert_eq!(
+        py_call(&mut python, "echo", args.clone(), json!({})),
+        json!({"id": 1, "result": args})
+    );
+    let sum = py_call(&mut python, "add", json!({"a": 40, "b": 2}), json!({}));
+    assert_eq!(sum["result"], 42);
+    let big = "y".repeat(1 << 20);
+    let echoed = py_call(&mut python, "echo", json!({"blob": big}), json!({}));
+    assert_eq!(
+        echoed["result"]["blob"].as_str().map(str::len),
+        Some(1 << 20)
+    );
+    let seen = py_call(&mut python, "context", json!({}), json!({}));
+    assert_eq!(
+        seen["result"],
+        json!({"user_id": "py-user", "client_timeout": null})
+    );
+    let seen = py_call(
+        &mut python,
+        "context",
+        json!({}),
+        json!({"call_monitor_timeout": 4}),
+    );
+    assert_eq!(
+        seen["result"]["client_timeout"], 4,
+        "oslo's client_timeout carries _timeout"
+    );
+    let who = py_call(
+        &mut python,
+        "whoami",
+        json!({}),
+        json!({"server": "rs1", "version": "1.3"}),
+    );
+    assert_eq!(who["result"], "rs1");
+}
+
+#[test]
+fn python_gets_its_own_exception_types_from_rust() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("rs1", 2);
+    let mut python = python_client(&bus, &[]);
+    let builtin = py_call(
+        &mut python,
+        "fail",
+        json!({"class": "ValueError", "module": "builtins", "message": "bad from rust"}),
+        json!({}),
+    );
+    let error = &builtin["error"];
+    assert_eq!(
+        (error["type"].as_str(), error["module"].as_str()),
+        (Some("ValueError"), Some("builtins")),
+        "{builtin}"
+    );
+    assert!(
+        error["str"].as_str().unwrap().starts_with("bad from rust"),
+        "{builtin}"
+    );
+    let foreign = py_call(
+        &mut python,
+        "fail",
+        json!({"class": "InstanceNotFound", "module": "nova.exception", "message": "Instance vm-1 could not be found."}),
+        json!({}),
+    );
+    let error = &foreign["error"];
+    assert_eq!(error["type"], "RemoteError", "{foreign}");
+    assert_eq!(error["exc_type"], "InstanceNotFound");
+    assert_eq!(error["value"], "Instance vm-1 could not be found.");
+    let missing = py_call(&mut python, "nope", json!({}), json!({}));
+    assert_eq!(
+        (
+            missing["error"]["type"].as_str(),
+            missing["error"]["exc_type"].as_str()
+        ),
+        (Some("RemoteError"), Some("NoSuchMethod"))
+    );
+    let unsupported = py_call(&mut python, "whoami", json!({}), json!({"version": "3.0"}));
+    assert_eq!(
+        unsupported["error"]["exc_type"], "UnsupportedVersion",
+        "{unsupported}"
+    );
+    let bad_args = py_call(&mut python, "add", json!({"a": "one", "b": 2}), json!({}));
+    assert_eq!(bad_args["error"]["type"], "TypeError", "{bad_args}");
+    drop(python);
+    // A client that allows oslo's dispatcher module rebuilds NoSuchMethod itself.
+    let mut allowing = python_client(&bus, &["oslo_messaging.rpc.dispatcher"]);
+    let missing = py_call(&mut allowing, "nope", json!({}), json!({}));
+    assert_eq!(missing["error"]["type"], "NoSuchMethod_Remote", "{missing}");
+}
+
+#[test]
+fn python_times_out_on_a_slow_rust_handler() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("rs1", 2);
+    let mut python = python_client(&bus, &[]);
+    let slow = py_call(
+        &mut python,
+        "sleep",
+        json!({"ms": 2500}),
+        json!({"timeout": 1}),
+    );
+    assert_eq!(slow["error"]["type"], "MessagingTimeout", "{slow}");
+}
+
+#[test]
+fn python_casts_and_fanout_reach_rust_servers() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("rs1", 2);
+    bus.start_server("rs2", 2);
+    let mut python = python_client(&bus, &[]);
+    for n in 0..20 {
+        let sent = python.request(
+            json!({"op": "cast", "method": "record", "args": {"n": n}}),
+            WAIT,
+        );
+        assert_eq!(sent["result"], Value::Null, "{sent}");
+    }
+    let mut seen: Vec<i64> = bus
+        .expect_events(20, WAIT)
+        .iter()
+        .map(|e| e.value["n"].as_i64().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    python.request(
+        json!({"op": "cast", "method": "record", "args": {"n": 99}, "fanout": true}),
+        WAIT,
+    );
+    let mut servers: Vec<String> = bus
+        .expect_events(2, WAIT)
+        .into_iter()
+        .map(|e| e.server)
+        .collect();
+    servers.sort();
+    assert_eq!(servers, ["rs1", "rs2"]);
+    bus.expect_quiet(Duration::from_millis(300));
+}
+
+#[test]
+fn a_mixed_fleet_of_python_and_rust_servers_shares_a_topic() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    bus.start_server("rs1", 2);
+    let client = json_client(&bus);
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+        *served.entry(who).or_default() += 1;
+    }
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(served.values().all(|n| *n >= 10), "{served:?}");
+    let mut python = python_client(&bus, &[]);
+    let mut by_python: HashMap<String, usize> = HashMap::new();
+    for _ in 0..20 {
+        let who = py_call(&mut python, "whoami", json!({}), json!({}));
+        *by_python
+            .entry(who["result"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(by_python.len(), 2, "{by_python:?}");
+}
+
+#[test]
+fn call_monitoring_keep_alives_work_both_ways() {
+    let mut bus = Bus::new(&broker_url());
+    let _python = python_server(&mut bus, "py1");
+    bus.start_server("rs1", 2);
+    // Rust → Python: a 3 s method under a 2 s monitor lives on Python's keep-alives.
+    let monitored = json_client(&bus)
+        .timeout(Duration::from_secs(15))
+        .call_monitor_timeout(Duration::from_secs(2));
+    let slept: i64 = monitored
+        .prepare()
+        .server("py1")
+        .call(&ctx(), "sleep", &json!({"seconds": 3}))
+        .unwrap();
+    assert_eq!(slept, 3);
+    // Python → Rust: the same, on warren's keep-alives.
+    let mut python = python_client(&bus, &[]);
+    let slow = py_call(
+        &mut python,
+        "sleep",
+        json!({"ms": 3000}),
+        json!({"server": "rs1", "timeout": 15, "call_monitor_timeout": 2}),
+    );
+    assert_eq!(slow["result"], 3000, "{slow}");
+}
