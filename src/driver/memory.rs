@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 
 use crate::driver::poll::{Accepted, Consumers, PollThread, SessionEnd};
 use crate::driver::{
-    fanout_exchange, AckKind, Driver, Incoming, ListenSpec, Listener, Outgoing, RawMessage,
-    ReplySink, Route, SendOptions,
+    fanout_exchange, AckKind, Driver, ExchangeKind, Incoming, ListenSpec, Listener, Outgoing,
+    QueuePlan, RawMessage, ReplySink, Route, SendOptions,
 };
 use crate::error::{Error, Result};
 use crate::url::TransportUrl;
@@ -83,6 +83,40 @@ impl Broker {
             .entry(name.to_string())
             .or_insert_with(Queue::new)
             .clone()
+    }
+
+    /// Creates a queue (if new) and its bindings.
+    fn declare(&self, plan: &QueuePlan) {
+        self.queue(&plan.name);
+        for binding in &plan.bindings {
+            let bound = match binding.kind {
+                ExchangeKind::Topic => {
+                    let mut topic = self.topic.lock();
+                    let keys = topic.entry(binding.exchange.clone()).or_default();
+                    let queues = keys.entry(binding.routing_key.clone()).or_default();
+                    (!queues.contains(&plan.name)).then(|| queues.push(plan.name.clone()))
+                }
+                ExchangeKind::Fanout => {
+                    let mut fanout = self.fanout.lock();
+                    let queues = fanout.entry(binding.exchange.clone()).or_default();
+                    (!queues.contains(&plan.name)).then(|| queues.push(plan.name.clone()))
+                }
+            };
+            let _ = bound;
+        }
+    }
+
+    /// Deletes a queue and every binding to it.
+    fn delete(&self, queue: &str) {
+        for keys in self.topic.lock().values_mut() {
+            for queues in keys.values_mut() {
+                queues.retain(|q| q != queue);
+            }
+        }
+        for queues in self.fanout.lock().values_mut() {
+            queues.retain(|q| q != queue);
+        }
+        self.queues.lock().remove(queue);
     }
 
     fn push(&self, message: Message) {
@@ -203,35 +237,16 @@ impl Driver for MemoryDriver {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let fanout_queue = format!("{}_fanout_{}", spec.topic, uuid::Uuid::new_v4().simple());
-        let mut names: Vec<String> = spec.topic_queues().to_vec();
-        {
-            let mut topic = self.broker.topic.lock();
-            let keys = topic.entry(spec.exchange.clone()).or_default();
-            for name in &names {
-                let bound = keys.entry(name.clone()).or_default();
-                if !bound.contains(name) {
-                    bound.push(name.clone());
-                }
-            }
+        for plan in &spec.queues {
+            self.broker.declare(plan);
         }
-        self.broker
-            .fanout
-            .lock()
-            .entry(fanout_exchange(&spec.topic))
-            .or_default()
-            .push(fanout_queue.clone());
-        names.push(fanout_queue.clone());
-        if let Some(dead_letters) = &spec.dead_letter_queue {
-            self.broker.queue(dead_letters);
-        }
-        let receivers = names
-            .iter()
-            .map(|n| self.broker.queue(n).rx.clone())
+        let receivers = spec
+            .consumed()
+            .map(|plan| self.broker.queue(&plan.name).rx.clone())
             .collect();
         let broker = self.broker.clone();
-        let topic = spec.topic.clone();
-        let name = format!("warren-listen-{}", spec.topic);
+        let delete_on_close = spec.delete_on_close.clone();
+        let name = format!("warren-listen-{}", spec.label);
         let thread = PollThread::spawn(name, incoming, move |mut poll, control, ready| {
             let _ = ready.send(Ok(()));
             let mut consumers = MemoryConsumers {
@@ -247,10 +262,9 @@ impl Driver for MemoryDriver {
                 broker.push(message);
             }
             if end == SessionEnd::Closed {
-                if let Some(queues) = broker.fanout.lock().get_mut(&fanout_exchange(&topic)) {
-                    queues.retain(|q| *q != fanout_queue);
+                for queue in &delete_on_close {
+                    broker.delete(queue);
                 }
-                broker.queues.lock().remove(&fanout_queue);
             }
         })?;
         Ok(Box::new(thread))

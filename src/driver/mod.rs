@@ -202,26 +202,110 @@ where
 /// Receives every message arriving on the transport's reply queue.
 pub(crate) type ReplySink = Arc<dyn Fn(RawMessage) + Send + Sync>;
 
-/// What a server listens to: queues `<topic>` and `<topic>.<server>` on `exchange`, and a
-/// private queue on the fanout exchange `<topic>_fanout`.
+/// How an exchange routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExchangeKind {
+    /// oslo's control exchange: routing keys match exactly as oslo uses them.
+    Topic,
+    /// `<topic>_fanout`: every bound queue gets a copy.
+    Fanout,
+}
+
+/// A queue bound to an exchange with a routing key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Binding {
+    pub exchange: String,
+    pub kind: ExchangeKind,
+    pub routing_key: String,
+}
+
+/// How long a queue lives, which decides its flags and arguments (see oslo's topology).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueLifetime {
+    /// A server or notification queue: durable and auto-delete as the transport's options
+    /// say, no arguments.
+    Shared,
+    /// A per-process fanout queue: never durable, `x-expires`.
+    Transient,
+    /// warren's dead-letter queue: always durable.
+    DeadLetter,
+}
+
+/// A queue a listener declares (and consumes, unless `consume` is false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueuePlan {
+    pub name: String,
+    pub lifetime: QueueLifetime,
+    pub bindings: Vec<Binding>,
+    pub consume: bool,
+}
+
+/// Everything a listener declares and consumes; re-declared as is after a reconnection.
 #[derive(Debug, Clone)]
 pub(crate) struct ListenSpec {
-    pub exchange: String,
-    pub topic: String,
-    pub server: String,
-    /// The dead-letter queue to declare (durable) for `AckMode::AfterHandling`.
-    pub dead_letter_queue: Option<String>,
+    /// For thread names and logs: the topic.
+    pub label: String,
+    pub queues: Vec<QueuePlan>,
+    /// Queues deleted when the listener closes cleanly (a server's fanout queue).
+    pub delete_on_close: Vec<String>,
     /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
     pub retry: Option<u32>,
 }
 
 impl ListenSpec {
-    /// The two shared queue names, which are also their routing keys.
-    pub fn topic_queues(&self) -> [String; 2] {
-        [
-            self.topic.clone(),
-            format!("{}.{}", self.topic, self.server),
-        ]
+    /// oslo's RPC server topology: `<topic>` and `<topic>.<server>` on the topic exchange, a
+    /// private `<topic>_fanout_<uuid>` queue on `<topic>_fanout`, and a dead-letter queue.
+    pub fn rpc(
+        exchange: &str,
+        topic: &str,
+        server: &str,
+        dead_letter_queue: Option<&str>,
+        retry: Option<u32>,
+    ) -> ListenSpec {
+        let shared = |name: String| QueuePlan {
+            bindings: vec![Binding {
+                exchange: exchange.to_string(),
+                kind: ExchangeKind::Topic,
+                routing_key: name.clone(),
+            }],
+            name,
+            lifetime: QueueLifetime::Shared,
+            consume: true,
+        };
+        let fanout_queue = format!("{topic}_fanout_{}", uuid::Uuid::new_v4().simple());
+        let mut queues = vec![
+            shared(topic.to_string()),
+            shared(format!("{topic}.{server}")),
+            QueuePlan {
+                name: fanout_queue.clone(),
+                lifetime: QueueLifetime::Transient,
+                bindings: vec![Binding {
+                    exchange: fanout_exchange(topic),
+                    kind: ExchangeKind::Fanout,
+                    routing_key: topic.to_string(),
+                }],
+                consume: true,
+            },
+        ];
+        if let Some(dlq) = dead_letter_queue {
+            queues.push(QueuePlan {
+                name: dlq.to_string(),
+                lifetime: QueueLifetime::DeadLetter,
+                bindings: Vec::new(),
+                consume: false,
+            });
+        }
+        ListenSpec {
+            label: topic.to_string(),
+            queues,
+            delete_on_close: vec![fanout_queue],
+            retry,
+        }
+    }
+
+    /// The queues consumed, in consumer order.
+    pub fn consumed(&self) -> impl Iterator<Item = &QueuePlan> {
+        self.queues.iter().filter(|q| q.consume)
     }
 }
 

@@ -1,27 +1,27 @@
-//! The RPC server: lifecycle (`start`, `stop`, `wait`), its listener's poll thread, and its
-//! worker pool.
+//! The RPC server and the machinery it shares with the notification listener.
 //!
 //! Threads of one running server: the listener's poll thread (see
 //! [`driver::poll`](crate::driver)), which owns the listen connection and hands deliveries to
-//! a bounded incoming queue; and N workers ([`worker_pool`]) that ack, dispatch and reply.
+//! a bounded incoming queue; N workers ([`worker_pool`]) running [`rpc`] handling (ack,
+//! dispatch, reply); and the [`call_monitor`] thread sending keep-alives for long calls.
+//! [`lifecycle`] is `start` / `stop` / `wait`.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
-
-use log::{debug, error};
-use parking_lot::{Condvar, Mutex};
 
 use crate::dispatcher::{AccessPolicy, Dispatcher, Endpoint};
-use crate::driver::{ListenSpec, Listener};
+use crate::driver::ListenSpec;
 use crate::error::{Error, Result};
 use crate::target::Target;
 use crate::transport::Transport;
 
 mod call_monitor;
-mod worker_pool;
+pub(crate) mod lifecycle;
+mod rpc;
+pub(crate) mod worker_pool;
 
 use call_monitor::CallMonitor;
-use worker_pool::WorkerContext;
+use lifecycle::Lifecycle;
+use rpc::{RpcHandler, WorkerContext};
 
 /// When a server acknowledges what it receives.
 ///
@@ -142,34 +142,22 @@ impl RpcServerBuilder {
             self.ack_mode,
             self.duplicate_window,
         );
+        let spec = ListenSpec::rpc(
+            &exchange,
+            &topic,
+            &server,
+            context.dead_letter_queue.as_deref(),
+            self.retry,
+        );
         Ok(RpcServer {
-            spec: ListenSpec {
-                exchange,
-                topic,
-                server,
-                dead_letter_queue: context.dead_letter_queue.clone(),
-                retry: self.retry,
-            },
+            lifecycle: Lifecycle::new(format!("server {topic}.{server}")),
+            spec,
+            exchange,
+            server,
             workers,
             context: Arc::new(context),
-            state: Mutex::new(State::Idle),
-            changed: Condvar::new(),
         })
     }
-}
-
-enum State {
-    Idle,
-    Running(Box<Running>),
-    Stopped(Box<Running>),
-    Waiting,
-}
-
-struct Running {
-    listener: Box<dyn Listener>,
-    workers: Vec<JoinHandle<()>>,
-    /// Shared with the workers; the last one dropped stops the thread.
-    monitor: Arc<CallMonitor>,
 }
 
 /// An RPC server (oslo's `RPCServer`): consumes `<topic>`, `<topic>.<server>` and the topic's
@@ -196,19 +184,20 @@ struct Running {
 /// # Ok::<(), warren::Error>(())
 /// ```
 pub struct RpcServer {
+    lifecycle: Lifecycle,
     spec: ListenSpec,
+    exchange: String,
+    server: String,
     workers: usize,
     context: Arc<WorkerContext>,
-    state: Mutex<State>,
-    changed: Condvar,
 }
 
 impl std::fmt::Debug for RpcServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RpcServer")
-            .field("exchange", &self.spec.exchange)
-            .field("topic", &self.spec.topic)
-            .field("server", &self.spec.server)
+            .field("exchange", &self.exchange)
+            .field("topic", &self.context.topic)
+            .field("server", &self.server)
             .field("workers", &self.workers)
             .finish()
     }
@@ -230,60 +219,31 @@ impl RpcServer {
     }
 
     /// Declares the server's queues and starts consuming. Returns once messages can arrive;
-    /// fails if the broker cannot be reached or refuses the topology. Starting a running
-    /// server does nothing.
+    /// fails if the broker refuses the topology, or cannot be reached within the server's
+    /// [`retry`](RpcServerBuilder::retry) (by default a server whose broker is down starts
+    /// anyway and consumes once the broker is reachable). Starting a running server does
+    /// nothing.
     pub fn start(&self) -> Result<()> {
-        let mut state = self.state.lock();
-        while matches!(*state, State::Waiting) {
-            self.changed.wait(&mut state);
-        }
-        match &*state {
-            State::Running(_) => return Ok(()),
-            State::Stopped(_) => {
-                return Err(Error::server_state(
-                    "the server was stopped; call wait() before starting it again",
-                ))
-            }
-            State::Idle | State::Waiting => {}
-        }
-        let (tx, rx) = crossbeam_channel::bounded(self.workers);
         self.context.set_stopping(false);
-        let monitor = Arc::new(CallMonitor::start(self.context.transport.clone())?);
-        let workers = worker_pool::spawn(self.context.clone(), rx, self.workers, monitor.clone())?;
-        let listener = match self.context.transport.driver().listen(&self.spec, tx) {
-            Ok(listener) => listener,
-            Err(e) => {
-                // The workers exit: the only sender is gone.
-                for worker in workers {
-                    let _ = worker.join();
-                }
-                return Err(e);
-            }
-        };
-        *state = State::Running(Box::new(Running {
-            listener,
-            workers,
-            monitor,
-        }));
-        self.changed.notify_all();
-        debug!("server {}.{} started", self.spec.topic, self.spec.server);
-        Ok(())
+        let transport = &self.context.transport;
+        self.lifecycle
+            .start(transport, &self.spec, self.workers, || {
+                let handler = RpcHandler {
+                    context: self.context.clone(),
+                    monitor: CallMonitor::start(transport.clone())?,
+                };
+                Ok(Arc::new(handler))
+            })
     }
 
     /// Stops consuming: returns once no new message will be taken. Messages already taken are
     /// still processed; [`wait`](Self::wait) waits for them. Stopping a server that is not
     /// running does nothing.
     pub fn stop(&self) {
-        let mut state = self.state.lock();
-        if !matches!(*state, State::Running(_)) {
-            return;
-        }
-        if let State::Running(mut running) = std::mem::replace(&mut *state, State::Idle) {
+        if self.lifecycle.is_running() {
             self.context.set_stopping(true);
-            running.listener.stop();
-            *state = State::Stopped(running);
-            self.changed.notify_all();
         }
+        self.lifecycle.stop();
     }
 
     /// Waits until the server is stopped (by [`stop`](Self::stop), possibly from another
@@ -291,64 +251,23 @@ impl RpcServer {
     /// no thread, consumer, channel or connection of this server remains. Returns at once if
     /// the server is not started.
     pub fn wait(&self) {
-        let running = {
-            let mut state = self.state.lock();
-            loop {
-                match std::mem::replace(&mut *state, State::Idle) {
-                    State::Stopped(running) => {
-                        *state = State::Waiting;
-                        break running;
-                    }
-                    State::Running(running) => {
-                        *state = State::Running(running);
-                        self.changed.wait(&mut state);
-                    }
-                    State::Waiting => {
-                        *state = State::Waiting;
-                        self.changed.wait(&mut state);
-                    }
-                    State::Idle => return,
-                }
-            }
-        };
-        let Running {
-            listener,
-            workers,
-            monitor,
-        } = *running;
-        for worker in workers {
-            if worker.join().is_err() {
-                error!(
-                    "a worker of {}.{} panicked",
-                    self.spec.topic, self.spec.server
-                );
-            }
-        }
-        // The workers are gone: this was the last handle, dropping it joins the thread.
-        drop(monitor);
-        listener.close();
-        *self.state.lock() = State::Idle;
-        self.changed.notify_all();
-        debug!("server {}.{} finished", self.spec.topic, self.spec.server);
-    }
-
-    /// The dead-letter queue of failed casts under [`AckMode::AfterHandling`] (`<topic>_dlq`).
-    pub fn dead_letter_queue(&self) -> Option<&str> {
-        self.context.dead_letter_queue.as_deref()
+        self.lifecycle.wait();
     }
 
     /// `true` between `start()` and `stop()`.
     pub fn is_running(&self) -> bool {
-        matches!(*self.state.lock(), State::Running(_))
+        self.lifecycle.is_running()
     }
 
     /// `true` while the server is connected and consuming: `false` before `start()`, while
     /// it reconnects after losing its broker, and after `stop()`. A health check.
     pub fn is_consuming(&self) -> bool {
-        match &*self.state.lock() {
-            State::Running(running) => running.listener.is_consuming(),
-            _ => false,
-        }
+        self.lifecycle.is_consuming()
+    }
+
+    /// The dead-letter queue of failed casts under [`AckMode::AfterHandling`] (`<topic>_dlq`).
+    pub fn dead_letter_queue(&self) -> Option<&str> {
+        self.context.dead_letter_queue.as_deref()
     }
 }
 

@@ -37,15 +37,14 @@ pub(crate) struct Setup {
 /// Starts the poll thread; returns once the topology is declared and the consumers run (or,
 /// with `retry: None` and no broker reachable, once the first pass over the hosts failed).
 pub(crate) fn spawn(setup: Setup, incoming: Sender<Incoming>) -> Result<PollThread> {
-    let name = format!("warren-listen-{}", setup.spec.topic);
+    let name = format!("warren-listen-{}", setup.spec.label);
     PollThread::spawn(name, incoming, move |mut poll, control, ready| {
         run(&setup, &mut poll, &control, ready)
     })
 }
 
 fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: Sender<Result<()>>) {
-    let topic = &setup.spec.topic;
-    let fanout_queue = format!("{topic}_fanout_{}", uuid::Uuid::new_v4().simple());
+    let topic = &setup.spec.label;
     let mut ready = Some(ready);
     let mut backoff = Backoff::new(&setup.options);
     loop {
@@ -58,14 +57,7 @@ fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: S
             return;
         };
         let address = connection.address().to_string();
-        match session(
-            &mut connection,
-            setup,
-            &fanout_queue,
-            poll,
-            control,
-            &mut ready,
-        ) {
+        match session(&mut connection, setup, poll, control, &mut ready) {
             Session::Failed(e) => {
                 connection.close();
                 if let Some(ready) = ready.take() {
@@ -111,18 +103,17 @@ enum Session {
 fn session(
     connection: &mut Connection,
     setup: &Setup,
-    fanout_queue: &str,
     poll: &mut PollLoop,
     control: &Receiver<Control>,
     ready: &mut Option<Sender<Result<()>>>,
 ) -> Session {
-    let topic = &setup.spec.topic;
+    let topic = &setup.spec.label;
     let address = connection.address().to_string();
-    let channel = match open_and_declare(connection, setup, fanout_queue) {
+    let channel = match open_and_declare(connection, setup) {
         Ok(channel) => channel,
         Err(e) => return Session::Failed(e),
     };
-    let consumers = match consume(&channel, setup, fanout_queue) {
+    let consumers = match consume(&channel, setup) {
         Ok(consumers) => consumers,
         Err(e) => return Session::Failed(e),
     };
@@ -130,10 +121,8 @@ fn session(
         consumers.iter().map(|c| c.receiver().clone()).collect();
     match ready.take() {
         Some(ready) => {
-            info!(
-                "listening on {topic} (exchange {:?}) via {address}",
-                setup.spec.exchange
-            );
+            let queues: Vec<&str> = setup.spec.consumed().map(|q| q.name.as_str()).collect();
+            info!("listening on {} via {address}", queues.join(", "));
             let _ = ready.send(Ok(()));
         }
         None => info!("listener on {topic} consumes again via {address}"),
@@ -142,7 +131,7 @@ fn session(
         channel: &channel,
         consumers: &consumers,
         receivers: receivers.clone(),
-        queues: consumed_queues(setup, fanout_queue),
+        queues: setup.spec.consumed().map(|q| q.name.clone()).collect(),
         unacked: HashMap::new(),
         address: &address,
     };
@@ -153,8 +142,10 @@ fn session(
     }
     drop(consumers);
     if end == SessionEnd::Closed {
-        if let Err(e) = channel.queue_delete(fanout_queue, QueueDeleteOptions::default()) {
-            debug!("could not delete fanout queue {fanout_queue}: {e}");
+        for queue in &setup.spec.delete_on_close {
+            if let Err(e) = channel.queue_delete(queue.as_str(), QueueDeleteOptions::default()) {
+                debug!("could not delete queue {queue}: {e}");
+            }
         }
     }
     if !matches!(end, SessionEnd::Lost(_)) {
@@ -197,7 +188,7 @@ fn connect(
         Err(Error::DeliveryFailure { .. }) if starting && setup.retry.is_none() => {
             warn!(
                 "server on {} starts without a broker; it will consume once one is reachable",
-                setup.spec.topic
+                setup.spec.label
             );
             if let Some(ready) = ready.take() {
                 let _ = ready.send(Ok(()));
@@ -217,52 +208,31 @@ fn connect(
     }
 }
 
-fn open_and_declare(
-    connection: &mut Connection,
-    setup: &Setup,
-    fanout_queue: &str,
-) -> Result<Channel> {
+fn open_and_declare(connection: &mut Connection, setup: &Setup) -> Result<Channel> {
     let address = connection.address().to_string();
     let channel = connection.open_channel()?;
-    let spec = &setup.spec;
     let options = &setup.options;
     if options.prefetch_count > 0 {
         channel
             .qos(0, options.prefetch_count, false)
             .map_err(|e| amqp_error(e, &address))?;
     }
-    topology::declare_topic_exchange(&channel, &spec.exchange, options, &address)?;
-    for queue in spec.topic_queues() {
-        topology::declare_server_queue(&channel, &spec.exchange, &queue, options, &address)?;
-    }
-    topology::declare_fanout_exchange(&channel, &spec.topic, &address)?;
-    topology::declare_fanout_queue(&channel, &spec.topic, fanout_queue, options, &address)?;
-    if let Some(dead_letters) = &spec.dead_letter_queue {
-        topology::declare_dead_letter_queue(&channel, dead_letters, &address)?;
+    for plan in &setup.spec.queues {
+        topology::declare_planned_queue(&channel, plan, options, &address)?;
     }
     Ok(channel)
 }
 
-/// The queues a listener consumes, in consumer order.
-fn consumed_queues(setup: &Setup, fanout_queue: &str) -> Vec<String> {
-    let mut queues: Vec<String> = setup.spec.topic_queues().to_vec();
-    queues.push(fanout_queue.to_string());
-    queues
-}
-
-fn consume<'c>(
-    channel: &'c Channel,
-    setup: &Setup,
-    fanout_queue: &str,
-) -> Result<Vec<Consumer<'c>>> {
-    consumed_queues(setup, fanout_queue)
-        .iter()
-        .map(|queue| {
+fn consume<'c>(channel: &'c Channel, setup: &Setup) -> Result<Vec<Consumer<'c>>> {
+    setup
+        .spec
+        .consumed()
+        .map(|plan| {
             channel
-                .basic_consume(queue.as_str(), ConsumerOptions::default())
+                .basic_consume(plan.name.as_str(), ConsumerOptions::default())
                 .map_err(|e| Error::Refused {
                     code: 0,
-                    text: format!("cannot consume {queue}: {e}"),
+                    text: format!("cannot consume {}: {e}", plan.name),
                 })
         })
         .collect()

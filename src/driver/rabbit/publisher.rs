@@ -379,8 +379,8 @@ impl PubChannel {
                 topology::declare_topic_exchange(&self.channel, name, options, &self.address)?;
                 self.declared.insert(name.to_string());
             }
-            Route::Fanout { topic } if !self.declared.contains(&exchange) => {
-                topology::declare_fanout_exchange(&self.channel, topic, &self.address)?;
+            Route::Fanout { .. } if !self.declared.contains(&exchange) => {
+                topology::declare_fanout_exchange(&self.channel, &exchange, &self.address)?;
                 self.declared.insert(exchange.clone());
             }
             _ => {}

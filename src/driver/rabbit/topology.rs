@@ -2,16 +2,16 @@
 //!
 //! RabbitMQ refuses (406 PRECONDITION_FAILED) a re-declaration with other flags or arguments,
 //! so warren must use oslo's: the control exchange is a non-auto-delete topic exchange,
-//! durable only with `amqp_durable_queues`; server queues `<topic>` and `<topic>.<server>` have
-//! the same durability and no arguments; the fanout exchange `<topic>_fanout` is auto-delete
-//! and never durable; fanout and reply queues carry `x-expires` (ms, as a signed 32-bit int,
-//! what py-amqp sends).
+//! durable only with `amqp_durable_queues`; server queues `<topic>` and `<topic>.<server>` and
+//! notification queues `<topic>.<priority>` have the same durability and no arguments; the
+//! fanout exchange `<topic>_fanout` is auto-delete and never durable; fanout and reply queues
+//! carry `x-expires` (ms, as a signed 32-bit int, what py-amqp sends).
 
 use amiquip::{
     AmqpValue, Channel, ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
 };
 
-use crate::driver::fanout_exchange;
+use crate::driver::{ExchangeKind, QueueLifetime, QueuePlan};
 use crate::error::Result;
 use crate::options::TransportOptions;
 
@@ -28,36 +28,61 @@ pub(crate) fn declare_topic_exchange(
     declare_exchange(channel, ExchangeType::Topic, name, flags, address)
 }
 
-/// Declares the fanout exchange of `topic`.
-pub(crate) fn declare_fanout_exchange(channel: &Channel, topic: &str, address: &str) -> Result<()> {
-    let name = fanout_exchange(topic);
-    declare_exchange(channel, ExchangeType::Fanout, &name, (false, true), address)
+/// Declares a fanout exchange (`<topic>_fanout`): auto-delete, never durable.
+pub(crate) fn declare_fanout_exchange(channel: &Channel, name: &str, address: &str) -> Result<()> {
+    declare_exchange(channel, ExchangeType::Fanout, name, (false, true), address)
 }
 
-/// Declares a server queue (`<topic>` or `<topic>.<server>`) bound to `exchange` under its
-/// own name.
-pub(crate) fn declare_server_queue(
+/// Declares a planned queue with the flags and arguments of its lifetime, the exchanges it is
+/// bound to, and its bindings.
+pub(crate) fn declare_planned_queue(
     channel: &Channel,
-    exchange: &str,
+    plan: &QueuePlan,
+    options: &TransportOptions,
+    address: &str,
+) -> Result<()> {
+    for binding in &plan.bindings {
+        match binding.kind {
+            ExchangeKind::Topic => {
+                declare_topic_exchange(channel, &binding.exchange, options, address)?
+            }
+            ExchangeKind::Fanout => declare_fanout_exchange(channel, &binding.exchange, address)?,
+        }
+    }
+    match plan.lifetime {
+        QueueLifetime::Shared => declare_shared_queue(channel, &plan.name, options, address)?,
+        QueueLifetime::Transient => declare_transient_queue(channel, &plan.name, options, address)?,
+        // Dead letters outlive a broker restart.
+        QueueLifetime::DeadLetter => declare_queue(
+            channel,
+            &plan.name,
+            (true, false),
+            FieldTable::new(),
+            address,
+        )?,
+    }
+    for binding in &plan.bindings {
+        bind(
+            channel,
+            &plan.name,
+            &binding.exchange,
+            &binding.routing_key,
+            address,
+        )?;
+    }
+    Ok(())
+}
+
+/// Declares a server or notification queue: durable and auto-delete as the options say, no
+/// arguments (never `x-expires`).
+pub(crate) fn declare_shared_queue(
+    channel: &Channel,
     queue: &str,
     options: &TransportOptions,
     address: &str,
 ) -> Result<()> {
     let flags = (options.durable_queues, options.auto_delete);
-    declare_queue(channel, queue, flags, FieldTable::new(), address)?;
-    bind(channel, queue, exchange, queue, address)
-}
-
-/// Declares a server's private fanout queue bound to `<topic>_fanout`.
-pub(crate) fn declare_fanout_queue(
-    channel: &Channel,
-    topic: &str,
-    queue: &str,
-    options: &TransportOptions,
-    address: &str,
-) -> Result<()> {
-    declare_transient_queue(channel, queue, options, address)?;
-    bind(channel, queue, &fanout_exchange(topic), topic, address)
+    declare_queue(channel, queue, flags, FieldTable::new(), address)
 }
 
 /// Declares a reply or fanout queue: non-durable, not exclusive, not auto-delete, with
@@ -75,15 +100,6 @@ pub(crate) fn declare_transient_queue(
         transient_arguments(options),
         address,
     )
-}
-
-/// Declares a dead-letter queue: durable (dead letters outlive a broker restart), no arguments.
-pub(crate) fn declare_dead_letter_queue(
-    channel: &Channel,
-    queue: &str,
-    address: &str,
-) -> Result<()> {
-    declare_queue(channel, queue, (true, false), FieldTable::new(), address)
 }
 
 /// `(durable, auto_delete)`.
@@ -128,7 +144,13 @@ fn declare_queue(
         .map_err(|e| amqp_error(e, address))
 }
 
-fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str, address: &str) -> Result<()> {
+pub(crate) fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+    address: &str,
+) -> Result<()> {
     channel
         .queue_bind(queue, exchange, key, FieldTable::new())
         .map_err(|e| amqp_error(e, address))

@@ -1,0 +1,441 @@
+//! What an RPC server's workers do with a request.
+//!
+//! For each message: opens it (content type, envelope) and reads its header — a
+//! message that cannot be read is rejected without requeue and logged with its routing key;
+//! acknowledges it first (oslo's ack-before-dispatch: at most once) unless it is a cast under
+//! [`AckMode::AfterHandling`]; drops duplicates by `_unique_id`; dispatches it; and settles it:
+//! a call gets its reply in the request's codec (retried while the reply queue is missing, as
+//! oslo does), a cast under `AfterHandling` is acknowledged after success, or re-queued /
+//! dead-lettered after a failure.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use parking_lot::Mutex;
+
+use crate::dispatcher::{Dispatcher, HandlerResult};
+use crate::driver::{Acker, Incoming, Outgoing, Redelivery, Route, SendOptions};
+use crate::error::{Error, Result};
+use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
+use crate::server::worker_pool::Handler;
+use crate::server::AckMode;
+use crate::transport::Transport;
+use crate::wire::envelope::{Reply, RequestHeader};
+use crate::wire::failure::Failure;
+use crate::wire::{Codec, Document};
+
+/// How long a worker tries to get one publish (reply, requeue) confirmed.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between two tries of a reply whose reply queue is missing (oslo: 0.25 s).
+const MISSING_QUEUE_RETRY: Duration = Duration::from_millis(250);
+/// How long, and how many, reply queues are remembered as gone (oslo: 60 s, 200).
+const GONE_FOR: Duration = Duration::from_secs(60);
+const GONE_MAX: usize = 200;
+
+/// What the workers of one server share.
+pub(crate) struct WorkerContext {
+    pub transport: Transport,
+    pub dispatcher: Dispatcher,
+    pub topic: String,
+    pub ack_mode: AckMode,
+    pub dead_letter_queue: Option<String>,
+    recent: Mutex<RecentIds>,
+    gone: Mutex<HashMap<String, Instant>>,
+    /// Set by `stop()`: missing reply queues are no longer waited for.
+    stopping: AtomicBool,
+}
+
+impl WorkerContext {
+    pub fn new(
+        transport: Transport,
+        dispatcher: Dispatcher,
+        topic: String,
+        ack_mode: AckMode,
+        duplicate_window: usize,
+    ) -> WorkerContext {
+        let dead_letter_queue = match ack_mode {
+            AckMode::AfterHandling { .. } => Some(dead_letter_queue(&topic)),
+            AckMode::BeforeDispatch => None,
+        };
+        WorkerContext {
+            transport,
+            dispatcher,
+            topic,
+            ack_mode,
+            dead_letter_queue,
+            recent: Mutex::new(RecentIds::new(duplicate_window)),
+            gone: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+}
+
+impl WorkerContext {
+    /// Marks the server as stopping (or running again).
+    pub fn set_stopping(&self, stopping: bool) {
+        self.stopping.store(stopping, Ordering::Release);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// The dead-letter queue of a topic's casts under `AckMode::AfterHandling`.
+pub(crate) fn dead_letter_queue(topic: &str) -> String {
+    format!("{topic}_dlq")
+}
+
+/// The last `capacity` `_unique_id`s (oslo keeps 16).
+struct RecentIds {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> RecentIds {
+        RecentIds {
+            order: VecDeque::new(),
+            ids: HashSet::new(),
+            capacity,
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: &str) {
+        if self.capacity == 0 || !self.ids.insert(id.to_string()) {
+            return;
+        }
+        self.order.push_back(id.to_string());
+        if self.order.len() > self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// A running RPC server's [`Handler`]: the shared context and the call-monitor thread,
+/// which stops when the last worker has let go of this.
+pub(crate) struct RpcHandler {
+    pub context: Arc<WorkerContext>,
+    pub monitor: CallMonitor,
+}
+
+impl Handler for RpcHandler {
+    fn handle(&self, incoming: Incoming) {
+        self.context.handle(incoming, &self.monitor);
+    }
+}
+
+impl WorkerContext {
+    fn handle(&self, incoming: Incoming, monitor: &CallMonitor) {
+        let Incoming { message, acker } = incoming;
+        let routing_key = message.routing_key;
+        let opened =
+            Document::open(message.content_type.as_deref(), message.body).and_then(|doc| {
+                doc.decode::<RequestHeader>()
+                    .map(|h| (doc, h))
+                    .map_err(|e| e.to_string())
+            });
+        let (doc, header) = match opened {
+            Ok(opened) => opened,
+            Err(reason) => {
+                warn!(
+                    "rejecting an unreadable message on {routing_key:?} (topic {}): {reason}",
+                    self.topic
+                );
+                acker.reject(false);
+                return;
+            }
+        };
+        let is_call = header.msg_id.is_some();
+        let ack_after = !is_call && matches!(self.ack_mode, AckMode::AfterHandling { .. });
+        let mut acker = Some(acker);
+        if !ack_after {
+            if let Err(e) = acker.take().map_or(Ok(()), Acker::ack) {
+                warn!(
+                    "could not acknowledge {} on {routing_key:?}; skipping it: {e}",
+                    header.method
+                );
+                return;
+            }
+        }
+        if let Some(unique_id) = &header.unique_id {
+            let mut recent = self.recent.lock();
+            if recent.contains(unique_id) {
+                drop(recent);
+                info!("ignoring duplicate message {unique_id} ({})", header.method);
+                if let Some(acker) = acker {
+                    let _ = acker.ack();
+                }
+                return;
+            }
+            if !ack_after {
+                recent.insert(unique_id);
+            }
+        }
+        match (&header.msg_id, &header.reply_q) {
+            (Some(msg_id), _) => debug!(
+                "received call {} msg_id {msg_id} on {routing_key:?}",
+                header.method
+            ),
+            _ => debug!("received cast {} on {routing_key:?}", header.method),
+        }
+        let mut context = header.context.clone();
+        context.insert("client_timeout", header.timeout.clone());
+        // A caller with a call-monitor timeout gets keep-alives while the handler runs.
+        let interval = header.monitor_timeout().and_then(keep_alive_interval);
+        let keep_alives = match (&header.msg_id, &header.reply_q, interval) {
+            (Some(msg_id), Some(reply_q), Some(interval)) => {
+                let caller = Caller {
+                    codec: doc.codec,
+                    msg_id: msg_id.clone(),
+                    reply_q: reply_q.clone(),
+                };
+                Some(monitor.watch(caller, interval))
+            }
+            _ => None,
+        };
+        let outcome = self.dispatcher.dispatch(&header, &context, &doc);
+        drop(keep_alives);
+        if let Err(failure) = &outcome {
+            if failure.is_expected() {
+                debug!(
+                    "expected exception during message handling ({}): {failure}",
+                    header.method
+                );
+            } else {
+                error!(
+                    "exception during message handling ({}): {failure}",
+                    header.method
+                );
+            }
+        }
+        if let (Some(msg_id), Some(reply_q)) = (&header.msg_id, &header.reply_q) {
+            self.reply(doc.codec, msg_id, reply_q, outcome);
+        } else if let Some(acker) = acker {
+            self.settle_cast(
+                acker,
+                &doc,
+                &header,
+                outcome.err(),
+                &message.queue,
+                message.attempts,
+            );
+        }
+    }
+
+    /// `AckMode::AfterHandling`: ack a handled cast; re-queue a failed one (to the back of its
+    /// queue, counting attempts) or, past the limit, move it to the dead-letter queue. A cast
+    /// that cannot be re-sent goes back to its queue unacknowledged: nothing is lost.
+    fn settle_cast(
+        &self,
+        acker: Acker,
+        doc: &Document,
+        header: &RequestHeader,
+        failure: Option<Failure>,
+        queue: &str,
+        attempts: u32,
+    ) {
+        let Some(failure) = failure else {
+            if let Some(unique_id) = &header.unique_id {
+                self.recent.lock().insert(unique_id);
+            }
+            if let Err(e) = acker.ack() {
+                warn!("cast {} was handled but its ack failed ({e}); a redelivery will be dropped as a duplicate", header.method);
+            }
+            return;
+        };
+        let AckMode::AfterHandling { requeue_limit } = self.ack_mode else {
+            return;
+        };
+        let redelivery = Redelivery {
+            attempts: attempts + 1,
+            failure: Some(failure.to_string()),
+        };
+        let (target, what) = match &self.dead_letter_queue {
+            Some(dlq) if redelivery.attempts > requeue_limit => {
+                (dlq.as_str(), "moved to the dead-letter queue")
+            }
+            _ => (queue, "requeued"),
+        };
+        match self.resend(doc, target, &redelivery) {
+            Ok(()) => {
+                warn!(
+                    "cast {} failed (attempt {}): {failure}; {what} {target}",
+                    header.method, redelivery.attempts
+                );
+                if let Err(e) = acker.ack() {
+                    warn!(
+                        "could not ack cast {} after re-sending it: {e}",
+                        header.method
+                    );
+                }
+            }
+            Err(e) => {
+                warn!(
+                    "could not re-send failed cast {} to {target} ({e}); returning it to its queue",
+                    header.method
+                );
+                acker.reject(true);
+            }
+        }
+    }
+
+    /// Publishes a copy of `doc` to `queue` (through the default exchange) with `redelivery`.
+    fn resend(&self, doc: &Document, queue: &str, redelivery: &Redelivery) -> Result<()> {
+        let body = doc.reencode()?;
+        let outgoing = Outgoing {
+            route: Route::Direct { queue },
+            body: &body,
+            codec: doc.codec,
+            expiration: None,
+            mandatory: true,
+            redelivery: Some(redelivery),
+        };
+        let options = SendOptions {
+            deadline: Some(Instant::now() + SEND_TIMEOUT),
+            retry: None,
+        };
+        self.transport.driver().send(&outgoing, &options)
+    }
+
+    /// `true` if replies to `reply_q` are being dropped (its queue was missing recently).
+    fn reply_queue_gone(&self, reply_q: &str) -> bool {
+        let mut gone = self.gone.lock();
+        gone.retain(|_, since| since.elapsed() < GONE_FOR);
+        gone.contains_key(reply_q)
+    }
+
+    fn remember_gone(&self, reply_q: &str) {
+        let mut gone = self.gone.lock();
+        if gone.len() >= GONE_MAX {
+            if let Some(oldest) = gone
+                .iter()
+                .min_by_key(|(_, since)| **since)
+                .map(|(q, _)| q.clone())
+            {
+                gone.remove(&oldest);
+            }
+        }
+        gone.insert(reply_q.to_string(), Instant::now());
+    }
+
+    fn reply(&self, codec: Codec, msg_id: &str, reply_q: &str, outcome: HandlerResult) {
+        if self.reply_queue_gone(reply_q) {
+            warn!("{reply_q} does not exist; dropping the reply to {msg_id}");
+            return;
+        }
+        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let encode = |result: Option<&(dyn erased_serde::Serialize + Send)>,
+                      failure: Option<&Failure>| {
+            let failure = failure.map(Failure::to_wire);
+            codec.encode(&Reply {
+                result: result.map(|r| r as &dyn erased_serde::Serialize),
+                failure: failure.as_deref(),
+                ending: true,
+                msg_id,
+                unique_id: &unique_id,
+            })
+        };
+        let body = match &outcome {
+            Ok(result) => encode(Some(result.as_ref()), None).or_else(|e| {
+                let failure = Failure::new(
+                    "TypeError",
+                    "builtins",
+                    format!("the result could not be encoded: {e}"),
+                );
+                error!("{failure}");
+                encode(None, Some(&failure))
+            }),
+            Err(failure) => encode(None, Some(failure)),
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(e) => {
+                error!("could not encode the reply to {msg_id}: {e}");
+                return;
+            }
+        };
+        let outgoing = Outgoing {
+            route: Route::Direct { queue: reply_q },
+            body: &body,
+            codec,
+            expiration: None,
+            mandatory: true,
+            redelivery: None,
+        };
+        let patience = self.transport.options().missing_consumer_retry_timeout;
+        let give_up = Instant::now() + patience;
+        loop {
+            let options = SendOptions {
+                deadline: Some(Instant::now() + SEND_TIMEOUT),
+                retry: None,
+            };
+            match self.transport.driver().send(&outgoing, &options) {
+                Ok(()) => {
+                    debug!("replied to {msg_id} on {reply_q}");
+                    return;
+                }
+                // The caller's reply queue is missing, perhaps while its consumer reconnects:
+                // keep trying for a while, as oslo does, then drop replies to it for a minute.
+                // A stopping server does not hold its shutdown for a caller that went away.
+                Err(Error::Undeliverable { .. })
+                    if Instant::now() < give_up && !self.is_stopping() =>
+                {
+                    thread::sleep(
+                        MISSING_QUEUE_RETRY.min(give_up.saturating_duration_since(Instant::now())),
+                    );
+                }
+                Err(Error::Undeliverable { .. }) => {
+                    self.remember_gone(reply_q);
+                    warn!(
+                        "the reply to {msg_id} could not be sent for {:.1}s: reply queue {reply_q} does not exist; dropping it",
+                        patience.as_secs_f64()
+                    );
+                    return;
+                }
+                Err(Error::Timeout { .. }) => {
+                    warn!(
+                        "the broker did not confirm the reply to {msg_id} within {}s",
+                        SEND_TIMEOUT.as_secs()
+                    );
+                    return;
+                }
+                Err(e) => {
+                    error!("could not send the reply to {msg_id}: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_forget_the_oldest_beyond_the_window() {
+        let mut recent = RecentIds::new(3);
+        for id in ["a", "b", "c", "a"] {
+            recent.insert(id);
+        }
+        assert!(recent.contains("a") && recent.contains("b") && recent.contains("c"));
+        recent.insert("d");
+        assert!(!recent.contains("a"), "a was the oldest");
+        assert!(recent.contains("d"));
+        let mut none = RecentIds::new(0);
+        none.insert("a");
+        assert!(!none.contains("a"));
+    }
+}
