@@ -39,6 +39,7 @@ mod context;
 mod dispatcher;
 mod driver;
 mod error;
+mod notify;
 mod options;
 mod server;
 mod target;
@@ -56,6 +57,11 @@ pub use client::RpcClient;
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
 pub use error::{BoxError, Error, RemoteDetails, Result};
+pub use notify::{
+    Notification, NotificationEndpoint, NotificationFilter, NotificationFormat,
+    NotificationListener, NotificationListenerBuilder, NotificationMetadata, NotificationResult,
+    Notifier, Priority,
+};
 pub use options::{FailoverStrategy, TransportOptions, OPTION_NAMES};
 pub use server::{AckMode, RpcServer, RpcServerBuilder};
 pub use target::Target;

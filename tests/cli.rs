@@ -234,3 +234,104 @@ fn exit_codes() {
         .unwrap();
     assert_eq!(stdout(&overridden), r#""s1""#, "{}", stderr(&overridden));
 }
+
+#[test]
+fn notify_and_listen() {
+    let mut bus = Bus::new(&broker_url());
+    for priority in [
+        "audit", "debug", "info", "warn", "error", "critical", "sample",
+    ] {
+        bus.track_queue(format!("{}.{priority}", bus.topic));
+    }
+    let url = format!("{}?control_exchange={}", bus.url, bus.exchange);
+    let listener = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args([
+            "--url",
+            &url,
+            "listen",
+            "--topic",
+            &bus.topic,
+            "--priority",
+            "info,error",
+            "--count",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The notifier declares the queue, so these wait for the listener even if it is not up yet.
+    let out = warren(
+        &bus,
+        &[
+            "notify",
+            "--topic",
+            &bus.topic,
+            "--publisher",
+            "cli.test",
+            "--event-type",
+            "cli.event",
+            "--context",
+            r#"{"user_id": "u"}"#,
+            r#"{"n": 1}"#,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = warren(
+        &bus,
+        &[
+            "notify",
+            "--topic",
+            &bus.topic,
+            "--publisher",
+            "cli.test",
+            "--event-type",
+            "cli.failure",
+            "--priority",
+            "error",
+            "--format",
+            "v1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let bad = warren(
+        &bus,
+        &[
+            "notify",
+            "--topic",
+            &bus.topic,
+            "--publisher",
+            "p",
+            "--event-type",
+            "e",
+            "--priority",
+            "loud",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let listened = listener.wait_with_output().unwrap();
+    assert_eq!(listened.status.code(), Some(0));
+    let mut lines: Vec<Value> = String::from_utf8_lossy(&listened.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.sort_by_key(|l| l["event_type"].as_str().map(str::to_string));
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (
+            lines[0]["event_type"].as_str(),
+            lines[0]["priority"].as_str()
+        ),
+        (Some("cli.event"), Some("info"))
+    );
+    assert_eq!(lines[0]["payload"], json!({"n": 1}));
+    assert_eq!(lines[0]["ctxt"]["user_id"], "u");
+    assert_eq!(lines[0]["publisher_id"], "cli.test");
+    assert_eq!(
+        (
+            lines[1]["event_type"].as_str(),
+            lines[1]["priority"].as_str()
+        ),
+        (Some("cli.failure"), Some("error"))
+    );
+    assert_eq!(lines[1]["payload"], json!({}));
+}

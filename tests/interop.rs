@@ -429,3 +429,193 @@ fn call_monitoring_keep_alives_work_both_ways() {
     );
     assert_eq!(slow["result"], 3000, "{slow}");
 }
+
+/// Notifications: Python notifier → Rust listeners (plain and pooled), messagingv2 and v1.
+#[test]
+fn python_notifications_reach_rust_listeners() {
+    use warren::{
+        Notification, NotificationEndpoint, NotificationListener, NotificationResult, Priority,
+        Target,
+    };
+    let mut bus = Bus::new(&broker_url());
+    let pool = common::unique("pool");
+    for priority in ["info", "error"] {
+        bus.track_queue(format!("{}.{priority}", bus.topic));
+    }
+    bus.track_queue(pool.clone());
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded::<(String, Notification)>();
+    let listeners: Vec<NotificationListener> = [None, Some(pool.as_str())]
+        .into_iter()
+        .map(|pool| {
+            let tag = pool.map_or("plain", |_| "pool").to_string();
+            let mut endpoint = NotificationEndpoint::new();
+            for priority in [Priority::Info, Priority::Error] {
+                let (tag, seen_tx) = (tag.clone(), seen_tx.clone());
+                endpoint = endpoint.on(priority, move |n: &Notification| {
+                    let _ = seen_tx.send((tag.clone(), n.clone()));
+                    NotificationResult::Handled
+                });
+            }
+            let mut builder =
+                NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+                    .endpoint(endpoint);
+            if let Some(pool) = pool {
+                builder = builder.pool(pool);
+            }
+            let listener = builder.build().unwrap();
+            listener.start().unwrap();
+            listener
+        })
+        .collect();
+
+    let mut v2 = Peer::start(
+        "notify",
+        &bus.url,
+        &bus.exchange,
+        &bus.topic,
+        &["--publisher", "compute.py-host"],
+    );
+    v2.request(json!({"priority": "info", "event_type": "compute.instance.create.end", "payload": {"id": 1}, "ctxt": {"user_id": "dropped"}}), WAIT);
+    v2.request(
+        json!({"priority": "error", "event_type": "compute.instance.create.error", "payload": {"id": 2},
+               "request_context": {"user_id": "u1", "project_id": "p1", "auth_token": "tok"}}),
+        WAIT,
+    );
+    let mut v1 = Peer::start(
+        "notify",
+        &bus.url,
+        &bus.exchange,
+        &bus.topic,
+        &["--driver", "messaging", "--publisher", "compute.py-v1"],
+    );
+    v1.request(
+        json!({"priority": "info", "event_type": "v1.event", "payload": {"id": 3}}),
+        WAIT,
+    );
+
+    let mut got: Vec<(String, Notification)> = (0..6)
+        .map(|_| seen.recv_timeout(WAIT).expect("a notification"))
+        .collect();
+    assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
+    got.sort_by(|a, b| (&a.0, &a.1.event_type).cmp(&(&b.0, &b.1.event_type)));
+    let events: Vec<(&str, &str)> = got
+        .iter()
+        .map(|(tag, n)| (tag.as_str(), n.event_type.as_str()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("plain", "compute.instance.create.end"),
+            ("plain", "compute.instance.create.error"),
+            ("plain", "v1.event"),
+            ("pool", "compute.instance.create.end"),
+            ("pool", "compute.instance.create.error"),
+            ("pool", "v1.event"),
+        ]
+    );
+    let (_, created) = &got[0];
+    assert_eq!(
+        (created.priority, created.publisher_id.as_str()),
+        (Priority::Info, "compute.py-host")
+    );
+    assert_eq!(created.payload, json!({"id": 1}));
+    assert!(
+        created.ctxt.is_empty(),
+        "oslo drops a plain dict context: {:?}",
+        created.ctxt
+    );
+    assert_eq!(created.metadata.message_id.len(), 36);
+    let (_, failed) = &got[1];
+    assert_eq!(failed.priority, Priority::Error);
+    assert_eq!(
+        failed.ctxt.get_str("user"),
+        Some("u1"),
+        "oslo.context sends `user`"
+    );
+    assert_eq!(failed.ctxt.get_str("project_id"), Some("p1"));
+    assert_eq!(
+        failed.ctxt.get("auth_token"),
+        Some(&Value::Null),
+        "oslo sends a redacted context"
+    );
+    assert_eq!(got[2].1.publisher_id, "compute.py-v1");
+    drop(listeners);
+}
+
+/// Notifications: Rust notifier → Python listeners (plain and pooled), and a Python listener
+/// that asks for a requeue.
+#[test]
+fn rust_notifications_reach_python_listeners() {
+    use warren::{NotificationFormat, Notifier};
+    let mut bus = Bus::new(&broker_url());
+    let pool = common::unique("pool");
+    for priority in [
+        "audit", "debug", "info", "warn", "error", "critical", "sample",
+    ] {
+        bus.track_queue(format!("{}.{priority}", bus.topic));
+    }
+    bus.track_queue(pool.clone());
+    let mut plain = Peer::start(
+        "listen",
+        &bus.url,
+        &bus.exchange,
+        &bus.topic,
+        &["--requeue-once", "requeue.me"],
+    );
+    let mut pooled = Peer::start(
+        "listen",
+        &bus.url,
+        &bus.exchange,
+        &bus.topic,
+        &["--pool", &pool],
+    );
+    let transport = bus.transport(Codec::Json);
+    let notifier = Notifier::new(&transport, "compute.rust-host").topics([bus.topic.as_str()]);
+    notifier
+        .info(
+            &ctx(),
+            "compute.instance.create.end",
+            &json!({"instance_id": "vm-1", "memory_mb": 512}),
+        )
+        .unwrap();
+    notifier
+        .prepare()
+        .format(NotificationFormat::V1)
+        .warn(&ctx(), "compute.instance.slow", &json!({"seconds": 9.5}))
+        .unwrap();
+    notifier.sample(&ctx(), "requeue.me", &json!({})).unwrap();
+
+    for peer in [&mut plain, &mut pooled] {
+        let mut got = peer.events("notification", 3, WAIT);
+        got.sort_by_key(|n| n["event_type"].as_str().map(str::to_string));
+        let created = &got[0];
+        assert_eq!(created["event_type"], "compute.instance.create.end");
+        assert_eq!(created["priority"], "info");
+        assert_eq!(created["publisher_id"], "compute.rust-host");
+        assert_eq!(
+            created["payload"],
+            json!({"instance_id": "vm-1", "memory_mb": 512})
+        );
+        assert_eq!(created["ctxt"]["user_id"], "interop-user");
+        assert_eq!(
+            created["metadata"]["message_id"].as_str().map(str::len),
+            Some(36)
+        );
+        assert_eq!(
+            created["metadata"]["timestamp"].as_str().map(str::len),
+            Some(26)
+        );
+        assert_eq!(got[1]["event_type"], "compute.instance.slow");
+        assert_eq!(got[1]["priority"], "warn");
+        assert_eq!(got[1]["payload"], json!({"seconds": 9.5}));
+        assert_eq!(got[2]["event_type"], "requeue.me");
+        assert_eq!(got[2]["priority"], "sample");
+    }
+    // The plain listener asked for a requeue of requeue.me first.
+    assert_eq!(
+        plain.events("requeued", 1, WAIT)[0]["event_type"],
+        "requeue.me"
+    );
+    plain.quiet("notification", Duration::from_millis(300));
+}

@@ -235,6 +235,7 @@ impl RpcClient {
             expiration: Some(deadline.saturating_duration_since(Instant::now())),
             mandatory: self.at_least_once,
             redelivery: None,
+            declare_queue: None,
         };
         match transport
             .driver()
@@ -323,6 +324,7 @@ impl RpcClient {
             expiration: None,
             mandatory: self.at_least_once,
             redelivery: None,
+            declare_queue: None,
         };
         match self
             .transport

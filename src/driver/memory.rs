@@ -19,8 +19,8 @@ use parking_lot::Mutex;
 
 use crate::driver::poll::{Accepted, Consumers, PollThread, SessionEnd};
 use crate::driver::{
-    fanout_exchange, AckKind, Driver, ExchangeKind, Incoming, ListenSpec, Listener, Outgoing,
-    QueuePlan, RawMessage, ReplySink, Route, SendOptions,
+    fanout_exchange, AckKind, Binding, Driver, ExchangeKind, Incoming, ListenSpec, Listener,
+    Outgoing, QueueLifetime, QueuePlan, RawMessage, ReplySink, Route, SendOptions,
 };
 use crate::error::{Error, Result};
 use crate::url::TransportUrl;
@@ -150,6 +150,18 @@ impl Driver for MemoryDriver {
             return Err(Error::Closed);
         }
         let (exchange, routing_key) = message.route.exchange_and_key();
+        if let Some(queue) = message.declare_queue {
+            self.broker.declare(&QueuePlan {
+                name: queue.to_string(),
+                lifetime: QueueLifetime::Shared,
+                bindings: vec![Binding {
+                    exchange: exchange.clone(),
+                    kind: ExchangeKind::Topic,
+                    routing_key: routing_key.clone(),
+                }],
+                consume: true,
+            });
+        }
         let queues: Vec<String> = match message.route {
             Route::Topic {
                 exchange,

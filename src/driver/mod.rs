@@ -68,6 +68,10 @@ pub(crate) struct Outgoing<'a> {
     pub mandatory: bool,
     /// Set when warren re-sends a failed cast (requeue or dead letter).
     pub redelivery: Option<&'a Redelivery>,
+    /// A shared queue to declare (once per channel) and bind to the route's exchange under the
+    /// route's routing key before publishing, as oslo's notifier does so that notifications
+    /// wait for a listener.
+    pub declare_queue: Option<&'a str>,
 }
 
 /// What warren records on a cast it re-sends after its handler failed (AMQP headers

@@ -191,6 +191,7 @@ fn keep_alive(transport: &Transport, caller: &Caller) -> Result<()> {
         expiration: None,
         mandatory: true,
         redelivery: None,
+        declare_queue: None,
     };
     let options = SendOptions {
         deadline: Some(Instant::now() + SEND_TIMEOUT),

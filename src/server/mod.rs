@@ -15,6 +15,7 @@ use crate::target::Target;
 use crate::transport::Transport;
 
 mod call_monitor;
+pub(crate) mod dedup;
 pub(crate) mod lifecycle;
 mod rpc;
 pub(crate) mod worker_pool;

@@ -8,7 +8,7 @@
 //! oslo does), a cast under `AfterHandling` is acknowledged after success, or re-queued /
 //! dead-lettered after a failure.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -21,6 +21,7 @@ use crate::dispatcher::{Dispatcher, HandlerResult};
 use crate::driver::{Acker, Incoming, Outgoing, Redelivery, Route, SendOptions};
 use crate::error::{Error, Result};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
+use crate::server::dedup::RecentIds;
 use crate::server::worker_pool::Handler;
 use crate::server::AckMode;
 use crate::transport::Transport;
@@ -88,39 +89,6 @@ impl WorkerContext {
 /// The dead-letter queue of a topic's casts under `AckMode::AfterHandling`.
 pub(crate) fn dead_letter_queue(topic: &str) -> String {
     format!("{topic}_dlq")
-}
-
-/// The last `capacity` `_unique_id`s (oslo keeps 16).
-struct RecentIds {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
-    capacity: usize,
-}
-
-impl RecentIds {
-    fn new(capacity: usize) -> RecentIds {
-        RecentIds {
-            order: VecDeque::new(),
-            ids: HashSet::new(),
-            capacity,
-        }
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
-
-    fn insert(&mut self, id: &str) {
-        if self.capacity == 0 || !self.ids.insert(id.to_string()) {
-            return;
-        }
-        self.order.push_back(id.to_string());
-        if self.order.len() > self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.ids.remove(&oldest);
-            }
-        }
-    }
 }
 
 /// A running RPC server's [`Handler`]: the shared context and the call-monitor thread,
@@ -301,6 +269,7 @@ impl WorkerContext {
             expiration: None,
             mandatory: true,
             redelivery: Some(redelivery),
+            declare_queue: None,
         };
         let options = SendOptions {
             deadline: Some(Instant::now() + SEND_TIMEOUT),
@@ -373,6 +342,7 @@ impl WorkerContext {
             expiration: None,
             mandatory: true,
             redelivery: None,
+            declare_queue: None,
         };
         let patience = self.transport.options().missing_consumer_retry_timeout;
         let give_up = Instant::now() + patience;
@@ -417,25 +387,5 @@ impl WorkerContext {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recent_ids_forget_the_oldest_beyond_the_window() {
-        let mut recent = RecentIds::new(3);
-        for id in ["a", "b", "c", "a"] {
-            recent.insert(id);
-        }
-        assert!(recent.contains("a") && recent.contains("b") && recent.contains("c"));
-        recent.insert("d");
-        assert!(!recent.contains("a"), "a was the oldest");
-        assert!(recent.contains("d"));
-        let mut none = RecentIds::new(0);
-        none.insert("a");
-        assert!(!none.contains("a"));
     }
 }

@@ -17,6 +17,7 @@ pub(crate) mod failure;
 #[cfg(test)]
 pub(crate) mod fixture_tests;
 pub(crate) mod msgpack;
+pub(crate) mod notification;
 pub(crate) mod oslo_json;
 
 /// How message bodies are encoded.

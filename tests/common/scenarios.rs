@@ -6,7 +6,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target};
+use warren::{
+    Codec, Error, Notification, NotificationEndpoint, NotificationFilter, NotificationFormat,
+    NotificationListener, NotificationResult, Notifier, Priority, RequestContext, RpcClient,
+    RpcServer, Target,
+};
 
 use super::{unique, Bus};
 
@@ -52,6 +56,9 @@ macro_rules! scenario_tests {
             expired_calls_are_not_run_late,
             at_least_once_fails_fast_when_no_queue_takes_the_message,
             call_monitoring_keeps_long_calls_alive_and_catches_lost_ones,
+            notifications_reach_endpoints_by_priority_and_filter,
+            notification_pools_each_get_a_copy,
+            requeued_notifications_come_back_only_when_allowed,
         );
     };
     (@each $url:expr; $($name:ident),* $(,)?) => {
@@ -627,4 +634,235 @@ pub fn call_monitoring_keeps_long_calls_alive_and_catches_lost_ones(url: &str) {
         waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
         "{waited:?}"
     );
+}
+
+/// A notification as the tests record it: (tag of the endpoint, priority, event type).
+type Seen = (String, Priority, String);
+
+fn recording(
+    tag: &str,
+    priorities: &[Priority],
+    seen: &crossbeam_channel::Sender<(Seen, Notification)>,
+) -> NotificationEndpoint {
+    let mut endpoint = NotificationEndpoint::new();
+    for priority in priorities {
+        let (tag, seen) = (tag.to_string(), seen.clone());
+        endpoint = endpoint.on(*priority, move |n: &Notification| {
+            let _ = seen.send(((tag.clone(), n.priority, n.event_type.clone()), n.clone()));
+            NotificationResult::Handled
+        });
+    }
+    endpoint
+}
+
+/// Cleans up what notifiers and listeners declare on `bus`'s topic.
+fn track_notification_queues(bus: &mut Bus, pools: &[&str]) {
+    for priority in Priority::ALL {
+        let queue = format!("{}.{priority}", bus.topic);
+        bus.track_queue(queue);
+    }
+    for pool in pools {
+        bus.track_queue(pool.to_string());
+    }
+}
+
+fn collect(
+    seen: &crossbeam_channel::Receiver<(Seen, Notification)>,
+    n: usize,
+) -> Vec<(Seen, Notification)> {
+    (0..n)
+        .map(|i| {
+            seen.recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("notification {i} of {n} never came"))
+        })
+        .collect()
+}
+
+pub fn notifications_reach_endpoints_by_priority_and_filter(url: &str) {
+    let mut bus = Bus::new(url);
+    track_notification_queues(&mut bus, &[]);
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let everything = recording("all", &[Priority::Info, Priority::Error], &seen_tx);
+    let compute_only = recording("compute", &[Priority::Info], &seen_tx)
+        .filter(NotificationFilter::new().event_type(r"compute\.").unwrap());
+    let listener = NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+        .endpoint(everything)
+        .endpoint(compute_only)
+        .workers(2)
+        .build()
+        .unwrap();
+    let mut queues = listener.queues();
+    queues.sort_unstable();
+    assert_eq!(
+        queues,
+        [
+            format!("{}.error", bus.topic),
+            format!("{}.info", bus.topic)
+        ]
+    );
+    listener.start().unwrap();
+
+    let notifier = Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str()]);
+    let ctx = ctx().with("auth_token", "s3cret");
+    notifier
+        .info(&ctx, "compute.instance.create.end", &json!({"id": 1}))
+        .unwrap();
+    notifier
+        .info(&ctx, "network.port.create.end", &json!({"id": 2}))
+        .unwrap();
+    notifier
+        .error(&ctx, "compute.instance.create.error", &json!({"id": 3}))
+        .unwrap();
+    notifier
+        .warn(&ctx, "compute.instance.slow", &json!({"id": 4}))
+        .unwrap();
+    notifier
+        .prepare()
+        .format(NotificationFormat::V1)
+        .info(&ctx, "compute.instance.delete.end", &json!({"id": 5}))
+        .unwrap();
+    let got = collect(&seen, 6);
+    let mut keys: Vec<Seen> = got.iter().map(|(k, _)| k.clone()).collect();
+    keys.sort();
+    let expected: Vec<Seen> = vec![
+        (
+            "all".into(),
+            Priority::Info,
+            "compute.instance.create.end".into(),
+        ),
+        (
+            "all".into(),
+            Priority::Info,
+            "compute.instance.delete.end".into(),
+        ),
+        (
+            "all".into(),
+            Priority::Info,
+            "network.port.create.end".into(),
+        ),
+        (
+            "all".into(),
+            Priority::Error,
+            "compute.instance.create.error".into(),
+        ),
+        (
+            "compute".into(),
+            Priority::Info,
+            "compute.instance.create.end".into(),
+        ),
+        (
+            "compute".into(),
+            Priority::Info,
+            "compute.instance.delete.end".into(),
+        ),
+    ];
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert!(
+        seen.recv_timeout(Duration::from_millis(300)).is_err(),
+        "no warn handler, nothing else"
+    );
+    let (_, first) = &got[0];
+    assert_eq!(first.publisher_id, "compute.host-1");
+    assert_eq!(first.ctxt.get_str("user_id"), Some("alice"));
+    assert_eq!(
+        first.ctxt.get("auth_token"),
+        Some(&Value::Null),
+        "the token is blanked"
+    );
+    assert_eq!(first.metadata.message_id.len(), 36, "uuid4 with dashes");
+    assert_eq!(
+        first.metadata.timestamp.len(),
+        "2026-11-25 12:37:22.404495".len()
+    );
+    let payload: Value = first.payload_as().unwrap();
+    assert!(payload["id"].is_number());
+    listener.stop();
+    listener.wait();
+}
+
+pub fn notification_pools_each_get_a_copy(url: &str) {
+    let mut bus = Bus::new(url);
+    let (pool_a, pool_b) = (unique("pool"), unique("pool"));
+    track_notification_queues(&mut bus, &[&pool_a, &pool_b]);
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let target = || vec![Target::new(bus.topic.as_str())];
+    let listeners: Vec<NotificationListener> =
+        [
+            ("a1", Some(&pool_a)),
+            ("a2", Some(&pool_a)),
+            ("b", Some(&pool_b)),
+            ("plain", None),
+        ]
+        .into_iter()
+        .map(|(tag, pool)| {
+            let mut builder = NotificationListener::builder(&transport, target())
+                .endpoint(recording(tag, &[Priority::Info], &seen_tx));
+            if let Some(pool) = pool {
+                builder = builder.pool(pool.as_str());
+            }
+            let listener = builder.workers(1).build().unwrap();
+            listener.start().unwrap();
+            listener
+        })
+        .collect();
+    let notifier = Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str()]);
+    notifier
+        .info(&ctx(), "compute.instance.create.end", &json!({}))
+        .unwrap();
+    let mut tags: Vec<String> = collect(&seen, 3)
+        .into_iter()
+        .map(|((tag, _, _), _)| tag)
+        .collect();
+    tags.sort();
+    assert!(
+        seen.recv_timeout(Duration::from_millis(300)).is_err(),
+        "one copy per pool and one for the plain queue"
+    );
+    assert!(tags[0] == "a1" || tags[0] == "a2", "{tags:?}");
+    assert_eq!(&tags[1..], ["b", "plain"]);
+    drop(listeners);
+}
+
+pub fn requeued_notifications_come_back_only_when_allowed(url: &str) {
+    let mut bus = Bus::new(url);
+    track_notification_queues(&mut bus, &[]);
+    let transport = bus.transport(Codec::Json);
+    for allow in [true, false] {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = attempts.clone();
+        let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+            let _ = seen_tx.send(n.metadata.message_id.clone());
+            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                NotificationResult::Requeue
+            } else {
+                NotificationResult::Handled
+            }
+        });
+        let listener =
+            NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+                .endpoint(endpoint)
+                .allow_requeue(allow)
+                .workers(1)
+                .build()
+                .unwrap();
+        listener.start().unwrap();
+        let notifier = Notifier::new(&transport, "p").topics([bus.topic.as_str()]);
+        notifier.info(&ctx(), "retry.me", &json!({})).unwrap();
+        let first = seen.recv_timeout(WAIT).unwrap();
+        if allow {
+            assert_eq!(
+                seen.recv_timeout(WAIT).unwrap(),
+                first,
+                "delivered again after the requeue"
+            );
+        }
+        assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
+        listener.stop();
+        listener.wait();
+    }
 }

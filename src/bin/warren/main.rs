@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod notify;
 mod rpc;
 
 /// Default broker when neither `--url` nor `WARREN_URL` is given.
@@ -34,6 +35,10 @@ enum Command {
     Call(rpc::CallArgs),
     /// Cast a remote method (no result); `--fanout` sends it to every server of the topic.
     Cast(rpc::CastArgs),
+    /// Send one notification.
+    Notify(notify::NotifyArgs),
+    /// Print notifications as JSON lines, until interrupted or `--count` of them.
+    Listen(notify::ListenArgs),
 }
 
 /// A CLI failure: what to print on stderr and the exit code.
@@ -84,6 +89,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Call(args) => rpc::call(&cli.url, args),
         Command::Cast(args) => rpc::cast(&cli.url, args),
+        Command::Notify(args) => notify::notify(&cli.url, args),
+        Command::Listen(args) => notify::listen(&cli.url, args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,12 +101,7 @@ fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure
     target.version = send.version.clone();
     let mut client = RpcClient::new(&transport, target);
     if let Some(secs) = send.timeout {
-        if !(secs.is_finite() && secs > 0.0 && secs < 1e9) {
-            return Err(Failure::usage(format!(
-                "--timeout must be a positive number of seconds, not {secs}"
-            )));
-        }
-        client = client.timeout(Duration::from_secs_f64(secs));
+        client = client.timeout(seconds(secs)?);
     }
     Ok(Prepared {
         client,
@@ -115,7 +110,7 @@ fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure
     })
 }
 
-fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>, Failure> {
+pub fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>, Failure> {
     let Some(text) = text else {
         return Ok(Map::new());
     };
@@ -123,5 +118,16 @@ fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>, Fai
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Failure::usage(format!("{what} must be a JSON object"))),
         Err(e) => Err(Failure::usage(format!("{what} is not valid JSON: {e}"))),
+    }
+}
+
+/// A `--timeout` value.
+pub fn seconds(secs: f64) -> Result<Duration, Failure> {
+    if secs.is_finite() && secs > 0.0 && secs < 1e9 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(Failure::usage(format!(
+            "--timeout must be a positive number of seconds, not {secs}"
+        )))
     }
 }

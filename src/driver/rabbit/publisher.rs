@@ -385,6 +385,13 @@ impl PubChannel {
             }
             _ => {}
         }
+        if let Some(queue) = message.declare_queue {
+            if !self.declared.contains(queue) {
+                topology::declare_shared_queue(&self.channel, queue, options, &self.address)?;
+                topology::bind(&self.channel, queue, &exchange, &routing_key, &self.address)?;
+                self.declared.insert(queue.to_string());
+            }
+        }
         self.channel
             .basic_publish(
                 exchange.as_str(),

@@ -1,0 +1,390 @@
+//! The notification listener (oslo's `get_notification_listener`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use log::{debug, error, info, warn};
+use parking_lot::Mutex;
+
+use crate::driver::{Binding, ExchangeKind, Incoming, ListenSpec, QueueLifetime, QueuePlan};
+use crate::error::{Error, Result};
+use crate::notify::{
+    Notification, NotificationFilter, NotificationMetadata, NotificationResult, Priority,
+};
+use crate::server::dedup::RecentIds;
+use crate::server::lifecycle::Lifecycle;
+use crate::server::worker_pool::Handler;
+use crate::target::Target;
+use crate::transport::Transport;
+use crate::wire::notification::NotificationIn;
+use crate::wire::Document;
+
+type PriorityHandler = Arc<dyn Fn(&Notification) -> NotificationResult + Send + Sync>;
+
+/// Handlers per priority, optionally behind a [`NotificationFilter`] (an oslo notification
+/// endpoint object with `info`, `error`... methods and a `filter_rule`).
+///
+/// ```
+/// use warren::{Notification, NotificationEndpoint, NotificationFilter, NotificationResult, Priority};
+///
+/// let endpoint = NotificationEndpoint::new()
+///     .on(Priority::Info, |n: &Notification| {
+///         println!("{} from {}", n.event_type, n.publisher_id);
+///         NotificationResult::Handled
+///     })
+///     .filter(NotificationFilter::new().event_type(r"compute\.instance\.")?);
+/// # let _ = endpoint;
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct NotificationEndpoint {
+    handlers: HashMap<Priority, PriorityHandler>,
+    filter: Option<NotificationFilter>,
+}
+
+impl fmt::Debug for NotificationEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let priorities: BTreeSet<&Priority> = self.handlers.keys().collect();
+        f.debug_struct("NotificationEndpoint")
+            .field("priorities", &priorities)
+            .field("filter", &self.filter)
+            .finish()
+    }
+}
+
+impl NotificationEndpoint {
+    /// An endpoint with no handler.
+    pub fn new() -> NotificationEndpoint {
+        NotificationEndpoint::default()
+    }
+
+    /// Runs `handler` for notifications of `priority` (replacing any previous one). A handler
+    /// that panics counts as [`NotificationResult::Requeue`].
+    pub fn on<F>(mut self, priority: Priority, handler: F) -> NotificationEndpoint
+    where
+        F: Fn(&Notification) -> NotificationResult + Send + Sync + 'static,
+    {
+        self.handlers.insert(priority, Arc::new(handler));
+        self
+    }
+
+    /// Only notifications passing `filter` reach this endpoint's handlers.
+    pub fn filter(mut self, filter: NotificationFilter) -> NotificationEndpoint {
+        self.filter = Some(filter);
+        self
+    }
+}
+
+/// Builds a [`NotificationListener`].
+#[derive(Debug)]
+pub struct NotificationListenerBuilder {
+    transport: Transport,
+    targets: Vec<Target>,
+    endpoints: Vec<NotificationEndpoint>,
+    pool: Option<String>,
+    allow_requeue: bool,
+    workers: Option<usize>,
+    retry: Option<u32>,
+    duplicate_window: usize,
+}
+
+impl NotificationListenerBuilder {
+    /// Adds an endpoint; every endpoint with a handler for a notification's priority (and a
+    /// filter it passes) runs, in the order added.
+    pub fn endpoint(mut self, endpoint: NotificationEndpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Consumes a queue of this name bound to every `<topic>.<priority>` instead of the shared
+    /// `<topic>.<priority>` queues: each pool gets its own copy of every notification, and
+    /// the listeners of one pool share it.
+    pub fn pool(mut self, pool: impl Into<String>) -> Self {
+        self.pool = Some(pool.into());
+        self
+    }
+
+    /// Lets handlers return [`NotificationResult::Requeue`] (oslo's `allow_requeue`);
+    /// otherwise every notification is acknowledged once handled, whatever the result.
+    pub fn allow_requeue(mut self, allow: bool) -> Self {
+        self.allow_requeue = allow;
+        self
+    }
+
+    /// Worker threads (default: the transport's `executor_thread_pool_size`).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Passes over the broker's hosts at start-up (see [`RpcServerBuilder::retry`](crate::RpcServerBuilder::retry)).
+    pub fn retry(mut self, retry: u32) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Recent `_unique_id`s remembered to drop duplicates (default 16, as oslo).
+    pub fn duplicate_window(mut self, window: usize) -> Self {
+        self.duplicate_window = window;
+        self
+    }
+
+    /// Checks the targets (each needs a topic) and that some endpoint handles a priority.
+    pub fn build(self) -> Result<NotificationListener> {
+        let priorities: BTreeSet<Priority> = self
+            .endpoints
+            .iter()
+            .flat_map(|e| e.handlers.keys().copied())
+            .collect();
+        if priorities.is_empty() {
+            return Err(Error::invalid_target(
+                "no notification endpoint handles any priority",
+            ));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::invalid_target(
+                "a notification listener needs at least one target",
+            ));
+        }
+        let mut bindings = Vec::new();
+        for target in &self.targets {
+            let topic = target.require_topic()?;
+            let exchange = target
+                .exchange
+                .clone()
+                .unwrap_or_else(|| self.transport.options().control_exchange.clone());
+            for priority in &priorities {
+                bindings.push(Binding {
+                    exchange: exchange.clone(),
+                    kind: ExchangeKind::Topic,
+                    routing_key: format!("{topic}.{priority}"),
+                });
+            }
+        }
+        let workers = self.workers.unwrap_or(self.transport.options().workers);
+        if workers == 0 {
+            return Err(Error::invalid_option(
+                "workers",
+                "a listener needs at least one worker",
+            ));
+        }
+        let label = self.targets[0].topic.clone().unwrap_or_default();
+        let queues = match &self.pool {
+            // One queue for the pool, bound to every routing key.
+            Some(pool) => vec![QueuePlan {
+                name: pool.clone(),
+                lifetime: QueueLifetime::Shared,
+                bindings,
+                consume: true,
+            }],
+            // oslo's `<topic>.<priority>` queues, each bound under its own name.
+            None => bindings
+                .into_iter()
+                .map(|binding| QueuePlan {
+                    name: binding.routing_key.clone(),
+                    lifetime: QueueLifetime::Shared,
+                    bindings: vec![binding],
+                    consume: true,
+                })
+                .collect(),
+        };
+        let spec = ListenSpec {
+            label: label.clone(),
+            queues,
+            delete_on_close: Vec::new(),
+            retry: self.retry,
+        };
+        Ok(NotificationListener {
+            lifecycle: Lifecycle::new(format!("notification listener on {label}")),
+            spec,
+            transport: self.transport,
+            workers,
+            dispatch: Arc::new(Dispatch {
+                endpoints: self.endpoints,
+                allow_requeue: self.allow_requeue,
+                recent: Mutex::new(RecentIds::new(self.duplicate_window)),
+            }),
+        })
+    }
+}
+
+/// Consumes notifications and runs endpoint handlers on a worker pool (oslo's notification
+/// listener). A notification is acknowledged after its handlers ran; with
+/// [`allow_requeue`](NotificationListenerBuilder::allow_requeue), one a handler asked to requeue
+/// (or that made it panic) goes back to its queue instead. `start`, `stop` and `wait` work as
+/// on [`RpcServer`](crate::RpcServer).
+pub struct NotificationListener {
+    lifecycle: Lifecycle,
+    spec: ListenSpec,
+    transport: Transport,
+    workers: usize,
+    dispatch: Arc<Dispatch>,
+}
+
+impl fmt::Debug for NotificationListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let queues: Vec<&str> = self.spec.queues.iter().map(|q| q.name.as_str()).collect();
+        f.debug_struct("NotificationListener")
+            .field("queues", &queues)
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl NotificationListener {
+    /// A builder listening to `targets` (each: a topic, optionally an exchange).
+    pub fn builder(transport: &Transport, targets: Vec<Target>) -> NotificationListenerBuilder {
+        NotificationListenerBuilder {
+            transport: transport.clone(),
+            targets,
+            endpoints: Vec::new(),
+            pool: None,
+            allow_requeue: false,
+            workers: None,
+            retry: None,
+            duplicate_window: 16,
+        }
+    }
+
+    /// Declares the queues and starts consuming (see [`RpcServer::start`](crate::RpcServer::start)).
+    pub fn start(&self) -> Result<()> {
+        let dispatch = self.dispatch.clone();
+        self.lifecycle
+            .start(&self.transport, &self.spec, self.workers, || {
+                Ok(dispatch as Arc<dyn Handler>)
+            })
+    }
+
+    /// Stops consuming; notifications already taken are still handled.
+    pub fn stop(&self) {
+        self.lifecycle.stop();
+    }
+
+    /// Waits for `stop()` and the handlers, then closes the listener.
+    pub fn wait(&self) {
+        self.lifecycle.wait();
+    }
+
+    /// `true` between `start()` and `stop()`.
+    pub fn is_running(&self) -> bool {
+        self.lifecycle.is_running()
+    }
+
+    /// `true` while connected and consuming.
+    pub fn is_consuming(&self) -> bool {
+        self.lifecycle.is_consuming()
+    }
+
+    /// The queues this listener consumes.
+    pub fn queues(&self) -> Vec<&str> {
+        self.spec.consumed().map(|q| q.name.as_str()).collect()
+    }
+}
+
+impl Drop for NotificationListener {
+    fn drop(&mut self) {
+        self.stop();
+        self.wait();
+    }
+}
+
+/// What the workers share.
+struct Dispatch {
+    endpoints: Vec<NotificationEndpoint>,
+    allow_requeue: bool,
+    recent: Mutex<RecentIds>,
+}
+
+impl Handler for Dispatch {
+    fn handle(&self, incoming: Incoming) {
+        let Incoming { message, acker } = incoming;
+        let routing_key = message.routing_key;
+        let decoded = Document::open(message.content_type.as_deref(), message.body)
+            .and_then(|doc| doc.decode::<NotificationIn>().map_err(|e| e.to_string()));
+        let received = match decoded {
+            Ok(received) => received,
+            Err(reason) => {
+                warn!("rejecting an unreadable notification on {routing_key:?}: {reason}");
+                acker.reject(false);
+                return;
+            }
+        };
+        let Ok(priority) = received.priority.parse::<Priority>() else {
+            warn!(
+                "notification with unknown priority {:?} on {routing_key:?}; dropped",
+                received.priority
+            );
+            let _ = acker.ack();
+            return;
+        };
+        if let Some(unique_id) = &received.unique_id {
+            if self.recent.lock().contains(unique_id) {
+                info!("ignoring duplicate notification {unique_id}");
+                let _ = acker.ack();
+                return;
+            }
+        }
+        let notification = Notification {
+            priority,
+            ctxt: received.context,
+            publisher_id: received.publisher_id,
+            event_type: received.event_type,
+            payload: received.payload,
+            metadata: NotificationMetadata {
+                message_id: received.message_id,
+                timestamp: received.timestamp,
+            },
+        };
+        let requeue = self.dispatch(&notification);
+        if requeue && self.allow_requeue {
+            debug!(
+                "requeueing notification {}",
+                notification.metadata.message_id
+            );
+            acker.reject(true);
+            return;
+        }
+        // Recorded once acknowledged, as oslo does: a requeued one is taken again.
+        if let Some(unique_id) = &received.unique_id {
+            self.recent.lock().insert(unique_id);
+        }
+        if let Err(e) = acker.ack() {
+            warn!(
+                "could not acknowledge notification {}: {e}",
+                notification.metadata.message_id
+            );
+        }
+    }
+}
+
+impl Dispatch {
+    /// Runs every handler for the notification's priority; `true` if one asked to requeue.
+    fn dispatch(&self, notification: &Notification) -> bool {
+        for endpoint in &self.endpoints {
+            let Some(handler) = endpoint.handlers.get(&notification.priority) else {
+                continue;
+            };
+            if !endpoint
+                .filter
+                .as_ref()
+                .map_or(true, |f| f.matches(notification))
+            {
+                continue;
+            }
+            match catch_unwind(AssertUnwindSafe(|| handler(notification))) {
+                Ok(NotificationResult::Handled) => {}
+                Ok(NotificationResult::Requeue) => return true,
+                Err(_) => {
+                    error!(
+                        "a notification handler panicked on {}",
+                        notification.event_type
+                    );
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}

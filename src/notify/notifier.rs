@@ -1,0 +1,249 @@
+//! The notifier (oslo's `Notifier` with the `messagingv2` or `messaging` driver).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::context::RequestContext;
+use crate::driver::{Outgoing, Route, SendOptions};
+use crate::error::{Error, Result};
+use crate::notify::Priority;
+use crate::transport::Transport;
+use crate::wire::notification::{utc_timestamp, NotificationOut};
+use crate::wire::{oslo_json, Codec};
+
+/// oslo's notification drivers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotificationFormat {
+    /// `messagingv2`: the message in oslo's 2.0 envelope.
+    #[default]
+    V2,
+    /// `messaging`: the bare message (format 1.0).
+    V1,
+}
+
+/// Sends notifications (oslo's `Notifier`): each goes to the control exchange with routing key
+/// `<topic>.<priority>` for every topic (default `notifications`), after the queue of that name
+/// is declared so notifications wait for a listener. Messages are oslo's JSON.
+///
+/// The context is sent as `_context_*` keys, with `auth_token` blanked as oslo's redacted copy
+/// does; keep other secrets out of it. Unlike oslo, failures are returned, not only logged.
+///
+/// ```
+/// use serde_json::json;
+/// use warren::{Notifier, Priority, RequestContext, Transport};
+///
+/// let transport = Transport::new("memory://notifier-doc/")?;
+/// let notifier = Notifier::new(&transport, "compute.host-1").topics(["notifications", "audit_log"]);
+/// notifier.info(&RequestContext::new(), "compute.instance.create.end", &json!({"instance_id": "vm-1"}))?;
+/// notifier.notify(&RequestContext::new(), Priority::Error, "compute.instance.create.error", &json!({}))?;
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    transport: Transport,
+    publisher_id: String,
+    topics: Vec<String>,
+    exchange: Option<String>,
+    format: NotificationFormat,
+    retry: Option<u32>,
+    timeout: Option<Duration>,
+}
+
+impl Notifier {
+    /// A notifier for `publisher_id` (e.g. `compute.host-1`) on topic `notifications`.
+    pub fn new(transport: &Transport, publisher_id: impl Into<String>) -> Notifier {
+        Notifier {
+            transport: transport.clone(),
+            publisher_id: publisher_id.into(),
+            topics: vec!["notifications".into()],
+            exchange: None,
+            format: NotificationFormat::V2,
+            retry: None,
+            timeout: None,
+        }
+    }
+
+    /// A copy to override options on (oslo's `prepare()`).
+    pub fn prepare(&self) -> Notifier {
+        self.clone()
+    }
+
+    /// Overrides the publisher id.
+    pub fn publisher_id(mut self, publisher_id: impl Into<String>) -> Notifier {
+        self.publisher_id = publisher_id.into();
+        self
+    }
+
+    /// The topics each notification is sent to.
+    pub fn topics<I, S>(mut self, topics: I) -> Notifier
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The exchange (default: the transport's control exchange).
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Notifier {
+        self.exchange = Some(exchange.into());
+        self
+    }
+
+    /// `messagingv2` (default) or `messaging`.
+    pub fn format(mut self, format: NotificationFormat) -> Notifier {
+        self.format = format;
+        self
+    }
+
+    /// Passes over the broker's hosts after the first before giving up (default: until the
+    /// timeout).
+    pub fn retry(mut self, retry: u32) -> Notifier {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// How long a notification may take to be confirmed (default: the transport's
+    /// `rpc_response_timeout`).
+    pub fn timeout(mut self, timeout: Duration) -> Notifier {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sends `event_type` with `payload` at `priority` to every topic.
+    pub fn notify<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        priority: Priority,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        if self.topics.is_empty() {
+            return Err(Error::invalid_target("a notifier needs at least one topic"));
+        }
+        let mut context = ctx.clone();
+        if context.get("auth_token").is_some() {
+            context.insert("auth_token", Value::Null);
+        }
+        let message_id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let timestamp = utc_timestamp(SystemTime::now());
+        let message = NotificationOut {
+            message_id: &message_id,
+            publisher_id: &self.publisher_id,
+            event_type,
+            priority: &priority.wire_name(),
+            payload,
+            timestamp: &timestamp,
+            unique_id: &unique_id,
+            context: &context,
+        };
+        let body = match self.format {
+            NotificationFormat::V2 => Codec::Json.encode(&message)?,
+            NotificationFormat::V1 => oslo_json::to_python_json(&message)
+                .map_err(Error::encode)?
+                .into_bytes(),
+        };
+        let exchange = self
+            .exchange
+            .clone()
+            .unwrap_or_else(|| self.transport.options().control_exchange.clone());
+        let timeout = self
+            .timeout
+            .unwrap_or(self.transport.options().rpc_response_timeout);
+        let options = SendOptions {
+            deadline: Some(Instant::now() + timeout),
+            retry: self.retry,
+        };
+        for topic in &self.topics {
+            let routing_key = format!("{topic}.{}", priority.as_str());
+            let outgoing = Outgoing {
+                route: Route::Topic {
+                    exchange: &exchange,
+                    routing_key: &routing_key,
+                },
+                body: &body,
+                codec: Codec::Json,
+                expiration: None,
+                mandatory: false,
+                redelivery: None,
+                declare_queue: Some(&routing_key),
+            };
+            self.transport.driver().send(&outgoing, &options)?;
+        }
+        Ok(())
+    }
+
+    /// `audit` priority.
+    pub fn audit<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Audit, event_type, payload)
+    }
+
+    /// `debug` priority.
+    pub fn debug<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Debug, event_type, payload)
+    }
+
+    /// `info` priority.
+    pub fn info<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Info, event_type, payload)
+    }
+
+    /// `warn` priority (oslo's `warn` and `warning`).
+    pub fn warn<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Warn, event_type, payload)
+    }
+
+    /// `error` priority.
+    pub fn error<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Error, event_type, payload)
+    }
+
+    /// `critical` priority.
+    pub fn critical<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Critical, event_type, payload)
+    }
+
+    /// `sample` priority.
+    pub fn sample<P: Serialize + ?Sized>(
+        &self,
+        ctx: &RequestContext,
+        event_type: &str,
+        payload: &P,
+    ) -> Result<()> {
+        self.notify(ctx, Priority::Sample, event_type, payload)
+    }
+}
