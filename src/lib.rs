@@ -39,6 +39,7 @@ mod context;
 mod dispatcher;
 mod driver;
 mod error;
+mod id;
 mod notify;
 mod options;
 mod server;
@@ -53,7 +54,7 @@ mod wire;
 #[doc = include_str!("../README.md")]
 struct ReadmeExample;
 
-pub use client::RpcClient;
+pub use client::{PendingCall, RpcClient};
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
 pub use error::{BoxError, Error, RemoteDetails, Result};

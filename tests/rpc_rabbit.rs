@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Publish};
-use common::{broker_url, consumers_with_prefix, eventually, rabbitmqctl_json, Bus};
+use common::{broker_url, consumers_with_prefix, eventually, queue_count, rabbitmqctl_json, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
 
@@ -218,14 +218,6 @@ fn publish_raw(bus: &Bus, body: &[u8], content_type: Option<&str>) {
     connection.close().unwrap();
 }
 
-fn queue_depth(queue: &str) -> u64 {
-    rabbitmqctl_json(&["list_queues", "name", "messages"])
-        .iter()
-        .find(|q| q["name"] == queue)
-        .and_then(|q| q["messages"].as_u64())
-        .unwrap_or(0)
-}
-
 #[test]
 fn malformed_messages_are_rejected_and_valid_ones_around_them_served() {
     let mut bus = Bus::new(&broker_url());
@@ -273,7 +265,7 @@ fn malformed_messages_are_rejected_and_valid_ones_around_them_served() {
     bus.expect_quiet(Duration::from_millis(300));
     // Rejected without requeue: nothing is left in the queue to be redelivered.
     eventually("the topic queue is empty", Duration::from_secs(10), || {
-        queue_depth(&bus.topic) == 0
+        queue_count(&bus.topic, "messages") == 0
     });
     let sum: i64 = client.call(&ctx, "add", &json!({"a": 1, "b": 1})).unwrap();
     assert_eq!(sum, 2, "the server still serves");

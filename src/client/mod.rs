@@ -1,6 +1,8 @@
 //! The RPC client: `call` (blocking request/reply) and `cast` (fire and forget, confirmed
 //! by the broker), oslo's `RPCClient` with `prepare()`.
 
+use std::fmt;
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -16,6 +18,8 @@ use crate::wire::envelope::{CallFields, Request, ResultOf};
 use crate::wire::failure::Failure;
 
 pub(crate) mod reply_waiter;
+
+use reply_waiter::Waiting;
 
 /// `_timeout` is whole seconds on the wire (oslo sends what the caller gave, usually an int).
 fn whole_seconds(monitor: Duration) -> u64 {
@@ -53,6 +57,7 @@ pub struct RpcClient {
     version_cap: Option<String>,
     retry: Option<u32>,
     at_least_once: bool,
+    confirm: bool,
     call_monitor_timeout: Option<Duration>,
 }
 
@@ -66,6 +71,7 @@ impl RpcClient {
             version_cap: None,
             retry: None,
             at_least_once: false,
+            confirm: true,
             call_monitor_timeout: None,
         }
     }
@@ -141,6 +147,26 @@ impl RpcClient {
         self
     }
 
+    /// Whether a send waits for the broker's publisher confirm (default `true`, as oslo).
+    ///
+    /// With `false`, a cast returns as soon as its message is handed to the connection: several
+    /// times the throughput, but a message the broker fails to take (it crashes, or nacks it)
+    /// is lost without an error. A call's request is then not confirmed either; its reply
+    /// still proves delivery, and a lost request shows as [`Error::Timeout`]. Ignored with
+    /// [`at_least_once`](Self::at_least_once), which needs the confirm to detect returns.
+    ///
+    /// ```no_run
+    /// # use warren::{RequestContext, RpcClient, Target, Transport};
+    /// # let transport = Transport::new("rabbit://guest:guest@127.0.0.1:5672/")?;
+    /// let metrics = RpcClient::new(&transport, Target::new("metrics")).confirm(false);
+    /// metrics.cast(&RequestContext::new(), "record", &serde_json::json!({"cpu": 0.5}))?;
+    /// # Ok::<(), warren::Error>(())
+    /// ```
+    pub fn confirm(mut self, confirm: bool) -> RpcClient {
+        self.confirm = confirm;
+        self
+    }
+
     /// oslo's call monitoring: the server sends a keep-alive every `monitor / 2` while the
     /// method runs (sent as `_timeout`, in whole seconds, at least 2 to take effect), and a call
     /// fails with [`Error::Timeout`] as soon as `monitor` passes without any message from the
@@ -188,6 +214,39 @@ impl RpcClient {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
+        self.start_call(ctx, method, args)?.wait()
+    }
+
+    /// Sends a call and returns without waiting for its result: [`PendingCall::wait`] gets it.
+    /// One thread can so have many calls outstanding (no thread per call), each still bound by
+    /// its own timeout, which runs from here.
+    ///
+    /// ```no_run
+    /// # use warren::{RequestContext, RpcClient, Target, Transport};
+    /// # let transport = Transport::new("rabbit://guest:guest@127.0.0.1:5672/")?;
+    /// let compute = RpcClient::new(&transport, Target::new("compute"));
+    /// let ctx = RequestContext::new();
+    /// let pending = ["host-1", "host-2", "host-3"]
+    ///     .iter()
+    ///     .map(|host| compute.prepare().server(*host).start_call::<_, String>(&ctx, "ping", &()))
+    ///     .collect::<Result<Vec<_>, _>>()?;
+    /// for call in pending {
+    ///     println!("{}", call.wait()?);
+    /// }
+    /// # Ok::<(), warren::Error>(())
+    /// ```
+    ///
+    /// Errors before sending are those of [`call`](Self::call).
+    pub fn start_call<A, R>(
+        &self,
+        ctx: &RequestContext,
+        method: &str,
+        args: &A,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
         if self.target.fanout {
             return Err(Error::invalid_target("a call cannot be used with fanout"));
         }
@@ -196,8 +255,8 @@ impl RpcClient {
         let timeout = self.effective_timeout();
         let deadline = Instant::now() + timeout;
         let transport = &self.transport;
-        let msg_id = uuid::Uuid::new_v4().simple().to_string();
-        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let msg_id = crate::id::new_id();
+        let unique_id = crate::id::new_id();
         let timed_out = || Error::Timeout {
             msg_id: msg_id.clone(),
             method: method.to_string(),
@@ -244,46 +303,15 @@ impl RpcClient {
             Err(Error::Timeout { .. }) => return Err(timed_out()),
             other => other?,
         }
-        // A reply with a result but no `ending` (oslo's old two-message replies) is kept until
-        // the final message arrives.
-        let mut early_result = None;
-        // With call monitoring, any message from the server (a keep-alive or the reply) must
-        // come within the monitor timeout; the overall deadline holds regardless.
-        let monitor = self.call_monitor_timeout;
-        let mut monitor_deadline = monitor.map(|m| Instant::now() + m);
-        loop {
-            let wait_until = monitor_deadline.map_or(deadline, |m| m.min(deadline));
-            let Ok(event) = waiting.replies.recv_deadline(wait_until) else {
-                return Err(match (monitor, Instant::now() < deadline) {
-                    (Some(monitor), true) => Error::Timeout {
-                        msg_id: msg_id.clone(),
-                        method: method.to_string(),
-                        timeout: monitor,
-                    },
-                    _ => timed_out(),
-                });
-            };
-            monitor_deadline = monitor.map(|m| Instant::now() + m);
-            if let Some(failure) = &event.header.failure {
-                return Err(Failure::from_wire(failure)
-                    .map_err(Error::decode)?
-                    .into_error());
-            }
-            if event.header.ending {
-                let doc = match (event.header.has_result, early_result) {
-                    (false, Some(doc)) => doc,
-                    _ => event.doc,
-                };
-                return doc
-                    .decode::<ResultOf<R>>()
-                    .map(|r| r.0)
-                    .map_err(|e| Error::decode(format!("result of {method}: {e}")));
-            }
-            if event.header.has_result {
-                early_result = Some(event.doc);
-            }
-            // Otherwise a call-monitor keep-alive: keep waiting.
-        }
+        Ok(PendingCall {
+            waiting,
+            msg_id,
+            method: method.to_string(),
+            timeout,
+            deadline,
+            monitor: self.call_monitor_timeout,
+            result: PhantomData,
+        })
     }
 
     /// Sends `method` with `args` without waiting for it to run; returns once the broker has
@@ -297,7 +325,7 @@ impl RpcClient {
         self.check_version()?;
         let timeout = self.effective_timeout();
         let deadline = Instant::now() + timeout;
-        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let unique_id = crate::id::new_id();
         let codec = self.transport.options().codec;
         let body = codec.encode(&Request {
             method,
@@ -356,6 +384,7 @@ impl RpcClient {
         SendOptions {
             deadline: Some(deadline),
             retry: self.retry,
+            unconfirmed: !self.confirm,
         }
     }
 
@@ -383,6 +412,85 @@ impl RpcClient {
                     .unwrap_or_else(|| "(none)".into()),
                 cap: cap.clone(),
             })
+        }
+    }
+}
+
+/// A call sent by [`RpcClient::start_call`] whose result has not been taken yet. Dropping it
+/// abandons the call (a late reply is then dropped).
+#[must_use = "a call's result (or its failure) is only seen through wait()"]
+pub struct PendingCall<R> {
+    waiting: Waiting,
+    msg_id: String,
+    method: String,
+    timeout: Duration,
+    deadline: Instant,
+    monitor: Option<Duration>,
+    result: PhantomData<fn() -> R>,
+}
+
+impl<R> fmt::Debug for PendingCall<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingCall")
+            .field("msg_id", &self.msg_id)
+            .field("method", &self.method)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: DeserializeOwned> PendingCall<R> {
+    /// The call's `_msg_id`.
+    pub fn msg_id(&self) -> &str {
+        &self.msg_id
+    }
+
+    /// Waits for the result, until the call's deadline (its timeout counted from
+    /// [`RpcClient::start_call`]). Errors as [`RpcClient::call`].
+    pub fn wait(self) -> Result<R> {
+        let timed_out = || Error::Timeout {
+            msg_id: self.msg_id.clone(),
+            method: self.method.clone(),
+            timeout: self.timeout,
+        };
+        // A reply with a result but no `ending` (oslo's old two-message replies) is kept until
+        // the final message arrives.
+        let mut early_result = None;
+        // With call monitoring, any message from the server (a keep-alive or the reply) must
+        // come within the monitor timeout; the overall deadline holds regardless.
+        let mut monitor_deadline = self.monitor.map(|m| Instant::now() + m);
+        loop {
+            let wait_until = monitor_deadline.map_or(self.deadline, |m| m.min(self.deadline));
+            let Ok(event) = self.waiting.replies.recv_deadline(wait_until) else {
+                return Err(match (self.monitor, Instant::now() < self.deadline) {
+                    (Some(monitor), true) => Error::Timeout {
+                        msg_id: self.msg_id.clone(),
+                        method: self.method.clone(),
+                        timeout: monitor,
+                    },
+                    _ => timed_out(),
+                });
+            };
+            monitor_deadline = self.monitor.map(|m| Instant::now() + m);
+            if let Some(failure) = &event.header.failure {
+                return Err(Failure::from_wire(failure)
+                    .map_err(Error::decode)?
+                    .into_error());
+            }
+            if event.header.ending {
+                let doc = match (event.header.has_result, early_result) {
+                    (false, Some(doc)) => doc,
+                    _ => event.doc,
+                };
+                return doc
+                    .decode::<ResultOf<R>>()
+                    .map(|r| r.0)
+                    .map_err(|e| Error::decode(format!("result of {}: {e}", self.method)));
+            }
+            if event.header.has_result {
+                early_result = Some(event.doc);
+            }
+            // Otherwise a call-monitor keep-alive: keep waiting.
         }
     }
 }

@@ -259,26 +259,31 @@ impl Driver for MemoryDriver {
         let broker = self.broker.clone();
         let delete_on_close = spec.delete_on_close.clone();
         let name = format!("warren-listen-{}", spec.label);
-        let thread = PollThread::spawn(name, incoming, move |mut poll, control, ready| {
-            let _ = ready.send(Ok(()));
-            let mut consumers = MemoryConsumers {
-                broker: broker.clone(),
-                receivers,
-                unacked: HashMap::new(),
-                next_tag: 1,
-            };
-            // In-process queues are never lost: one session, until closed.
-            let end = poll.run_session(&mut consumers, &control);
-            // Like a closed channel: whatever was not acknowledged goes back to its queue.
-            for (_, message) in consumers.unacked {
-                broker.push(message);
-            }
-            if end == SessionEnd::Closed {
-                for queue in &delete_on_close {
-                    broker.delete(queue);
+        let thread = PollThread::spawn(
+            name,
+            incoming,
+            spec.ack_on_handoff,
+            move |mut poll, control, ready| {
+                let _ = ready.send(Ok(()));
+                let mut consumers = MemoryConsumers {
+                    broker: broker.clone(),
+                    receivers,
+                    unacked: HashMap::new(),
+                    next_tag: 1,
+                };
+                // In-process queues are never lost: one session, until closed.
+                let end = poll.run_session(&mut consumers, &control);
+                // Like a closed channel: whatever was not acknowledged goes back to its queue.
+                for (_, message) in consumers.unacked {
+                    broker.push(message);
                 }
-            }
-        })?;
+                if end == SessionEnd::Closed {
+                    for queue in &delete_on_close {
+                        broker.delete(queue);
+                    }
+                }
+            },
+        )?;
         Ok(Box::new(thread))
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::wire::Codec;
@@ -92,6 +92,9 @@ pub(crate) struct SendOptions {
     /// Connection attempts after a connection failure: `None` retries until the deadline,
     /// `Some(0)` fails at once, `Some(n)` tries `n` more times.
     pub retry: Option<u32>,
+    /// Return once the message is handed to the connection, without waiting for the broker's
+    /// publisher confirm (ignored for `mandatory` messages, whose returns need the confirm).
+    pub unconfirmed: bool,
 }
 
 /// A message as received from the broker.
@@ -138,6 +141,9 @@ pub(crate) struct Acker {
     tag: u64,
     generation: u64,
     ops: Sender<AckOp>,
+    /// Set when the listener acknowledges on hand-off ([`ListenSpec::ack_on_handoff`]): the
+    /// outcome of that ack.
+    acked: Option<Receiver<Result<()>>>,
 }
 
 impl Acker {
@@ -146,6 +152,20 @@ impl Acker {
             tag,
             generation,
             ops,
+            acked: None,
+        }
+    }
+
+    /// A delivery the listener acknowledges as it hands it over; `acked` gets the outcome.
+    pub fn acked_on_handoff(
+        tag: u64,
+        generation: u64,
+        ops: Sender<AckOp>,
+        acked: Receiver<Result<()>>,
+    ) -> Acker {
+        Acker {
+            acked: Some(acked),
+            ..Acker::new(tag, generation, ops)
         }
     }
 
@@ -153,6 +173,9 @@ impl Acker {
     /// ack could not be sent (the channel is gone): the broker will redeliver the message, so
     /// the caller must not process it.
     pub fn ack(self) -> Result<()> {
+        if let Some(acked) = self.acked {
+            return acked.recv().map_err(|_| Error::Closed)?;
+        }
         let (done, wait) = crossbeam_channel::bounded(1);
         self.ops
             .send(AckOp {
@@ -165,8 +188,16 @@ impl Acker {
         wait.recv().map_err(|_| Error::Closed)?
     }
 
-    /// Rejects the delivery (dead-lettered or dropped unless `requeue`). Does not wait.
+    /// Rejects the delivery (dead-lettered or dropped unless `requeue`). Does not wait. A
+    /// delivery acknowledged on hand-off is already settled: nothing happens.
     pub fn reject(self, requeue: bool) {
+        if self.acked.is_some() {
+            log::debug!(
+                "delivery {} was acknowledged on hand-off; not rejecting it",
+                self.tag
+            );
+            return;
+        }
         let _ = self.ops.send(AckOp {
             tag: self.tag,
             generation: self.generation,
@@ -254,6 +285,10 @@ pub(crate) struct ListenSpec {
     pub delete_on_close: Vec<String>,
     /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
     pub retry: Option<u32>,
+    /// The poll thread acknowledges each delivery as a worker takes it (the incoming queue is
+    /// then a rendezvous), and the worker's [`Acker::ack`] only reads the outcome: oslo's
+    /// ack-before-dispatch without a round trip from worker to poll thread per message.
+    pub ack_on_handoff: bool,
 }
 
 impl ListenSpec {
@@ -304,6 +339,7 @@ impl ListenSpec {
             queues,
             delete_on_close: vec![fanout_queue],
             retry,
+            ack_on_handoff: false,
         }
     }
 

@@ -4,7 +4,9 @@
 //! The thread owns the driver's consumers. One `select` waits on all of them at once, on the
 //! ack/reject operations workers hand back, on control messages (stop, close), and on room in
 //! the server's bounded incoming queue. Deliveries are moved into that queue; operations are
-//! executed by the driver on the thread that owns the channel. Idle polls time out on a
+//! executed by the driver on the thread that owns the channel. With ack on hand-off (oslo's
+//! ack-before-dispatch), the queue is a rendezvous and the thread acknowledges each delivery
+//! the moment a worker takes it, passing the outcome along. Idle polls time out on a
 //! [`DecayingTimer`] (1 ms doubling to 5 s).
 //!
 //! Lifecycle: `stop()` cancels the consumers; what they had already delivered is still handed
@@ -90,13 +92,21 @@ impl PollThread {
     /// Spawns a poll thread running `body(poll, control, ready)`: `body` must send `Ok(())`
     /// on `ready` once it consumes (or the error that stopped it), then run `poll`'s sessions.
     /// Returns when `ready` was answered.
-    pub fn spawn<F>(name: String, incoming: Sender<Incoming>, body: F) -> Result<PollThread>
+    ///
+    /// With `ack_on_handoff`, each delivery is acknowledged as a worker takes it
+    /// ([`ListenSpec::ack_on_handoff`](crate::driver::ListenSpec::ack_on_handoff)).
+    pub fn spawn<F>(
+        name: String,
+        incoming: Sender<Incoming>,
+        ack_on_handoff: bool,
+        body: F,
+    ) -> Result<PollThread>
     where
         F: FnOnce(PollLoop, Receiver<Control>, Sender<Result<()>>) + Send + 'static,
     {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let consuming = Arc::new(AtomicBool::new(false));
-        let poll = PollLoop::new(incoming, consuming.clone());
+        let poll = PollLoop::new(incoming, consuming.clone(), ack_on_handoff);
         let thread = spawn_when_ready(name, move |ready| body(poll, control_rx, ready))?;
         Ok(PollThread {
             control: control_tx,
@@ -144,11 +154,26 @@ impl Drop for PollThread {
 enum Event<T> {
     Op(AckOp),
     Control(Option<Control>),
-    Handed,
+    /// A delivery was handed to a worker; with ack on hand-off, the ack to execute now.
+    Handed(Option<HandoffAck>),
     WorkersGone,
     Item(usize, T),
     ConsumerGone,
     Idle,
+}
+
+/// A delivery waiting for a worker.
+struct Pending {
+    incoming: Incoming,
+    /// With ack on hand-off: the tag, and where the worker reads the outcome of the ack.
+    ack: Option<HandoffAck>,
+}
+
+/// The ack the poll thread owes a delivery it has just handed over.
+struct HandoffAck {
+    tag: u64,
+    generation: u64,
+    done: Sender<Result<()>>,
 }
 
 /// The loop itself, kept across sessions (one per channel) so that the incoming queue, the
@@ -158,7 +183,8 @@ pub(crate) struct PollLoop {
     incoming: Option<Sender<Incoming>>,
     ops_tx: Sender<AckOp>,
     ops_rx: Receiver<AckOp>,
-    pending: VecDeque<Incoming>,
+    pending: VecDeque<Pending>,
+    ack_on_handoff: bool,
     /// The current session is reading its consumers.
     consuming: bool,
     /// `stop()` was asked: no more consuming, in this session or any later one.
@@ -171,13 +197,14 @@ pub(crate) struct PollLoop {
 }
 
 impl PollLoop {
-    fn new(incoming: Sender<Incoming>, health: Arc<AtomicBool>) -> Self {
+    fn new(incoming: Sender<Incoming>, health: Arc<AtomicBool>, ack_on_handoff: bool) -> Self {
         let (ops_tx, ops_rx) = crossbeam_channel::unbounded();
         PollLoop {
             incoming: Some(incoming),
             ops_tx,
             ops_rx,
             pending: VecDeque::new(),
+            ack_on_handoff,
             consuming: false,
             stopped: false,
             generation: 0,
@@ -226,7 +253,8 @@ impl PollLoop {
                     self.stop_consuming(consumers);
                     return SessionEnd::Abandoned;
                 }
-                Event::Handed | Event::Idle => {}
+                Event::Handed(Some(ack)) => self.ack_handed(consumers, ack),
+                Event::Handed(None) | Event::Idle => {}
                 Event::WorkersGone => self.workers_gone(),
                 Event::Item(source, item) => match consumers.accept(source, item) {
                     Accepted::Deliver(tag, message) => self.hand_over(tag, message),
@@ -314,8 +342,9 @@ impl PollLoop {
             let (Some(tx), Some(item)) = (&self.incoming, self.pending.pop_front()) else {
                 return Event::Idle;
             };
-            match operation.send(tx, item) {
-                Ok(()) => Event::Handed,
+            match operation.send(tx, item.incoming) {
+                Ok(()) => Event::Handed(item.ack),
+                // Not acked: the broker redelivers it.
                 Err(_) => Event::WorkersGone,
             }
         } else {
@@ -330,10 +359,44 @@ impl PollLoop {
     }
 
     fn hand_over(&mut self, tag: u64, message: RawMessage) {
-        self.pending.push_back(Incoming {
-            message,
-            acker: Acker::new(tag, self.generation, self.ops_tx.clone()),
-        });
+        let ops = self.ops_tx.clone();
+        let pending = if self.ack_on_handoff {
+            let (done, acked) = crossbeam_channel::bounded(1);
+            Pending {
+                incoming: Incoming {
+                    message,
+                    acker: Acker::acked_on_handoff(tag, self.generation, ops, acked),
+                },
+                ack: Some(HandoffAck {
+                    tag,
+                    generation: self.generation,
+                    done,
+                }),
+            }
+        } else {
+            Pending {
+                incoming: Incoming {
+                    message,
+                    acker: Acker::new(tag, self.generation, ops),
+                },
+                ack: None,
+            }
+        };
+        self.pending.push_back(pending);
+    }
+
+    /// Acknowledges a delivery a worker has just taken; the worker reads the outcome before
+    /// dispatching (and skips the message if the ack failed: the broker redelivers it).
+    fn ack_handed<C: Consumers>(&mut self, consumers: &mut C, ack: HandoffAck) {
+        let result = if ack.generation == self.generation {
+            consumers.settle(ack.tag, AckKind::Ack)
+        } else {
+            Err(Error::Connection {
+                host: String::new(),
+                source: "the delivery's channel is closed".into(),
+            })
+        };
+        let _ = ack.done.send(result);
     }
 
     fn workers_gone(&mut self) {

@@ -195,6 +195,7 @@ impl NotificationListenerBuilder {
             queues,
             delete_on_close: Vec::new(),
             retry: self.retry,
+            ack_on_handoff: false,
         };
         Ok(NotificationListener {
             lifecycle: Lifecycle::new(format!("notification listener on {label}")),

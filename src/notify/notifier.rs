@@ -129,7 +129,7 @@ impl Notifier {
             context.insert("auth_token", Value::Null);
         }
         let message_id = uuid::Uuid::new_v4().hyphenated().to_string();
-        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let unique_id = crate::id::new_id();
         let timestamp = utc_timestamp(SystemTime::now());
         let message = NotificationOut {
             message_id: &message_id,
@@ -157,6 +157,7 @@ impl Notifier {
         let options = SendOptions {
             deadline: Some(Instant::now() + timeout),
             retry: self.retry,
+            unconfirmed: false,
         };
         for topic in &self.topics {
             let routing_key = format!("{topic}.{}", priority.as_str());

@@ -174,7 +174,7 @@ fn run(transport: &Transport, commands: &Receiver<Command>) {
 }
 
 fn keep_alive(transport: &Transport, caller: &Caller) -> Result<()> {
-    let unique_id = uuid::Uuid::new_v4().simple().to_string();
+    let unique_id = crate::id::new_id();
     let body = caller.codec.encode(&Reply {
         result: None,
         failure: None,
@@ -196,6 +196,7 @@ fn keep_alive(transport: &Transport, caller: &Caller) -> Result<()> {
     let options = SendOptions {
         deadline: Some(Instant::now() + SEND_TIMEOUT),
         retry: Some(0),
+        unconfirmed: false,
     };
     transport
         .driver()

@@ -71,7 +71,9 @@ impl Lifecycle {
             State::Idle | State::Waiting => {}
         }
         let handler = handler()?;
-        let (tx, rx) = crossbeam_channel::bounded(workers);
+        // Acking on hand-off needs "handed over" to mean "a worker has it".
+        let capacity = if spec.ack_on_handoff { 0 } else { workers };
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
         let threads = worker_pool::spawn(handler.clone(), rx, workers)?;
         let listener = match transport.driver().listen(spec, tx) {
             Ok(listener) => listener,

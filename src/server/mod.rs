@@ -63,6 +63,7 @@ pub struct RpcServerBuilder {
     retry: Option<u32>,
     ack_mode: AckMode,
     duplicate_window: usize,
+    confirm_replies: bool,
 }
 
 impl RpcServerBuilder {
@@ -101,6 +102,18 @@ impl RpcServerBuilder {
         self
     }
 
+    /// Whether a reply waits for the broker's publisher confirm (default `true`, as oslo).
+    ///
+    /// Confirmed replies are published `mandatory`, so a reply whose queue is missing (its
+    /// caller is reconnecting, say) is seen and retried for `kombu_missing_consumer_retry_timeout`,
+    /// and one lost with its connection is sent again. With `false` such a reply is lost and its
+    /// call times out; in exchange a worker does not wait for the broker after each call, which
+    /// is worth about 20% more calls per second when the machine is saturated (`warren bench`).
+    pub fn confirm_replies(mut self, confirm: bool) -> Self {
+        self.confirm_replies = confirm;
+        self
+    }
+
     /// Which methods callers may reach (default: not those starting with `_`).
     pub fn access_policy(mut self, policy: AccessPolicy) -> Self {
         self.policy = policy;
@@ -136,20 +149,22 @@ impl RpcServerBuilder {
             .exchange
             .clone()
             .unwrap_or_else(|| self.transport.options().control_exchange.clone());
-        let context = WorkerContext::new(
+        let mut context = WorkerContext::new(
             self.transport.clone(),
             Dispatcher::new(self.endpoints, self.policy),
             topic.clone(),
             self.ack_mode,
             self.duplicate_window,
         );
-        let spec = ListenSpec::rpc(
+        context.confirm_replies = self.confirm_replies;
+        let mut spec = ListenSpec::rpc(
             &exchange,
             &topic,
             &server,
             context.dead_letter_queue.as_deref(),
             self.retry,
         );
+        spec.ack_on_handoff = self.ack_mode == AckMode::BeforeDispatch;
         Ok(RpcServer {
             lifecycle: Lifecycle::new(format!("server {topic}.{server}")),
             spec,
@@ -216,6 +231,7 @@ impl RpcServer {
             retry: None,
             ack_mode: AckMode::BeforeDispatch,
             duplicate_window: 16,
+            confirm_replies: true,
         }
     }
 

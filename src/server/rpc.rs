@@ -44,6 +44,8 @@ pub(crate) struct WorkerContext {
     pub topic: String,
     pub ack_mode: AckMode,
     pub dead_letter_queue: Option<String>,
+    /// Replies wait for the broker's confirm (and so can detect a missing reply queue).
+    pub confirm_replies: bool,
     recent: Mutex<RecentIds>,
     gone: Mutex<HashMap<String, Instant>>,
     /// Set by `stop()`: missing reply queues are no longer waited for.
@@ -68,6 +70,7 @@ impl WorkerContext {
             topic,
             ack_mode,
             dead_letter_queue,
+            confirm_replies: true,
             recent: Mutex::new(RecentIds::new(duplicate_window)),
             gone: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
@@ -274,6 +277,7 @@ impl WorkerContext {
         let options = SendOptions {
             deadline: Some(Instant::now() + SEND_TIMEOUT),
             retry: None,
+            unconfirmed: false,
         };
         self.transport.driver().send(&outgoing, &options)
     }
@@ -304,7 +308,7 @@ impl WorkerContext {
             warn!("{reply_q} does not exist; dropping the reply to {msg_id}");
             return;
         }
-        let unique_id = uuid::Uuid::new_v4().simple().to_string();
+        let unique_id = crate::id::new_id();
         let encode = |result: Option<&(dyn erased_serde::Serialize + Send)>,
                       failure: Option<&Failure>| {
             let failure = failure.map(Failure::to_wire);
@@ -340,7 +344,8 @@ impl WorkerContext {
             body: &body,
             codec,
             expiration: None,
-            mandatory: true,
+            // Without confirms a return could not be seen: do not ask for one.
+            mandatory: self.confirm_replies,
             redelivery: None,
             declare_queue: None,
         };
@@ -350,6 +355,7 @@ impl WorkerContext {
             let options = SendOptions {
                 deadline: Some(Instant::now() + SEND_TIMEOUT),
                 retry: None,
+                unconfirmed: !self.confirm_replies,
             };
             match self.transport.driver().send(&outgoing, &options) {
                 Ok(()) => {

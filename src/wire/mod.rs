@@ -65,14 +65,35 @@ impl Codec {
     pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>> {
         match self {
             Codec::Json => {
-                let mut inner = Vec::with_capacity(256);
-                oslo_json::write_python_json(&mut inner, value).map_err(Error::encode)?;
-                oslo_json::wrap_envelope(&inner).map_err(Error::encode)
+                // The message JSON is only an intermediate (it is embedded, escaped, in the
+                // envelope): write it into this thread's reused buffer.
+                thread_local! {
+                    static INNER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                let encode = |inner: &mut Vec<u8>| {
+                    inner.clear();
+                    oslo_json::write_python_json(inner, value).map_err(Error::encode)?;
+                    oslo_json::wrap_envelope(inner).map_err(Error::encode)
+                };
+                INNER.with(|buffer| match buffer.try_borrow_mut() {
+                    Ok(mut inner) => {
+                        let body = encode(&mut inner);
+                        if inner.capacity() > REUSED_BUFFER_MAX {
+                            *inner = Vec::new();
+                        }
+                        body
+                    }
+                    // Re-entered from a Serialize impl: use a fresh buffer.
+                    Err(_) => encode(&mut Vec::new()),
+                })
             }
             Codec::MsgPack => msgpack::to_vec(value).map_err(Error::encode),
         }
     }
 }
+
+/// A thread keeps its encoding buffer up to this size between messages.
+const REUSED_BUFFER_MAX: usize = 1 << 20;
 
 impl fmt::Display for Codec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

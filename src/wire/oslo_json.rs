@@ -49,19 +49,23 @@ impl Formatter for PythonFormatter {
     ) -> io::Result<()> {
         // serde_json already escaped `"`, `\` and control characters; what is left to do is
         // Python's ensure_ascii: DEL and everything beyond ASCII.
+        // Bytes below 0x7f are the ASCII characters written as they are: scan bytes (fast on
+        // large strings) and decode a character only where one needs escaping.
+        let bytes = fragment.as_bytes();
         let mut start = 0;
-        for (i, ch) in fragment.char_indices() {
-            if ch.is_ascii() && ch != '\x7f' {
-                continue;
-            }
-            w.write_all(&fragment.as_bytes()[start..i])?;
+        while let Some(offset) = bytes[start..].iter().position(|&b| b >= 0x7f) {
+            let i = start + offset;
+            w.write_all(&bytes[start..i])?;
+            let Some(ch) = fragment[i..].chars().next() else {
+                break;
+            };
             let mut units = [0u16; 2];
             for unit in ch.encode_utf16(&mut units) {
                 write!(w, "\\u{unit:04x}")?;
             }
             start = i + ch.len_utf8();
         }
-        w.write_all(&fragment.as_bytes()[start..])
+        w.write_all(&bytes[start..])
     }
 
     fn write_f64<W: ?Sized + io::Write>(&mut self, w: &mut W, value: f64) -> io::Result<()> {

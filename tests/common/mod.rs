@@ -3,6 +3,7 @@
 //! the broker when dropped; and `rabbitmqctl` helpers.
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod node;
 pub mod proxy;
 pub mod python;
@@ -327,6 +328,16 @@ pub fn rabbitmqctl_json(args: &[&str]) -> Vec<Value> {
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice::<Vec<Value>>(&output.stdout).expect("rabbitmqctl JSON")
+}
+
+/// One numeric column of `rabbitmqctl list_queues` (`messages`, `messages_ready`...) for
+/// `queue`; 0 if the queue does not exist.
+pub fn queue_count(queue: &str, column: &str) -> u64 {
+    rabbitmqctl_json(&["list_queues", "name", column])
+        .iter()
+        .find(|q| q["name"] == queue)
+        .and_then(|q| q[column].as_u64())
+        .unwrap_or(0)
 }
 
 /// Consumers whose queue name starts with `prefix`.

@@ -42,6 +42,9 @@ macro_rules! scenario_tests {
             calls_round_robin_across_servers,
             server_routing_reaches_only_that_server,
             many_client_threads_share_one_client,
+            one_thread_keeps_many_calls_outstanding,
+            unconfirmed_casts_are_delivered,
+            confirmed_and_unconfirmed_publishers_share_the_channels,
             slow_handler_times_out_and_late_reply_is_dropped,
             topic_nobody_serves_times_out,
             remote_failures_carry_class_module_message,
@@ -199,6 +202,101 @@ pub fn many_client_threads_share_one_client(url: &str) {
         t.join().expect("client thread");
     }
     assert_eq!(transport.pending_calls(), 0, "no waiter left behind");
+}
+
+pub fn one_thread_keeps_many_calls_outstanding(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 4);
+    let transport = bus.transport(Codec::MsgPack);
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    let pending: Vec<_> = (0..40_i64)
+        .map(|i| {
+            client
+                .start_call::<_, i64>(&ctx(), "add", &json!({"a": i, "b": 1000}))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(transport.pending_calls(), 40);
+    // Taken in reverse order: each result is its own call's.
+    for (i, call) in pending.into_iter().enumerate().rev() {
+        assert_eq!(call.wait().unwrap(), i as i64 + 1000);
+    }
+    // A pending call keeps its own deadline, counted from when it was sent.
+    let slow = client
+        .prepare()
+        .timeout(Duration::from_millis(300))
+        .start_call::<_, u64>(&ctx(), "sleep", &json!({"ms": 1200}))
+        .unwrap();
+    thread::sleep(Duration::from_millis(400));
+    let started = Instant::now();
+    assert!(matches!(slow.wait(), Err(Error::Timeout { .. })));
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "already past its deadline"
+    );
+    // An abandoned call leaves nothing registered.
+    let abandoned = client.start_call::<_, i64>(&ctx(), "add", &json!({"a": 1, "b": 1}));
+    drop(abandoned);
+    assert_eq!(transport.pending_calls(), 0);
+}
+
+pub fn unconfirmed_casts_are_delivered(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 2);
+    let client = bus.client(Codec::MsgPack).confirm(false);
+    for i in 0..200 {
+        client.cast(&ctx(), "record", &json!({"id": i})).unwrap();
+    }
+    let mut ids: Vec<i64> = bus
+        .expect_events(200, WAIT)
+        .iter()
+        .map(|e| e.value["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..200).collect::<Vec<_>>());
+    // Calls work unconfirmed too (their reply proves delivery).
+    let sum: i64 = client
+        .call(&ctx(), "add", &json!({"a": 1, "b": 2}))
+        .unwrap();
+    assert_eq!(sum, 3);
+}
+
+pub fn confirmed_and_unconfirmed_publishers_share_the_channels(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 4);
+    let client = bus.client(Codec::MsgPack).timeout(Duration::from_secs(10));
+    // More threads than a transport has publishing channels (32), switching between
+    // confirmed and unconfirmed sends: each kind must get a channel, taking the other's idle
+    // ones when the limit is reached.
+    let threads: Vec<_> = (0..40_i64)
+        .map(|t| {
+            let client = client.clone();
+            thread::spawn(move || {
+                for i in 0..6_i64 {
+                    let confirmed = (t + i) % 2 == 0;
+                    client
+                        .prepare()
+                        .confirm(confirmed)
+                        .cast(&ctx(), "record", &json!({"id": t * 10 + i}))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("publisher thread");
+    }
+    let mut ids: Vec<i64> = bus
+        .expect_events(240, WAIT)
+        .iter()
+        .map(|e| e.value["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut expected: Vec<i64> = (0..40)
+        .flat_map(|t| (0..6).map(move |i| t * 10 + i))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
 }
 
 pub fn slow_handler_times_out_and_late_reply_is_dropped(url: &str) {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod notify;
 mod rpc;
 
@@ -39,6 +40,9 @@ enum Command {
     Notify(notify::NotifyArgs),
     /// Print notifications as JSON lines, until interrupted or `--count` of them.
     Listen(notify::ListenArgs),
+    /// Measure call/cast throughput and latency (servers and clients in this process, or one
+    /// side with --role).
+    Bench(bench::BenchArgs),
 }
 
 /// A CLI failure: what to print on stderr and the exit code.
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::Cast(args) => rpc::cast(&cli.url, args),
         Command::Notify(args) => notify::notify(&cli.url, args),
         Command::Listen(args) => notify::listen(&cli.url, args),
+        Command::Bench(args) => bench::run(&cli.url, args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,7 +88,7 @@ pub fn notify(url: &str, args: NotifyArgs) -> Result<(), Failure> {
         notifier = notifier.exchange(exchange);
     }
     if let Some(secs) = args.timeout {
-        notifier = notifier.timeout(crate::rpc::seconds(secs)?);
+        notifier = notifier.timeout(crate::rpc::seconds("--timeout", secs)?);
     }
     notifier.notify(&context, priority, &args.event_type, &payload)?;
     Ok(())

@@ -101,7 +101,7 @@ fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure
     target.version = send.version.clone();
     let mut client = RpcClient::new(&transport, target);
     if let Some(secs) = send.timeout {
-        client = client.timeout(seconds(secs)?);
+        client = client.timeout(seconds("--timeout", secs)?);
     }
     Ok(Prepared {
         client,
@@ -121,13 +121,13 @@ pub fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>,
     }
 }
 
-/// A `--timeout` value.
-pub fn seconds(secs: f64) -> Result<Duration, Failure> {
+/// A flag's value in seconds (`--timeout`, `--duration`): positive and finite.
+pub fn seconds(flag: &str, secs: f64) -> Result<Duration, Failure> {
     if secs.is_finite() && secs > 0.0 && secs < 1e9 {
         Ok(Duration::from_secs_f64(secs))
     } else {
         Err(Failure::usage(format!(
-            "--timeout must be a positive number of seconds, not {secs}"
+            "{flag} must be a positive number of seconds, not {secs}"
         )))
     }
 }

@@ -38,9 +38,13 @@ pub(crate) struct Setup {
 /// with `retry: None` and no broker reachable, once the first pass over the hosts failed).
 pub(crate) fn spawn(setup: Setup, incoming: Sender<Incoming>) -> Result<PollThread> {
     let name = format!("warren-listen-{}", setup.spec.label);
-    PollThread::spawn(name, incoming, move |mut poll, control, ready| {
-        run(&setup, &mut poll, &control, ready)
-    })
+    let ack_on_handoff = setup.spec.ack_on_handoff;
+    PollThread::spawn(
+        name,
+        incoming,
+        ack_on_handoff,
+        move |mut poll, control, ready| run(&setup, &mut poll, &control, ready),
+    )
 }
 
 fn run(setup: &Setup, poll: &mut PollLoop, control: &Receiver<Control>, ready: Sender<Result<()>>) {

@@ -4,8 +4,9 @@
 //! channel out, publishes, waits for the broker's publisher confirm on that channel, checks
 //! for a `basic.return` when the message was `mandatory`, and checks the channel back in; so
 //! publishers never queue behind one lock, and a channel is used by one thread at a time
-//! (amiquip channels are `Send` but not `Sync`). Each channel declares the exchanges it
-//! publishes to once, as oslo does.
+//! (amiquip channels are `Send` but not `Sync`). Publishes nobody waits a confirm for
+//! (`confirm(false)`) use plain channels from a second pool, so the broker sends them no
+//! confirms at all. Each channel declares the exchanges it publishes to once, as oslo does.
 //!
 //! A connection-level failure drops the connection and every channel opened on it; the publish
 //! is retried on a new connection (to the next host if the current one is down) as its
@@ -84,10 +85,13 @@ struct SendConnection {
     generation: u64,
 }
 
-/// A channel with publisher confirms on.
+/// A publishing channel: in confirm mode (with its confirm and return receivers) or plain, for
+/// publishes nobody waits a confirm for (a channel in confirm mode would make the broker send,
+/// and amiquip's I/O thread handle, a confirm per message all the same).
 struct PubChannel {
     channel: Channel,
-    confirms: Receiver<Confirm>,
+    /// `None` on a plain channel.
+    confirms: Option<Receiver<Confirm>>,
     returns: Receiver<Return>,
     /// Delivery tag of the last publish on this channel.
     published: u64,
@@ -105,11 +109,30 @@ pub(crate) struct Publisher {
     options: TransportOptions,
     connection: Mutex<Option<SendConnection>>,
     generation: AtomicU64,
-    idle_tx: Sender<PubChannel>,
-    idle_rx: Receiver<PubChannel>,
+    /// Idle channels: `[confirm mode, plain]`.
+    idle: [Idle; 2],
+    /// Open channels of both kinds, at most [`MAX_CHANNELS`].
     channels: AtomicUsize,
     closed: AtomicBool,
     watch: Sender<Watch>,
+}
+
+/// A pool of idle channels of one kind.
+struct Idle {
+    tx: Sender<PubChannel>,
+    rx: Receiver<PubChannel>,
+}
+
+impl Idle {
+    fn new() -> Idle {
+        let (tx, rx) = crossbeam_channel::bounded(MAX_CHANNELS);
+        Idle { tx, rx }
+    }
+}
+
+/// Index of the pool of channels with (0) or without (1) confirms.
+fn pool_of(confirming: bool) -> usize {
+    usize::from(!confirming)
 }
 
 impl Publisher {
@@ -120,15 +143,13 @@ impl Publisher {
         options: TransportOptions,
         watch: Sender<Watch>,
     ) -> Publisher {
-        let (idle_tx, idle_rx) = crossbeam_channel::bounded(MAX_CHANNELS);
         Publisher {
             url,
             hosts,
             options,
             connection: Mutex::new(None),
             generation: AtomicU64::new(1),
-            idle_tx,
-            idle_rx,
+            idle: [Idle::new(), Idle::new()],
             channels: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             watch,
@@ -149,7 +170,7 @@ impl Publisher {
         };
         let mut losses = 0_u32;
         loop {
-            match self.publish_once(message, policy) {
+            match self.publish_once(message, policy, options.unconfirmed) {
                 Err(Error::Connection { host, source }) => {
                     losses += 1;
                     let exhausted =
@@ -171,9 +192,16 @@ impl Publisher {
         }
     }
 
-    fn publish_once(&self, message: &Outgoing<'_>, policy: RetryPolicy) -> Result<()> {
+    fn publish_once(
+        &self,
+        message: &Outgoing<'_>,
+        policy: RetryPolicy,
+        unconfirmed: bool,
+    ) -> Result<()> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
-        let mut channel = self.checkout(policy)?;
+        // A mandatory message's return is only seen through its confirm.
+        let confirming = !unconfirmed || message.mandatory;
+        let mut channel = self.checkout(policy, confirming)?;
         let result = channel.publish(message, deadline, &self.options);
         match &result {
             Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
@@ -192,28 +220,49 @@ impl Publisher {
         result
     }
 
-    fn checkout(&self, policy: RetryPolicy) -> Result<PubChannel> {
+    /// An idle channel of the kind asked for, or a new one while there are fewer than
+    /// [`MAX_CHANNELS`]; at the limit, an idle channel of the other kind makes room, or the
+    /// caller waits (within its deadline) for a channel to come back.
+    fn checkout(&self, policy: RetryPolicy, confirming: bool) -> Result<PubChannel> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
+        let (ours, other) = (
+            &self.idle[pool_of(confirming)],
+            &self.idle[pool_of(!confirming)],
+        );
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            let channel = match self.idle_rx.try_recv() {
+            let channel = match ours.rx.try_recv() {
                 Ok(channel) => channel,
                 Err(_) if self.channels.fetch_add(1, Ordering::AcqRel) < MAX_CHANNELS => {
-                    return self.open_channel(policy).inspect_err(|_| {
+                    return self.open_channel(policy, confirming).inspect_err(|_| {
                         self.channels.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
                 Err(_) => {
                     self.channels.fetch_sub(1, Ordering::AcqRel);
-                    self.idle_rx
-                        .recv_deadline(deadline)
-                        .map_err(|_| Error::Timeout {
-                            msg_id: String::new(),
-                            method: "publish (waiting for a free channel)".into(),
-                            timeout: Duration::ZERO,
-                        })?
+                    if let Ok(unwanted) = other.rx.try_recv() {
+                        self.discard(unwanted);
+                        continue;
+                    }
+                    let timed_out = || Error::Timeout {
+                        msg_id: String::new(),
+                        method: "publish (waiting for a free channel)".into(),
+                        timeout: Duration::ZERO,
+                    };
+                    crossbeam_channel::select! {
+                        recv(ours.rx) -> channel => channel.map_err(|_| timed_out())?,
+                        recv(other.rx) -> unwanted => {
+                            if let Ok(unwanted) = unwanted {
+                                self.discard(unwanted);
+                            }
+                            continue;
+                        }
+                        default(deadline.saturating_duration_since(Instant::now())) => {
+                            return Err(timed_out())
+                        }
+                    }
                 }
             };
             if channel.generation == self.generation.load(Ordering::Acquire) {
@@ -228,7 +277,10 @@ impl Publisher {
             || channel.generation != self.generation.load(Ordering::Acquire)
         {
             self.discard(channel);
-        } else if let Err(full) = self.idle_tx.try_send(channel) {
+        } else if let Err(full) = self.idle[pool_of(channel.confirms.is_some())]
+            .tx
+            .try_send(channel)
+        {
             self.discard(full.into_inner());
         }
     }
@@ -290,7 +342,7 @@ impl Publisher {
         Ok(())
     }
 
-    fn open_channel(&self, policy: RetryPolicy) -> Result<PubChannel> {
+    fn open_channel(&self, policy: RetryPolicy, confirming: bool) -> Result<PubChannel> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
         self.connect(policy, &mut |pause| {
             thread::sleep(pause);
@@ -307,12 +359,18 @@ impl Publisher {
         let address = send.connection.address().to_string();
         let generation = send.generation;
         let opened = send.connection.open_channel().and_then(|channel| {
-            channel
-                .enable_publisher_confirms()
-                .map_err(|e| amqp_error(e, &address))?;
-            let confirms = channel
-                .listen_for_publisher_confirms()
-                .map_err(|e| amqp_error(e, &address))?;
+            let confirms = if confirming {
+                channel
+                    .enable_publisher_confirms()
+                    .map_err(|e| amqp_error(e, &address))?;
+                Some(
+                    channel
+                        .listen_for_publisher_confirms()
+                        .map_err(|e| amqp_error(e, &address))?,
+                )
+            } else {
+                None
+            };
             let returns = channel
                 .listen_for_returns()
                 .map_err(|e| amqp_error(e, &address))?;
@@ -357,8 +415,10 @@ impl Publisher {
     /// Closes every channel and the connection. Later publishes fail with [`Error::Closed`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        while let Ok(channel) = self.idle_rx.try_recv() {
-            self.discard(channel);
+        for idle in &self.idle {
+            while let Ok(channel) = idle.rx.try_recv() {
+                self.discard(channel);
+            }
         }
         if let Some(send) = self.connection.lock().take() {
             send.connection.close();
@@ -406,8 +466,11 @@ impl PubChannel {
             .map_err(|e| amqp_error(e, &self.address))?;
         self.published += 1;
         let tag = self.published;
+        let Some(confirms) = &self.confirms else {
+            return Ok(());
+        };
         loop {
-            let confirm = match self.confirms.recv_deadline(deadline) {
+            let confirm = match confirms.recv_deadline(deadline) {
                 Ok(confirm) => confirm,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(Error::Timeout {

@@ -1,6 +1,8 @@
 //! The transport's reply consumer: one thread and one connection consuming the transport's
-//! single reply queue `reply_<uuid hex>` (non-durable, not exclusive, `x-expires`), acking each
-//! reply on receipt and handing it to the [`ReplySink`] that routes it to the waiting caller.
+//! single reply queue `reply_<uuid hex>` (non-durable, not exclusive, `x-expires`) without
+//! acknowledgements (a reply matters only to this process; oslo acks each one, which costs a
+//! frame per call), handing each reply to the [`ReplySink`] that routes it to the waiting
+//! caller.
 //!
 //! When its connection is lost (or the broker cancels its consumer because the queue was
 //! deleted) it reconnects through [`Connection::establish`] and re-declares the queue under
@@ -185,7 +187,13 @@ fn session(
         Ok(channel) => channel,
         Err(e) => return Session::Failed(e),
     };
-    let consumer = match channel.basic_consume(queue, ConsumerOptions::default()) {
+    // No acks: a reply is only of use to this process, and acking each one would cost a frame
+    // and a wake-up of the connection's I/O thread per call.
+    let consume_options = ConsumerOptions {
+        no_ack: true,
+        ..ConsumerOptions::default()
+    };
+    let consumer = match channel.basic_consume(queue, consume_options) {
         Ok(consumer) => consumer,
         Err(e) => return Session::Failed(amqp_error(e, &address)),
     };
@@ -197,7 +205,7 @@ fn session(
         }
         None => info!("consuming replies on {queue} again via {address}"),
     }
-    let end = consume(&channel, &consumer, stop, &setup.sink);
+    let end = consume(&consumer, stop, &setup.sink);
     let _ = consumer.cancel();
     drop(consumer);
     if matches!(end, SessionEnd::Stopped) {
@@ -216,22 +224,12 @@ fn open_and_declare(
 ) -> Result<Channel> {
     let address = connection.address().to_string();
     let channel = connection.open_channel()?;
-    if options.prefetch_count > 0 {
-        channel
-            .qos(0, options.prefetch_count, false)
-            .map_err(|e| amqp_error(e, &address))?;
-    }
     topology::declare_transient_queue(&channel, queue, options, &address)?;
     Ok(channel)
 }
 
-/// Acks each reply on receipt and hands it to the sink, until stopped or lost.
-fn consume(
-    channel: &Channel,
-    consumer: &Consumer<'_>,
-    stop: &Receiver<()>,
-    sink: &ReplySink,
-) -> SessionEnd {
+/// Hands each reply to the sink, until stopped or lost.
+fn consume(consumer: &Consumer<'_>, stop: &Receiver<()>, sink: &ReplySink) -> SessionEnd {
     let mut timer = DecayingTimer::until(None);
     loop {
         let mut select = Select::new();
@@ -257,9 +255,6 @@ fn consume(
                     queue: String::new(),
                     attempts: 0,
                 };
-                if let Err(e) = delivery.ack(channel) {
-                    debug!("could not ack a reply: {e}");
-                }
                 sink(message);
             }
             Ok(ConsumerMessage::ServerCancelled) => {
