@@ -44,7 +44,7 @@ mod amqp;
 #[path = "../src/bin/warren/bench/stats.rs"]
 mod stats;
 
-use stats::Stats;
+use stats::{Limit, Stats};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -131,48 +131,35 @@ fn decode<'a, T: Deserialize<'a>>(codec: CodecArg, body: &'a [u8]) -> Option<T> 
     }
 }
 
-/// The end of the run: a deadline, a number of operations, or the servers' failure.
-struct Limit {
-    end: Option<Instant>,
-    remaining: Option<AtomicU64>,
-    stop: AtomicBool,
-}
-
-impl Limit {
-    fn claim(&self) -> bool {
-        if self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|e| Instant::now() >= e) {
-            return false;
-        }
-        self.remaining.as_ref().map_or(true, |r| {
-            r.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok()
-        })
-    }
-}
-
 fn main() {
     let args = Args::parse();
-    let topic = format!(
-        "bare-bench-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let setup = Setup {
+        topic: format!(
+            "bare-bench-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ),
+        codec: args.codec,
+        mode: args.mode,
+        confirm: args.confirm,
+        payload: "x".repeat(args.payload),
+    };
     let stats = Stats::new();
     let started = Instant::now();
-    let limit = Arc::new(Limit {
-        end: match (args.duration, args.count) {
-            (Some(secs), _) => Some(started + Duration::from_secs_f64(secs)),
-            (None, Some(_)) => None,
-            (None, None) => Some(started + Duration::from_secs(10)),
-        },
-        remaining: args.count.map(AtomicU64::new),
-        stop: AtomicBool::new(false),
-    });
+    let duration = match (args.duration, args.count) {
+        (Some(secs), _) => Some(Duration::from_secs_f64(secs)),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    let limit = Arc::new(Limit::new(
+        duration,
+        args.count,
+        Arc::new(AtomicBool::new(false)),
+    ));
     let servers_stop = Arc::new(AtomicBool::new(false));
-    let mut queues = vec![topic.clone()];
     let mut server_threads = Vec::new();
     let mut server_connections = Vec::new();
     for _ in 0..args.servers {
-        match start_server(&args, &topic, &stats, &servers_stop) {
+        match start_server(&args, &setup, &stats, &servers_stop) {
             Ok((connection, threads)) => {
                 server_connections.push(connection);
                 server_threads.extend(threads);
@@ -185,19 +172,14 @@ fn main() {
     }
     let ticker_stop = Arc::new(AtomicBool::new(false));
     let ticker = stats.ticker(ticker_stop.clone(), args.quiet);
-    let sent = run_clients(&args, &topic, &stats, &limit);
+    let sent = run_clients(&args, &setup, &stats, &limit);
     if args.mode != Mode::Call {
         let copies = if args.mode == Mode::Fanout {
             args.servers as u64
         } else {
             1
         };
-        let until = limit
-            .end
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-        while stats.ok.load(Ordering::Relaxed) < sent * copies && Instant::now() < until {
-            thread::sleep(Duration::from_millis(2));
-        }
+        stats.wait_for(sent * copies, &limit);
     }
     ticker_stop.store(true, Ordering::Release);
     let _ = ticker.join();
@@ -208,8 +190,7 @@ fn main() {
     for c in server_connections {
         let _ = c.close();
     }
-    queues.dedup();
-    amqp::delete_queues(&args.url, &queues);
+    amqp::delete_queues(&args.url, std::slice::from_ref(&setup.topic));
     let report = stats.report(
         json!({
             "tool": "bare-amiquip",
@@ -234,14 +215,16 @@ type ServerThreads = Vec<thread::JoinHandle<()>>;
 
 fn start_server(
     args: &Args,
-    topic: &str,
+    setup: &Setup,
     stats: &Arc<Stats>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(amiquip::Connection, ServerThreads), String> {
     let mut connection = amqp::open(&args.url)?;
     let fail = |e: amiquip::Error| e.to_string();
+    let topic = setup.topic.as_str();
     let mut threads = Vec::new();
-    // Fanout: one exclusive queue per server, consumed by all its workers.
+    // Fanout: one auto-delete queue per server, consumed by all its workers (and deleted once
+    // they cancel).
     let fanout_queue = if args.mode == Mode::Fanout {
         let channel = connection.open_channel(None).map_err(fail)?;
         let exchange = channel
@@ -265,16 +248,7 @@ fn start_server(
             .map_err(fail)?;
         queue.bind(&exchange, "", FieldTable::new()).map_err(fail)?;
         let name = queue.name().to_string();
-        // Kept open until the end: closing it would not delete the queue (not exclusive).
-        threads.push(thread::spawn({
-            let stop = stop.clone();
-            move || {
-                while !stop.load(Ordering::Acquire) {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                let _ = channel.close();
-            }
-        }));
+        channel.close().map_err(fail)?;
         Some(name)
     } else {
         None
@@ -291,23 +265,9 @@ fn start_server(
                 topic.to_string()
             }
         };
-        let (stats, stop, codec, mode, confirm) = (
-            stats.clone(),
-            stop.clone(),
-            args.codec,
-            args.mode,
-            args.confirm,
-        );
-        let topic = topic.to_string();
+        let (stats, stop, setup) = (stats.clone(), stop.clone(), setup.clone());
         threads.push(thread::spawn(move || {
             let mut keep = None;
-            let setup = Setup {
-                topic: &topic,
-                codec,
-                mode,
-                confirm,
-                payload: "",
-            };
             serve(&channel, &queue, &setup, &stats, &stop, &mut keep);
             let _ = channel.close();
             // Only now may the consumer's receiver go (amiquip's consumer-drop race).
@@ -320,7 +280,7 @@ fn start_server(
 fn serve(
     channel: &Channel,
     queue: &str,
-    setup: &Setup<'_>,
+    setup: &Setup,
     stats: &Stats,
     stop: &AtomicBool,
     keep: &mut Option<Receiver<ConsumerMessage>>,
@@ -379,8 +339,7 @@ fn serve(
                 }
             }
             (_, Some(_)) => {
-                stats.starting();
-                stats.done();
+                stats.handled();
             }
             (_, None) => {
                 stats.errors.other.fetch_add(1, Ordering::Relaxed);
@@ -393,7 +352,7 @@ fn serve(
 }
 
 /// Runs the client threads; returns the number of casts sent.
-fn run_clients(args: &Args, topic: &str, stats: &Arc<Stats>, limit: &Arc<Limit>) -> u64 {
+fn run_clients(args: &Args, setup: &Setup, stats: &Arc<Stats>, limit: &Arc<Limit>) -> u64 {
     let mut connection = match amqp::open(&args.url) {
         Ok(connection) => connection,
         Err(e) => {
@@ -403,7 +362,6 @@ fn run_clients(args: &Args, topic: &str, stats: &Arc<Stats>, limit: &Arc<Limit>)
         }
     };
     let sent = Arc::new(AtomicU64::new(0));
-    let payload = "x".repeat(args.payload);
     let router_stop = Arc::new(AtomicBool::new(false));
     let (router, mut routed) = if args.mode == Mode::Call && args.reply_queue == ReplyQueue::Shared
     {
@@ -412,8 +370,9 @@ fn run_clients(args: &Args, topic: &str, stats: &Arc<Stats>, limit: &Arc<Limit>)
                 Some(router),
                 receivers
                     .into_iter()
-                    .map(|r| Some((queue.clone(), r)))
-                    .collect(),
+                    .map(|r| (queue.clone(), r))
+                    .collect::<Vec<_>>()
+                    .into_iter(),
             ),
             Err(e) => {
                 eprintln!("reply router: {e}");
@@ -422,11 +381,11 @@ fn run_clients(args: &Args, topic: &str, stats: &Arc<Stats>, limit: &Arc<Limit>)
             }
         }
     } else {
-        (None, Vec::new())
+        (None, Vec::new().into_iter())
     };
     let mut threads = Vec::new();
     for index in 0..args.clients {
-        let shared_reply = routed.get_mut(index).and_then(Option::take);
+        let shared_reply = routed.next();
         let channel = match connection.open_channel(None) {
             Ok(channel) => channel,
             Err(e) => {
@@ -434,19 +393,10 @@ fn run_clients(args: &Args, topic: &str, stats: &Arc<Stats>, limit: &Arc<Limit>)
                 break;
             }
         };
-        let (stats, limit, sent, payload) =
-            (stats.clone(), limit.clone(), sent.clone(), payload.clone());
-        let (topic, codec, mode, confirm) =
-            (topic.to_string(), args.codec, args.mode, args.confirm);
+        let (stats, limit, sent, setup) =
+            (stats.clone(), limit.clone(), sent.clone(), setup.clone());
         threads.push(thread::spawn(move || {
             let mut keep = None;
-            let setup = Setup {
-                topic: &topic,
-                codec,
-                mode,
-                confirm,
-                payload: &payload,
-            };
             let run = Run {
                 index,
                 shared_reply,
@@ -560,13 +510,14 @@ fn wait_for_confirm(confirms: &Receiver<amiquip::Confirm>, tag: u64) -> Option<b
     }
 }
 
-/// What a thread sends.
-struct Setup<'a> {
-    topic: &'a str,
+/// What the run sends, and where.
+#[derive(Clone)]
+struct Setup {
+    topic: String,
     codec: CodecArg,
     mode: Mode,
     confirm: Switch,
-    payload: &'a str,
+    payload: String,
 }
 
 /// One client thread's place in the run.
@@ -601,7 +552,7 @@ impl Replies<'_> {
 
 fn client(
     channel: &Channel,
-    setup: &Setup<'_>,
+    setup: &Setup,
     run: Run<'_>,
     keep: &mut Option<Receiver<ConsumerMessage>>,
 ) -> amiquip::Result<()> {
@@ -612,13 +563,9 @@ fn client(
         limit,
         sent,
     } = run;
-    let Setup {
-        topic,
-        codec,
-        mode,
-        confirm,
-        payload,
-    } = *setup;
+    let (topic, codec, mode, confirm) =
+        (setup.topic.as_str(), setup.codec, setup.mode, setup.confirm);
+    let payload = setup.payload.as_str();
     let confirms = if confirm == Switch::On {
         channel.enable_publisher_confirms()?;
         Some(channel.listen_for_publisher_confirms()?)

@@ -360,29 +360,24 @@ impl PollLoop {
 
     fn hand_over(&mut self, tag: u64, message: RawMessage) {
         let ops = self.ops_tx.clone();
-        let pending = if self.ack_on_handoff {
+        let (acker, ack) = if self.ack_on_handoff {
             let (done, acked) = crossbeam_channel::bounded(1);
-            Pending {
-                incoming: Incoming {
-                    message,
-                    acker: Acker::acked_on_handoff(tag, self.generation, ops, acked),
-                },
-                ack: Some(HandoffAck {
-                    tag,
-                    generation: self.generation,
-                    done,
-                }),
-            }
+            let ack = HandoffAck {
+                tag,
+                generation: self.generation,
+                done,
+            };
+            (
+                Acker::acked_on_handoff(tag, self.generation, ops, acked),
+                Some(ack),
+            )
         } else {
-            Pending {
-                incoming: Incoming {
-                    message,
-                    acker: Acker::new(tag, self.generation, ops),
-                },
-                ack: None,
-            }
+            (Acker::new(tag, self.generation, ops), None)
         };
-        self.pending.push_back(pending);
+        self.pending.push_back(Pending {
+            incoming: Incoming { message, acker },
+            ack,
+        });
     }
 
     /// Acknowledges a delivery a worker has just taken; the worker reads the outcome before

@@ -149,14 +149,14 @@ impl RpcServerBuilder {
             .exchange
             .clone()
             .unwrap_or_else(|| self.transport.options().control_exchange.clone());
-        let mut context = WorkerContext::new(
+        let context = WorkerContext::new(
             self.transport.clone(),
             Dispatcher::new(self.endpoints, self.policy),
             topic.clone(),
             self.ack_mode,
             self.duplicate_window,
+            self.confirm_replies,
         );
-        context.confirm_replies = self.confirm_replies;
         let mut spec = ListenSpec::rpc(
             &exchange,
             &topic,

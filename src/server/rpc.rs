@@ -45,7 +45,7 @@ pub(crate) struct WorkerContext {
     pub ack_mode: AckMode,
     pub dead_letter_queue: Option<String>,
     /// Replies wait for the broker's confirm (and so can detect a missing reply queue).
-    pub confirm_replies: bool,
+    confirm_replies: bool,
     recent: Mutex<RecentIds>,
     gone: Mutex<HashMap<String, Instant>>,
     /// Set by `stop()`: missing reply queues are no longer waited for.
@@ -59,6 +59,7 @@ impl WorkerContext {
         topic: String,
         ack_mode: AckMode,
         duplicate_window: usize,
+        confirm_replies: bool,
     ) -> WorkerContext {
         let dead_letter_queue = match ack_mode {
             AckMode::AfterHandling { .. } => Some(dead_letter_queue(&topic)),
@@ -70,7 +71,7 @@ impl WorkerContext {
             topic,
             ack_mode,
             dead_letter_queue,
-            confirm_replies: true,
+            confirm_replies,
             recent: Mutex::new(RecentIds::new(duplicate_window)),
             gone: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),

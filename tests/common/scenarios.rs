@@ -268,10 +268,13 @@ pub fn confirmed_and_unconfirmed_publishers_share_the_channels(url: &str) {
     // More threads than a transport has publishing channels (32), switching between
     // confirmed and unconfirmed sends: each kind must get a channel, taking the other's idle
     // ones when the limit is reached.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(40));
     let threads: Vec<_> = (0..40_i64)
         .map(|t| {
-            let client = client.clone();
+            let (client, start) = (client.clone(), start.clone());
             thread::spawn(move || {
+                // All at once, so that more send at the same time than there are channels.
+                start.wait();
                 for i in 0..6_i64 {
                     let confirmed = (t + i) % 2 == 0;
                     client

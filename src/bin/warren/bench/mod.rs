@@ -24,7 +24,7 @@ use crate::Failure;
 pub mod amqp;
 pub mod stats;
 
-use stats::Stats;
+use stats::{Limit, Stats};
 
 /// What the clients send.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,35 +125,9 @@ struct Payload<'a> {
     payload: std::borrow::Cow<'a, str>,
 }
 
-/// When the clients stop: a deadline, a number of operations, a signal.
-struct Limit {
-    end: Option<Instant>,
-    remaining: Option<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Limit {
-    /// Claims the next operation; `false` when the run is over.
-    fn claim(&self) -> bool {
-        if self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|end| Instant::now() >= end) {
-            return false;
-        }
-        match &self.remaining {
-            None => true,
-            Some(remaining) => remaining
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                .is_ok(),
-        }
-    }
-
-    fn over(&self) -> bool {
-        self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|end| Instant::now() >= end)
-    }
-}
-
 /// Runs the benchmark and prints its result.
 pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
-    validate(&args)?;
+    let Checked { duration, timeout } = check(&args)?;
     let topic = match (&args.topic, args.role) {
         (Some(topic), _) => topic.clone(),
         (None, Role::Both) => format!(
@@ -171,19 +145,9 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(|e| Failure::usage(format!("cannot handle signals: {e}")))?;
     }
-    let duration = match (args.duration, args.count, args.role) {
-        (Some(secs), _, _) => Some(crate::rpc::seconds("--duration", secs)?),
-        (None, None, Role::Server) => None,
-        (None, None, _) => Some(Duration::from_secs(10)),
-        (None, Some(_), _) => None,
-    };
     let stats = Stats::new();
     let started = Instant::now();
-    let limit = Limit {
-        end: duration.map(|d| started + d),
-        remaining: args.count.map(AtomicU64::new),
-        stop: stop.clone(),
-    };
+    let limit = Limit::new(duration, args.count, stop);
 
     let mut servers = Vec::new();
     let mut queues = Vec::new();
@@ -208,10 +172,10 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
         let ticker = stats.ticker(ticker_stop.clone(), args.quiet);
         let result = match args.role {
             Role::Server => {
-                serve(&stats, &limit);
+                serve(&stats, &limit, args.count);
                 Ok(())
             }
-            _ => run_clients(url, &args, &topic, &stats, &limit),
+            _ => run_clients(url, &args, timeout, &topic, &stats, &limit),
         };
         ticker_stop.store(true, Ordering::Release);
         let _ = ticker.join();
@@ -256,7 +220,15 @@ fn flag_value(value: impl ValueEnum) -> String {
         .unwrap_or_default()
 }
 
-fn validate(args: &BenchArgs) -> Result<(), Failure> {
+/// The flags' values in seconds, checked.
+struct Checked {
+    /// How long the run lasts; `None`: until `--count` or a signal.
+    duration: Option<Duration>,
+    /// How long a call waits for its reply.
+    timeout: Duration,
+}
+
+fn check(args: &BenchArgs) -> Result<Checked, Failure> {
     if args.role != Role::Server && args.clients == 0 {
         return Err(Failure::usage("--clients must be at least 1"));
     }
@@ -266,11 +238,15 @@ fn validate(args: &BenchArgs) -> Result<(), Failure> {
     if args.count == Some(0) {
         return Err(Failure::usage("--count must be at least 1"));
     }
-    crate::rpc::seconds("--timeout", args.timeout)?;
-    if let Some(duration) = args.duration {
-        crate::rpc::seconds("--duration", duration)?;
-    }
-    Ok(())
+    let duration = match (args.duration, args.count, args.role) {
+        (Some(secs), _, _) => Some(crate::rpc::seconds("--duration", secs)?),
+        (None, None, Role::Server) | (None, Some(_), _) => None,
+        (None, None, _) => Some(Duration::from_secs(10)),
+    };
+    Ok(Checked {
+        duration,
+        timeout: crate::rpc::seconds("--timeout", args.timeout)?,
+    })
 }
 
 fn start_server(
@@ -285,8 +261,7 @@ fn start_server(
     let endpoint = Endpoint::new()
         .method("echo", move |_: &RequestContext, args: Payload<'static>| {
             if let Some(stats) = &echo_counter {
-                stats.starting();
-                stats.done();
+                stats.handled();
             }
             Ok::<_, RemoteFailure>(args.payload)
         })
@@ -295,8 +270,7 @@ fn start_server(
         })
         .method("sink", move |_: &RequestContext, _: Payload<'static>| {
             if let Some(stats) = &counter {
-                stats.starting();
-                stats.done();
+                stats.handled();
             }
             Ok::<_, RemoteFailure>(())
         });
@@ -309,10 +283,9 @@ fn start_server(
     Ok((server, transport))
 }
 
-/// `--role server`: waits until the duration, count or a signal ends the run.
-fn serve(stats: &Stats, limit: &Limit) {
-    let target = limit.remaining.as_ref().map(|r| r.load(Ordering::Relaxed));
-    while !limit.over() && target.map_or(true, |t| stats.ok.load(Ordering::Relaxed) < t) {
+/// `--role server`: waits until the duration, `count` handled messages or a signal end the run.
+fn serve(stats: &Stats, limit: &Limit, count: Option<u64>) {
+    while !limit.over() && count.map_or(true, |n| stats.ok.load(Ordering::Relaxed) < n) {
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -320,13 +293,14 @@ fn serve(stats: &Stats, limit: &Limit) {
 fn run_clients(
     url: &str,
     args: &BenchArgs,
+    timeout: Duration,
     topic: &str,
     stats: &Arc<Stats>,
     limit: &Limit,
 ) -> Result<(), Failure> {
     let transport = Transport::builder(url).codec(args.codec.codec()).build()?;
     let client = RpcClient::new(&transport, Target::new(topic))
-        .timeout(crate::rpc::seconds("--timeout", args.timeout)?)
+        .timeout(timeout)
         .confirm(args.confirm == Switch::On)
         .fanout(args.mode == Mode::Fanout);
     let ctx = RequestContext::new();
@@ -387,16 +361,7 @@ fn run_clients(
         } else {
             1
         };
-        let expected = sent.load(Ordering::Relaxed) * copies;
-        let drain_until = limit
-            .end
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-        while stats.ok.load(Ordering::Relaxed) < expected
-            && Instant::now() < drain_until
-            && !limit.stop.load(Ordering::Relaxed)
-        {
-            thread::sleep(Duration::from_millis(2));
-        }
+        stats.wait_for(sent.load(Ordering::Relaxed) * copies, limit);
     }
     transport.close();
     Ok(())

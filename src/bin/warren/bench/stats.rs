@@ -7,6 +7,8 @@
 //!   log-linear histogram (≤ 1/32 relative error) that many threads fill without locking;
 //! * errors are counted by kind, never abort the run;
 //! * `rss_kib` is the process's peak resident set.
+//!
+//! [`Limit`] decides when a run is over (a deadline, a number of operations, a stop flag).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -156,6 +158,27 @@ impl Stats {
             .fetch_max(self.micros_now(), Ordering::Relaxed);
     }
 
+    /// A server handled a message (counted as both the start and the end of an operation).
+    pub fn handled(&self) {
+        self.starting();
+        self.done();
+    }
+
+    /// Waits until `expected` operations completed, the limit's deadline passed (or, without
+    /// one, a minute) or the run was stopped: how `--role both` casts end, once the last sent
+    /// cast was handled.
+    pub fn wait_for(&self, expected: u64, limit: &Limit) {
+        let until = limit
+            .end
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        while self.ok.load(Ordering::Relaxed) < expected
+            && Instant::now() < until
+            && !limit.stop.load(Ordering::Relaxed)
+        {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// A call completed after `latency`.
     pub fn call_done(&self, latency: Duration) {
         self.latency.record(latency.as_micros() as u64);
@@ -236,6 +259,39 @@ impl Stats {
             report.extend(extra.clone());
         }
         report
+    }
+}
+
+/// When a run ends: at a deadline, after a number of operations, or when stopped.
+pub struct Limit {
+    pub end: Option<Instant>,
+    remaining: Option<AtomicU64>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Limit {
+    /// A run of `duration` (if any) or `count` operations (if any), ended early by `stop`.
+    pub fn new(duration: Option<Duration>, count: Option<u64>, stop: Arc<AtomicBool>) -> Limit {
+        Limit {
+            end: duration.map(|d| Instant::now() + d),
+            remaining: count.map(AtomicU64::new),
+            stop,
+        }
+    }
+
+    /// The deadline passed or the run was stopped.
+    pub fn over(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.end.is_some_and(|end| Instant::now() >= end)
+    }
+
+    /// Claims the next operation; `false` when the run is over.
+    pub fn claim(&self) -> bool {
+        !self.over()
+            && self.remaining.as_ref().map_or(true, |remaining| {
+                remaining
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok()
+            })
     }
 }
 
