@@ -20,6 +20,7 @@
 //! | `kombu_reconnect_splay` | random extra pause (0 to this), seconds: real jitter | `1` |
 //! | `kombu_failover_strategy` | `round-robin` (from the first host) or `shuffle` | `round-robin` |
 //! | `kombu_missing_consumer_retry_timeout` | how long a reply to a missing reply queue is retried, seconds | `60` |
+//! | `max_message_size` | largest message body sent or accepted, bytes | `16777216` (16 MiB) |
 //!
 //! Booleans accept `true/false`, `yes/no`, `on/off`, `1/0` (any case), as oslo.config does.
 
@@ -69,6 +70,12 @@ pub struct TransportOptions {
     /// How long a server retries a reply whose reply queue does not exist (every 250 ms); after
     /// that the queue is remembered as gone for a minute and replies to it are dropped.
     pub missing_consumer_retry_timeout: Duration,
+    /// Largest message body, in bytes, this transport sends (a larger one fails with
+    /// [`Error::Encode`](crate::Error::Encode) before anything is published) or serves (a larger
+    /// request gets a `MessageTooLarge` failure reply if it is a call, and is dropped if it is
+    /// a cast). warren's own option; the default is RabbitMQ 4.x's `max_message_size`, the
+    /// broker's own bound on what reaches warren at all.
+    pub max_message_size: usize,
 }
 
 /// How a transport moves between the hosts of its URL after a connection failure.
@@ -99,6 +106,7 @@ impl Default for TransportOptions {
             reconnect_splay: Duration::from_secs(1),
             failover_strategy: FailoverStrategy::RoundRobin,
             missing_consumer_retry_timeout: Duration::from_secs(60),
+            max_message_size: crate::wire::limits::DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 }
@@ -120,6 +128,7 @@ pub const OPTION_NAMES: &[&str] = &[
     "kombu_reconnect_splay",
     "kombu_failover_strategy",
     "kombu_missing_consumer_retry_timeout",
+    "max_message_size",
 ];
 
 impl TransportOptions {
@@ -181,6 +190,13 @@ impl TransportOptions {
             "kombu_missing_consumer_retry_timeout" => {
                 self.missing_consumer_retry_timeout = parse_seconds_or_zero(name, value)?
             }
+            "max_message_size" => {
+                let size: usize = parse_int(name, value)?;
+                if size == 0 {
+                    return Err(Error::invalid_option(name, "must be at least 1"));
+                }
+                self.max_message_size = size;
+            }
             _ => {
                 return Err(Error::invalid_option(
                     name,
@@ -215,6 +231,12 @@ impl TransportOptions {
             return Err(Error::invalid_option(
                 "heartbeat_timeout_threshold",
                 "at most 65535 seconds",
+            ));
+        }
+        if self.max_message_size == 0 {
+            return Err(Error::invalid_option(
+                "max_message_size",
+                "must be at least 1",
             ));
         }
         if self.transient_queues_ttl.as_millis() > i32::MAX as u128 {
@@ -293,6 +315,7 @@ mod tests {
             ("kombu_reconnect_splay", "0.1"),
             ("kombu_failover_strategy", "shuffle"),
             ("kombu_missing_consumer_retry_timeout", "3"),
+            ("max_message_size", "1024"),
         ];
         assert_eq!(samples.len(), OPTION_NAMES.len());
         let mut o = TransportOptions::default();
@@ -314,6 +337,7 @@ mod tests {
         assert_eq!(o.reconnect_splay, Duration::from_millis(100));
         assert_eq!(o.failover_strategy, FailoverStrategy::Shuffle);
         assert_eq!(o.missing_consumer_retry_timeout, Duration::from_secs(3));
+        assert_eq!(o.max_message_size, 1024);
         o.validate().unwrap();
     }
 
@@ -330,6 +354,7 @@ mod tests {
             ("amqp_durable_queues", "maybe"),
             ("kombu_failover_strategy", "random"),
             ("rabbit_retry_interval", "-1"),
+            ("max_message_size", "0"),
             ("ssl", "true"),
         ] {
             let err = o.apply(k, v).unwrap_err();

@@ -9,8 +9,8 @@ use std::time::Duration;
 use crate::client::reply_waiter::ReplyWaiter;
 use crate::driver::memory::MemoryDriver;
 use crate::driver::rabbit::RabbitDriver;
-use crate::driver::{Driver, ReplySink};
-use crate::error::Result;
+use crate::driver::{Driver, Outgoing, ReplySink, SendOptions};
+use crate::error::{Error, Result};
 use crate::options::{FailoverStrategy, TransportOptions};
 use crate::url::{Scheme, TransportUrl};
 use crate::wire::Codec;
@@ -101,6 +101,21 @@ impl Transport {
 
     pub(crate) fn driver(&self) -> &dyn Driver {
         self.inner.driver.as_ref()
+    }
+
+    /// Publishes through the driver once the message is known to be writable: its names fit
+    /// AMQP frames ([`Error::InvalidTarget`]) and its body fits `max_message_size`
+    /// ([`Error::Encode`]). Nothing is sent otherwise.
+    pub(crate) fn send(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
+        message.check_names()?;
+        let max = self.inner.options.max_message_size;
+        if message.body.len() > max {
+            return Err(Error::encode(format!(
+                "the message is {} bytes, over max_message_size ({max} bytes)",
+                message.body.len()
+            )));
+        }
+        self.inner.driver.send(message, options)
     }
 
     pub(crate) fn reply_waiter(&self) -> &Arc<ReplyWaiter> {
@@ -226,6 +241,19 @@ impl TransportBuilder {
         self.set("kombu_missing_consumer_retry_timeout", |o| {
             o.missing_consumer_retry_timeout = timeout
         })
+    }
+
+    /// Largest message body sent or accepted, in bytes (`max_message_size`, 16 MiB).
+    ///
+    /// ```
+    /// let transport = warren::Transport::builder("memory://limits/")
+    ///     .max_message_size(1 << 20)
+    ///     .build()?;
+    /// assert_eq!(transport.options().max_message_size, 1 << 20);
+    /// # Ok::<(), warren::Error>(())
+    /// ```
+    pub fn max_message_size(self, bytes: usize) -> Self {
+        self.set("max_message_size", |o| o.max_message_size = bytes)
     }
 
     /// Parses the URL, applies its query options (except those set on the builder, which win),

@@ -116,11 +116,26 @@ pub struct TransportUrl {
 
 impl TransportUrl {
     /// Parses a URL. See the [module documentation](self) for the rules.
+    ///
+    /// An error never shows the password, nor anything that might be part of it: the URL in
+    /// it is [redacted](redact_unparsed) and its reason names positions ("host 2"), not text.
     pub fn parse(input: &str) -> Result<TransportUrl> {
         let input = input.trim();
-        let bad = |reason: &str| Error::InvalidUrl {
-            url: redact_raw(input),
-            reason: reason.to_string(),
+        let mask = masked_range(input);
+        // Where an ambiguous URL's password may end: nothing before this offset is quoted.
+        let quotable_from = mask.map_or(0, |(_, end)| end);
+        let bad = |reason: &str| {
+            // An `@` after the netloc means the credentials were cut short by an unencoded
+            // `/`, `?` or `#` (oslo, like urllib, ends the netloc at the first of them).
+            let hint = if input.rfind('@').is_some_and(|at| at > netloc_end(input)) {
+                " (a `/`, `?` or `#` in a user name or password must be percent-encoded: %2F, %3F, %23)"
+            } else {
+                ""
+            };
+            Error::InvalidUrl {
+                url: redact_unparsed(input),
+                reason: format!("{reason}{hint}"),
+            }
         };
         let (scheme_text, rest) = input
             .split_once("://")
@@ -136,6 +151,11 @@ impl TransportUrl {
                 ))
             }
         };
+        if input.rfind('@').is_some_and(|at| at > netloc_end(input)) {
+            // oslo would take a password piece as the host (`user:12/x@h` → host `user`, port
+            // 12), then show it in every log line: refuse it instead.
+            return Err(bad("an `@` after the host part"));
+        }
         let rest = rest.split('#').next().unwrap_or_default();
         let (before_query, query_text) = match rest.split_once('?') {
             Some((b, q)) => (b, Some(q)),
@@ -147,15 +167,21 @@ impl TransportUrl {
         };
 
         let mut hosts = Vec::new();
-        for part in netloc.split(',').filter(|p| !p.is_empty()) {
-            hosts.push(parse_host(part).map_err(|r| bad(&r))?);
+        for (index, part) in netloc.split(',').filter(|p| !p.is_empty()).enumerate() {
+            hosts.push(parse_host(part, index + 1).map_err(|r| bad(&r))?);
         }
         let virtual_host = match path {
-            Some(p) => Some(percent_decode(&p[1..], false).map_err(|r| bad(&r))?),
+            Some(p) => Some(
+                percent_decode(&p[1..], false)
+                    .map_err(|r| bad(&format!("{r} in the virtual host")))?,
+            ),
             None => None,
         };
         let query = match query_text {
-            Some(q) => parse_query(q).map_err(|r| bad(&r))?,
+            Some(q) => {
+                let quotable = offset_in(input, q) >= quotable_from;
+                parse_query(q, quotable).map_err(|r| bad(&r))?
+            }
             None => Vec::new(),
         };
         Ok(TransportUrl {
@@ -244,20 +270,30 @@ impl fmt::Debug for TransportUrl {
     }
 }
 
-fn parse_host(part: &str) -> std::result::Result<Host, String> {
+/// One host of the netloc. Errors name the part at fault ("invalid port"), never its text:
+/// with an unencoded `/`, `?` or `#` in a password, any part may be a piece of the password.
+/// `number` counts from 1, for the messages.
+fn parse_host(part: &str, number: usize) -> std::result::Result<Host, String> {
     let (creds, hostport) = match part.rsplit_once('@') {
         Some((c, h)) => (Some(c), h),
         None => (None, part),
     };
     let (username, password) = match creds {
-        Some(c) => match c.split_once(':') {
-            Some((u, p)) => (percent_decode(u, false)?, percent_decode(p, false)?),
-            None => (percent_decode(c, false)?, String::new()),
-        },
+        Some(c) => {
+            let (user, pass) = c.split_once(':').unwrap_or((c, ""));
+            (
+                percent_decode(user, false)
+                    .map_err(|e| format!("{e} in the user name of host {number}"))?,
+                percent_decode(pass, false)
+                    .map_err(|e| format!("{e} in the password of host {number}"))?,
+            )
+        }
         None => (String::new(), String::new()),
     };
     let (hostname, port_text) = if let Some(v6) = hostport.strip_prefix('[') {
-        let end = v6.find(']').ok_or("invalid IPv6 address (missing `]`)")?;
+        let end = v6
+            .find(']')
+            .ok_or_else(|| format!("invalid IPv6 address in host {number} (missing `]`)"))?;
         let port = v6[end + 1..].strip_prefix(':');
         (v6[..end].to_string(), port)
     } else {
@@ -270,7 +306,7 @@ fn parse_host(part: &str) -> std::result::Result<Host, String> {
         None | Some("") => DEFAULT_PORT,
         Some(p) => p
             .parse::<u16>()
-            .map_err(|_| format!("invalid port {p:?} for host {hostname:?}"))?,
+            .map_err(|_| format!("invalid port in host {number} (expected 0 to 65535)"))?,
     };
     Ok(Host {
         hostname: if hostname.is_empty() {
@@ -284,16 +320,27 @@ fn parse_host(part: &str) -> std::result::Result<Host, String> {
     })
 }
 
-fn parse_query(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
+/// The `key=value` options. `quotable`: the query lies wholly after where a password may end,
+/// so an error may quote a key.
+fn parse_query(text: &str, quotable: bool) -> std::result::Result<Vec<(String, String)>, String> {
+    let name = |key: &str| {
+        if quotable {
+            format!("option `{key}`")
+        } else {
+            "an option".to_string()
+        }
+    };
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| format!("option `{pair}` has no value"))?;
-        let key = percent_decode(k, true)?;
-        let value = percent_decode(v, true)?;
+        let Some((k, v)) = pair.split_once('=') else {
+            let key = percent_decode(pair, true).unwrap_or_default();
+            return Err(format!("{} has no value", name(&key)));
+        };
+        let key = percent_decode(k, true).map_err(|e| format!("{e} in the query"))?;
+        let value =
+            percent_decode(v, true).map_err(|e| format!("{e} in the value of {}", name(&key)))?;
         if value.is_empty() {
-            return Err(format!("option `{key}` has an empty value"));
+            return Err(format!("{} has an empty value", name(&key)));
         }
         match out.iter_mut().find(|(existing, _)| *existing == key) {
             Some((_, joined)) => {
@@ -335,29 +382,53 @@ fn percent_decode(text: &str, plus: bool) -> std::result::Result<String, String>
     String::from_utf8(out).map_err(|_| "percent-encoding does not decode to UTF-8".to_string())
 }
 
-/// Best-effort redaction of a URL that failed to parse: hides everything between the first
-/// `:` after `://` and the last `@` of each host.
-fn redact_raw(input: &str) -> String {
-    let Some((scheme, rest)) = input.split_once("://") else {
-        return if input.contains('@') {
-            "<unparseable URL>".into()
-        } else {
-            input.to_string()
-        };
+/// Byte offset of `part` (a subslice of `whole`) in `whole`.
+fn offset_in(whole: &str, part: &str) -> usize {
+    (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize)
+}
+
+/// Where oslo (urllib) ends the netloc: the first `/`, `?` or `#` after `://`.
+fn netloc_end(input: &str) -> usize {
+    let start = input.find("://").map_or(0, |i| i + 3);
+    input[start..]
+        .find(['/', '?', '#'])
+        .map_or(input.len(), |i| start + i)
+}
+
+/// The bytes of a URL that may hold a password, when the URL cannot be trusted to have been
+/// parsed as its author meant: from the first `:` after `://` (or after a leading `[...]`)
+/// to the **last** `@` of the whole string, since an unencoded `/`, `?`, `#`, `,` or `@` may
+/// sit anywhere in the password; with no `@` at all, to the end (a password without a host).
+/// `None` when there is no `:` before the last `@` (a user name only, or no credentials).
+fn masked_range(input: &str) -> Option<(usize, usize)> {
+    let start = input.find("://").map_or(0, |i| i + 3);
+    let after = &input[start..];
+    let search_from = if after.starts_with('[') {
+        after.find(']').map_or(0, |i| i + 1)
+    } else {
+        0
     };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (netloc, tail) = rest.split_at(end);
-    let hosts: Vec<String> = netloc
-        .split(',')
-        .map(|h| match h.rsplit_once('@') {
-            Some((creds, hostport)) => match creds.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{hostport}"),
-                None => format!("{creds}@{hostport}"),
-            },
-            None => h.to_string(),
-        })
-        .collect();
-    format!("{scheme}://{}{tail}", hosts.join(","))
+    let last_at = after.rfind('@');
+    // With an `@`, the credentials begin at the start of the netloc, never inside `[...]`.
+    let colon = match last_at {
+        Some(_) => after.find(':'),
+        None => after[search_from..].find(':').map(|i| i + search_from),
+    }?;
+    let end = match last_at {
+        Some(at) if colon < at => at,
+        Some(_) => return None,
+        None => after.len(),
+    };
+    Some((start + colon + 1, start + end))
+}
+
+/// Redaction of a URL that failed to parse, where the password's end is unknown: everything
+/// [`masked_range`] covers becomes `***`, e.g. `rabbit://user:***@host:notaport/`.
+fn redact_unparsed(input: &str) -> String {
+    match masked_range(input) {
+        Some((from, to)) => format!("{}***{}", &input[..from], &input[to..]),
+        None => input.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -470,6 +541,192 @@ mod tests {
             assert!(!text.contains("secret"), "{text}");
             assert!(!format!("{err:?}").contains("secret"));
         }
+    }
+
+    /// Every substring of at least 3 bytes (on char boundaries) of `secret`, itself included.
+    fn fragments(secret: &str) -> Vec<&str> {
+        let bounds: Vec<usize> = secret
+            .char_indices()
+            .map(|(i, _)| i)
+            .chain([secret.len()])
+            .collect();
+        let mut out = Vec::new();
+        for (a, &from) in bounds.iter().enumerate() {
+            for &to in &bounds[a + 1..] {
+                if to - from >= 3 {
+                    out.push(&secret[from..to]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Percent-encodes everything but unreserved characters.
+    fn encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn url_errors_never_show_any_part_of_the_password() {
+        // Passwords with every character that cuts a netloc short or splits credentials,
+        // in several positions; none shares 3 bytes with the rest of the URLs.
+        let passwords = [
+            "S3cr/et?#@x",
+            "Qz8?wv/Lk",
+            "Jh7#Rt4/Nm",
+            "Kx7#Yw2?Vb/@@",
+            "p@ss:W0rd/Gq",
+            "Vb9,Ty6@Fk:",
+            "Zq9:/@/:Dh",
+            "Wn3%zQEv",
+            "Ll4%feOp/",
+            "/Pk5Xc",
+            "?Mj6Uv",
+            "#Rr7Io",
+            "Ae2 Bf3\tCg4",
+            "Gé8/Hñ9?",
+        ];
+        let templates = [
+            "rabbit://user:{P}@host:5672/",
+            "rabbit://user:{P}@host:notaport/",
+            "rabbit://user:{P}@host:99999/",
+            "rabbit://user:{P}@host/",
+            "rabbit://user:{P}@host",
+            "rabbit://user:{P}@host:5672,user:{P}@host2:5673/vhost",
+            "rabbit://user:{P}@host:5672,user:{P}@host2:bad/vhost",
+            "rabbit://user:{P}@host:5672/?bad_option=1",
+            "rabbit://user:{P}@[::1/",
+            "rabbit://user:{P}@[::1]:bad/",
+            "rabbit://user:{P}@host/%zz",
+            "rabbit://user:{P}@host/%ff",
+            "rabbit://user:{P}@host/?novalue",
+            "rabbit://user:{P}@host/?empty=",
+            "rabbit://user:{P}@host/?k=%zz",
+            "rabbit://user:{P}@host:5672?novalue",
+            "rabbit://user:{P}%zz@host/",
+            "rabbit://user:{P}%ff@host/",
+            "rabbit://user%zz:{P}@host/",
+            "rabbit://us@er:{P}@host:notaport/",
+            "rabbit://us:er:{P}@host:notaport/",
+            "rabbit://user:{P}@@host:bad/",
+            "rabbit://:{P}@host:bad/",
+            "rabbit://user:{P}",
+            "rabbit://user:{P}/",
+            "rabbit://user:{P}?",
+            "rabbit://user:{P}#",
+            "rabbit://user:{P}@",
+            "rabbit://host:5672,user:{P}@host2:bad/",
+            "rabbit://[user:{P}@host/",
+            "amqps://user:{P}@host/",
+            "http://user:{P}@host/",
+            "://user:{P}@host/",
+            "+rabbit://user:{P}@host/",
+            "user:{P}@host",
+            "user:{P}",
+            "rabbit:/user:{P}@host",
+            "rabbit:user:{P}@host:bad",
+            "  rabbit://user:{P}@host:bad/  ",
+            "rabbit://user:{P}@host:bad/?a=b@c",
+            "rabbit://user:{P}@host/?x=1&novalue@tail",
+        ];
+        let mut checked = 0;
+        for password in passwords {
+            for template in templates {
+                for written in [password.to_string(), encode(password)] {
+                    let url = template.replace("{P}", &written);
+                    let Err(err) = TransportUrl::parse(&url) else {
+                        continue;
+                    };
+                    assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err:?}");
+                    // With no host after the password (`rabbit://user:p@ss`), what follows its
+                    // last `@` *is* the host for oslo (and for a URL that parses): only the
+                    // part before it is the password. Otherwise all of it is.
+                    let host_follows = template.rsplit("{P}").next().unwrap_or("").contains('@');
+                    let secret = match written.rfind('@') {
+                        Some(at) if !host_follows => &password[..at],
+                        _ => password,
+                    };
+                    // The password and its pieces, as written and percent-encoded.
+                    let mut secrets = vec![];
+                    for piece in fragments(secret) {
+                        secrets.push(piece.to_string());
+                        secrets.push(encode(piece));
+                    }
+                    let shown = format!("{err}");
+                    let debug = format!("{err:?}");
+                    for secret in &secrets {
+                        assert!(
+                            !shown.contains(secret.as_str()) && !debug.contains(secret.as_str()),
+                            "{url}\n shows {secret:?}:\n {shown}\n {debug}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        // Most of these are errors whatever the password; a check that the loop did its work.
+        assert!(checked > 600, "only {checked} errors checked");
+    }
+
+    #[test]
+    fn url_errors_name_positions_and_hint_at_encoding() {
+        let err = TransportUrl::parse("rabbit://user:pa/ss@host:5672/").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://user:***@host:5672/: an `@` after the host part \
+             (a `/`, `?` or `#` in a user name or password must be percent-encoded: %2F, %3F, \
+             %23)"
+        );
+        let err = TransportUrl::parse("rabbit://u:p@h1,u:p@h2:x/").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://u:***@h2:x/: invalid port in host 2 (expected 0 to 65535)"
+        );
+        // Nothing to hide: the text after the last `@` is quoted as it is.
+        let err = TransportUrl::parse("rabbit://u:p@h/?novalue").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://u:***@h/?novalue: option `novalue` has no value"
+        );
+        let err = TransportUrl::parse("rabbit://h:bad/nova").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://h:***: invalid port in host 1 (expected 0 to 65535)"
+        );
+        let err = TransportUrl::parse("rabbit://[::1]:bad/").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://[::1]:***: invalid port in host 1 (expected 0 to 65535)"
+        );
+        let err = TransportUrl::parse("rabbit://user@h:bad/").unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("invalid transport URL rabbit://user@h:bad/:"));
+    }
+
+    #[test]
+    fn unencoded_separators_in_passwords_are_refused() {
+        // urllib ends the netloc at the first `/`: oslo would connect to host "user", port 12
+        // (a piece of the password), vhost "ss@host/", and log that host. warren refuses it.
+        for bad in [
+            "rabbit://user:12/ss@host/",
+            "rabbit://guest:12?Sx9=1@h/",
+            "rabbit://guest:12#Sx9@h/",
+        ] {
+            let err = TransportUrl::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("percent-encoded"), "{err}");
+            assert!(!err.contains("12") && !err.contains("Sx9"), "{err}");
+        }
+        // Encoded, the same password is one.
+        let url = TransportUrl::parse("rabbit://user:pa%2Fss%3F%23@host/").unwrap();
+        assert_eq!(url.hosts()[0].password(), "pa/ss?#");
     }
 
     #[test]

@@ -296,10 +296,7 @@ impl RpcClient {
             redelivery: None,
             declare_queue: None,
         };
-        match transport
-            .driver()
-            .send(&outgoing, &self.send_options(deadline))
-        {
+        match transport.send(&outgoing, &self.send_options(deadline)) {
             Err(Error::Timeout { .. }) => return Err(timed_out()),
             other => other?,
         }
@@ -354,11 +351,7 @@ impl RpcClient {
             redelivery: None,
             declare_queue: None,
         };
-        match self
-            .transport
-            .driver()
-            .send(&outgoing, &self.send_options(deadline))
-        {
+        match self.transport.send(&outgoing, &self.send_options(deadline)) {
             Err(Error::Timeout { .. }) => Err(Error::Timeout {
                 msg_id: unique_id,
                 method: method.to_string(),

@@ -66,14 +66,20 @@ impl ReplyWaiter {
         let doc = match Document::open(message.content_type.as_deref(), message.body) {
             Ok(doc) => doc,
             Err(reason) => {
-                warn!("dropping an unreadable reply: {reason}");
+                warn!(
+                    "dropping an unreadable reply: {}",
+                    crate::wire::limits::clip(&reason)
+                );
                 return;
             }
         };
         let header: ReplyHeader = match doc.decode() {
             Ok(header) => header,
             Err(e) => {
-                warn!("dropping an unreadable reply: {e}");
+                warn!(
+                    "dropping an unreadable reply: {}",
+                    crate::wire::limits::clip(&e.to_string())
+                );
                 return;
             }
         };
@@ -89,7 +95,10 @@ impl ReplyWaiter {
                     debug!("the call waiting for msg_id {msg_id} just gave up; reply dropped");
                 }
             }
-            None => debug!("No calling threads waiting for msg_id : {}", header.msg_id),
+            None => debug!(
+                "No calling threads waiting for msg_id : {}",
+                crate::wire::limits::preview(&header.msg_id)
+            ),
         }
     }
 }

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::{Error, Result};
+use crate::wire::envelope::OpenedRequest;
 use crate::wire::Codec;
 
 pub(crate) mod memory;
+mod names;
 pub(crate) mod poll;
 pub(crate) mod rabbit;
 pub(crate) mod timer;
@@ -114,7 +116,15 @@ pub(crate) struct RawMessage {
 pub(crate) struct Incoming {
     pub message: RawMessage,
     pub acker: Acker,
+    /// The request as the listener's [`Screen`] read it (its body was moved here), when the
+    /// listener screens deliveries.
+    pub opened: Option<Box<OpenedRequest>>,
 }
+
+/// Reads a delivery in the poll thread, before it is acknowledged on hand-off: a delivery it
+/// cannot read is rejected without requeue (so a dead-letter policy sees it) instead of
+/// acknowledged. It takes the body out of the message on success.
+pub(crate) type Screen = fn(&mut RawMessage) -> std::result::Result<Box<OpenedRequest>, String>;
 
 /// What a worker asks the listener thread to do with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,10 +295,11 @@ pub(crate) struct ListenSpec {
     pub delete_on_close: Vec<String>,
     /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
     pub retry: Option<u32>,
-    /// The poll thread acknowledges each delivery as a worker takes it (the incoming queue is
-    /// then a rendezvous), and the worker's [`Acker::ack`] only reads the outcome: oslo's
-    /// ack-before-dispatch without a round trip from worker to poll thread per message.
-    pub ack_on_handoff: bool,
+    /// With a screen, the poll thread reads each delivery with it and acknowledges it as a
+    /// worker takes it (the incoming queue is then a rendezvous), and the worker's
+    /// [`Acker::ack`] only reads the outcome: oslo's ack-before-dispatch without a round trip
+    /// from worker to poll thread per message. Unreadable deliveries are rejected instead.
+    pub ack_on_handoff: Option<Screen>,
 }
 
 impl ListenSpec {
@@ -339,7 +350,7 @@ impl ListenSpec {
             queues,
             delete_on_close: vec![fanout_queue],
             retry,
-            ack_on_handoff: false,
+            ack_on_handoff: None,
         }
     }
 

@@ -28,8 +28,11 @@ use crossbeam_channel::{Receiver, Select, Sender};
 use log::{debug, error, warn};
 
 use crate::driver::timer::DecayingTimer;
-use crate::driver::{spawn_when_ready, AckKind, AckOp, Acker, Incoming, Listener, RawMessage};
+use crate::driver::{
+    spawn_when_ready, AckKind, AckOp, Acker, Incoming, Listener, RawMessage, Screen,
+};
 use crate::error::{Error, Result};
+use crate::wire::envelope::OpenedRequest;
 
 /// Deliveries held by the thread while the incoming queue is full; beyond this it stops
 /// reading its consumers (prefetch then stops the broker).
@@ -98,7 +101,7 @@ impl PollThread {
     pub fn spawn<F>(
         name: String,
         incoming: Sender<Incoming>,
-        ack_on_handoff: bool,
+        ack_on_handoff: Option<Screen>,
         body: F,
     ) -> Result<PollThread>
     where
@@ -184,7 +187,8 @@ pub(crate) struct PollLoop {
     ops_tx: Sender<AckOp>,
     ops_rx: Receiver<AckOp>,
     pending: VecDeque<Pending>,
-    ack_on_handoff: bool,
+    /// With a screen: read each delivery before handing it over and acknowledge it on hand-off.
+    ack_on_handoff: Option<Screen>,
     /// The current session is reading its consumers.
     consuming: bool,
     /// `stop()` was asked: no more consuming, in this session or any later one.
@@ -197,7 +201,11 @@ pub(crate) struct PollLoop {
 }
 
 impl PollLoop {
-    fn new(incoming: Sender<Incoming>, health: Arc<AtomicBool>, ack_on_handoff: bool) -> Self {
+    fn new(
+        incoming: Sender<Incoming>,
+        health: Arc<AtomicBool>,
+        ack_on_handoff: Option<Screen>,
+    ) -> Self {
         let (ops_tx, ops_rx) = crossbeam_channel::unbounded();
         PollLoop {
             incoming: Some(incoming),
@@ -257,7 +265,7 @@ impl PollLoop {
                 Event::Handed(None) | Event::Idle => {}
                 Event::WorkersGone => self.workers_gone(),
                 Event::Item(source, item) => match consumers.accept(source, item) {
-                    Accepted::Deliver(tag, message) => self.hand_over(tag, message),
+                    Accepted::Deliver(tag, message) => self.take(consumers, tag, message),
                     Accepted::Skip => {}
                     Accepted::Lost(why) => return self.lose(why),
                 },
@@ -358,9 +366,31 @@ impl PollLoop {
         }
     }
 
-    fn hand_over(&mut self, tag: u64, message: RawMessage) {
+    /// Screens a delivery (when acknowledging on hand-off) and queues it for a worker; one the
+    /// screen cannot read is rejected without requeue at once.
+    fn take<C: Consumers>(&mut self, consumers: &mut C, tag: u64, mut message: RawMessage) {
+        let opened = match self.ack_on_handoff.map(|screen| screen(&mut message)) {
+            Some(Err(reason)) => {
+                warn!(
+                    "rejecting an unreadable message on {:?} (queue {:?}): {}",
+                    message.routing_key,
+                    message.queue,
+                    crate::wire::limits::clip(&reason)
+                );
+                if let Err(e) = consumers.settle(tag, AckKind::Reject { requeue: false }) {
+                    warn!("could not reject delivery {tag}: {e}");
+                }
+                return;
+            }
+            Some(Ok(opened)) => Some(opened),
+            None => None,
+        };
+        self.hand_over(tag, message, opened);
+    }
+
+    fn hand_over(&mut self, tag: u64, message: RawMessage, opened: Option<Box<OpenedRequest>>) {
         let ops = self.ops_tx.clone();
-        let (acker, ack) = if self.ack_on_handoff {
+        let (acker, ack) = if self.ack_on_handoff.is_some() {
             let (done, acked) = crossbeam_channel::bounded(1);
             let ack = HandoffAck {
                 tag,
@@ -375,7 +405,11 @@ impl PollLoop {
             (Acker::new(tag, self.generation, ops), None)
         };
         self.pending.push_back(Pending {
-            incoming: Incoming { message, acker },
+            incoming: Incoming {
+                message,
+                acker,
+                opened,
+            },
             ack,
         });
     }
@@ -431,7 +465,7 @@ impl PollLoop {
         self.set_consuming(false);
         for (source, item) in consumers.cancel() {
             if let Accepted::Deliver(tag, message) = consumers.accept(source, item) {
-                self.hand_over(tag, message);
+                self.take(consumers, tag, message);
             }
         }
         debug!(

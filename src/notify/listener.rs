@@ -19,7 +19,7 @@ use crate::server::worker_pool::Handler;
 use crate::target::Target;
 use crate::transport::Transport;
 use crate::wire::notification::NotificationIn;
-use crate::wire::Document;
+use crate::wire::{limits, Document};
 
 type PriorityHandler = Arc<dyn Fn(&Notification) -> NotificationResult + Send + Sync>;
 
@@ -195,7 +195,7 @@ impl NotificationListenerBuilder {
             queues,
             delete_on_close: Vec::new(),
             retry: self.retry,
-            ack_on_handoff: false,
+            ack_on_handoff: None,
         };
         Ok(NotificationListener {
             lifecycle: Lifecycle::new(format!("notification listener on {label}")),
@@ -300,25 +300,29 @@ struct Dispatch {
 
 impl Handler for Dispatch {
     fn handle(&self, incoming: Incoming) {
-        let Incoming { message, acker } = incoming;
+        let Incoming { message, acker, .. } = incoming;
         let routing_key = message.routing_key;
         let decoded = Document::open(message.content_type.as_deref(), message.body)
-            .and_then(|doc| doc.decode::<NotificationIn>().map_err(|e| e.to_string()));
-        let received = match decoded {
+            .and_then(|doc| doc.decode::<NotificationIn>().map_err(|e| e.to_string()))
+            .and_then(|received| {
+                let priority = received.priority.parse::<Priority>().map_err(|_| {
+                    format!("unknown priority {}", limits::preview(&received.priority))
+                })?;
+                if let Some(unique_id) = &received.unique_id {
+                    limits::check_id("_unique_id", unique_id)?;
+                }
+                Ok((received, priority))
+            });
+        let (received, priority) = match decoded {
             Ok(received) => received,
             Err(reason) => {
-                warn!("rejecting an unreadable notification on {routing_key:?}: {reason}");
+                warn!(
+                    "rejecting an unreadable notification on {routing_key:?}: {}",
+                    limits::clip(&reason)
+                );
                 acker.reject(false);
                 return;
             }
-        };
-        let Ok(priority) = received.priority.parse::<Priority>() else {
-            warn!(
-                "notification with unknown priority {:?} on {routing_key:?}; dropped",
-                received.priority
-            );
-            let _ = acker.ack();
-            return;
         };
         if let Some(unique_id) = &received.unique_id {
             if self.recent.lock().contains(unique_id) {
@@ -342,7 +346,7 @@ impl Handler for Dispatch {
         if requeue && self.allow_requeue {
             debug!(
                 "requeueing notification {}",
-                notification.metadata.message_id
+                limits::preview(&notification.metadata.message_id)
             );
             acker.reject(true);
             return;
@@ -354,7 +358,7 @@ impl Handler for Dispatch {
         if let Err(e) = acker.ack() {
             warn!(
                 "could not acknowledge notification {}: {e}",
-                notification.metadata.message_id
+                limits::preview(&notification.metadata.message_id)
             );
         }
     }
@@ -380,7 +384,7 @@ impl Dispatch {
                 Err(_) => {
                     error!(
                         "a notification handler panicked on {}",
-                        notification.event_type
+                        limits::preview(&notification.event_type)
                     );
                     return true;
                 }

@@ -173,7 +173,16 @@ impl Notifier {
                 redelivery: None,
                 declare_queue: Some(&routing_key),
             };
-            self.transport.driver().send(&outgoing, &options)?;
+            match self.transport.send(&outgoing, &options) {
+                Err(Error::Timeout { .. }) => {
+                    return Err(Error::Timeout {
+                        msg_id: message_id,
+                        method: format!("notify {event_type}"),
+                        timeout,
+                    })
+                }
+                other => other?,
+            }
         }
         Ok(())
     }

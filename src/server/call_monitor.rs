@@ -198,17 +198,14 @@ fn keep_alive(transport: &Transport, caller: &Caller) -> Result<()> {
         retry: Some(0),
         unconfirmed: false,
     };
-    transport
-        .driver()
-        .send(&outgoing, &options)
-        .inspect_err(|e| {
-            if !matches!(e, Error::Undeliverable { .. }) {
-                warn!(
-                    "could not send a call-monitor keep-alive to {}: {e}",
-                    caller.reply_q
-                );
-            }
-        })
+    transport.send(&outgoing, &options).inspect_err(|e| {
+        if !matches!(e, Error::Undeliverable { .. }) {
+            warn!(
+                "could not send a call-monitor keep-alive to {}: {e}",
+                caller.reply_q
+            );
+        }
+    })
 }
 
 #[cfg(test)]

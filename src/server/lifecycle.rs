@@ -72,10 +72,17 @@ impl Lifecycle {
         }
         let handler = handler()?;
         // Acking on hand-off needs "handed over" to mean "a worker has it".
-        let capacity = if spec.ack_on_handoff { 0 } else { workers };
+        let capacity = if spec.ack_on_handoff.is_some() {
+            0
+        } else {
+            workers
+        };
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         let threads = worker_pool::spawn(handler.clone(), rx, workers)?;
-        let listener = match transport.driver().listen(spec, tx) {
+        let listener = match spec
+            .check_names()
+            .and_then(|()| transport.driver().listen(spec, tx))
+        {
             Ok(listener) => listener,
             Err(e) => {
                 // The workers exit: the only sender is gone.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::dispatcher::{AccessPolicy, Dispatcher, Endpoint};
-use crate::driver::ListenSpec;
+use crate::driver::{ListenSpec, Screen};
 use crate::error::{Error, Result};
 use crate::target::Target;
 use crate::transport::Transport;
@@ -17,11 +17,13 @@ use crate::transport::Transport;
 mod call_monitor;
 pub(crate) mod dedup;
 pub(crate) mod lifecycle;
+mod reply_retry;
 mod rpc;
 pub(crate) mod worker_pool;
 
 use call_monitor::CallMonitor;
 use lifecycle::Lifecycle;
+use reply_retry::ReplyRetry;
 use rpc::{RpcHandler, WorkerContext};
 
 /// When a server acknowledges what it receives.
@@ -164,7 +166,8 @@ impl RpcServerBuilder {
             context.dead_letter_queue.as_deref(),
             self.retry,
         );
-        spec.ack_on_handoff = self.ack_mode == AckMode::BeforeDispatch;
+        spec.ack_on_handoff =
+            (self.ack_mode == AckMode::BeforeDispatch).then_some(rpc::screen as Screen);
         Ok(RpcServer {
             lifecycle: Lifecycle::new(format!("server {topic}.{server}")),
             spec,
@@ -248,6 +251,7 @@ impl RpcServer {
                 let handler = RpcHandler {
                     context: self.context.clone(),
                     monitor: CallMonitor::start(transport.clone())?,
+                    retry: ReplyRetry::start(transport.clone(), self.context.gone.clone())?,
                 };
                 Ok(Arc::new(handler))
             })

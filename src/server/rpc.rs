@@ -1,41 +1,39 @@
 //! What an RPC server's workers do with a request.
 //!
-//! For each message: opens it (content type, envelope) and reads its header — a
-//! message that cannot be read is rejected without requeue and logged with its routing key;
+//! For each message: opens it (content type, envelope) and reads and checks its header — a
+//! message that cannot be read is rejected without requeue and logged with its routing key (with
+//! ack-before-dispatch the poll thread does this, through [`screen`], before acknowledging);
 //! acknowledges it first (oslo's ack-before-dispatch: at most once) unless it is a cast under
-//! [`AckMode::AfterHandling`]; drops duplicates by `_unique_id`; dispatches it; and settles it:
-//! a call gets its reply in the request's codec (retried while the reply queue is missing, as
-//! oslo does), a cast under `AfterHandling` is acknowledged after success, or re-queued /
-//! dead-lettered after a failure.
+//! [`AckMode::AfterHandling`]; refuses it if it is over `max_message_size`; drops duplicates by
+//! `_unique_id`; dispatches it; and settles it: a call gets its reply in the request's codec
+//! (retried off the worker while the reply queue is missing, see [`reply_retry`]), a cast under
+//! `AfterHandling` is acknowledged after success, or re-queued / dead-lettered after a failure.
+//!
+//! [`reply_retry`]: crate::server::reply_retry
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 
 use crate::dispatcher::{Dispatcher, HandlerResult};
-use crate::driver::{Acker, Incoming, Outgoing, Redelivery, Route, SendOptions};
+use crate::driver::{Acker, Incoming, Outgoing, RawMessage, Redelivery, Route, SendOptions};
 use crate::error::{Error, Result};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
 use crate::server::dedup::RecentIds;
+use crate::server::reply_retry::{GoneQueues, PendingReply, ReplyRetry};
 use crate::server::worker_pool::Handler;
 use crate::server::AckMode;
 use crate::transport::Transport;
-use crate::wire::envelope::{Reply, RequestHeader};
+use crate::wire::envelope::{OpenedRequest, Reply, RequestHeader};
 use crate::wire::failure::Failure;
+use crate::wire::limits::clip;
 use crate::wire::{Codec, Document};
 
 /// How long a worker tries to get one publish (reply, requeue) confirmed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause between two tries of a reply whose reply queue is missing (oslo: 0.25 s).
-const MISSING_QUEUE_RETRY: Duration = Duration::from_millis(250);
-/// How long, and how many, reply queues are remembered as gone (oslo: 60 s, 200).
-const GONE_FOR: Duration = Duration::from_secs(60);
-const GONE_MAX: usize = 200;
 
 /// What the workers of one server share.
 pub(crate) struct WorkerContext {
@@ -47,7 +45,8 @@ pub(crate) struct WorkerContext {
     /// Replies wait for the broker's confirm (and so can detect a missing reply queue).
     confirm_replies: bool,
     recent: Mutex<RecentIds>,
-    gone: Mutex<HashMap<String, Instant>>,
+    /// Reply queues that stayed missing: replies to them are dropped for a while.
+    pub gone: Arc<GoneQueues>,
     /// Set by `stop()`: missing reply queues are no longer waited for.
     stopping: AtomicBool,
 }
@@ -73,7 +72,7 @@ impl WorkerContext {
             dead_letter_queue,
             confirm_replies,
             recent: Mutex::new(RecentIds::new(duplicate_window)),
-            gone: Mutex::new(HashMap::new()),
+            gone: Arc::default(),
             stopping: AtomicBool::new(false),
         }
     }
@@ -95,35 +94,47 @@ pub(crate) fn dead_letter_queue(topic: &str) -> String {
     format!("{topic}_dlq")
 }
 
-/// A running RPC server's [`Handler`]: the shared context and the call-monitor thread,
-/// which stops when the last worker has let go of this.
+/// The listener's [`Screen`](crate::driver::Screen) for RPC requests: opens the body and
+/// reads and checks the header in the poll thread, so an unreadable request is rejected
+/// instead of acknowledged on hand-off.
+pub(crate) fn screen(message: &mut RawMessage) -> std::result::Result<Box<OpenedRequest>, String> {
+    let body = std::mem::take(&mut message.body);
+    OpenedRequest::open(message.content_type.as_deref(), body).map(Box::new)
+}
+
+/// A running RPC server's [`Handler`]: the shared context and the threads beside the workers
+/// (call monitor, reply retry), which stop when the last worker has let go of this.
 pub(crate) struct RpcHandler {
     pub context: Arc<WorkerContext>,
     pub monitor: CallMonitor,
+    pub retry: ReplyRetry,
 }
 
 impl Handler for RpcHandler {
     fn handle(&self, incoming: Incoming) {
-        self.context.handle(incoming, &self.monitor);
+        self.context.handle(incoming, self);
     }
 }
 
 impl WorkerContext {
-    fn handle(&self, incoming: Incoming, monitor: &CallMonitor) {
-        let Incoming { message, acker } = incoming;
+    fn handle(&self, incoming: Incoming, threads: &RpcHandler) {
+        let Incoming {
+            message,
+            acker,
+            opened,
+        } = incoming;
         let routing_key = message.routing_key;
-        let opened =
-            Document::open(message.content_type.as_deref(), message.body).and_then(|doc| {
-                doc.decode::<RequestHeader>()
-                    .map(|h| (doc, h))
-                    .map_err(|e| e.to_string())
-            });
-        let (doc, header) = match opened {
+        let opened = match opened {
+            Some(opened) => Ok(*opened),
+            None => OpenedRequest::open(message.content_type.as_deref(), message.body),
+        };
+        let OpenedRequest { doc, header, size } = match opened {
             Ok(opened) => opened,
             Err(reason) => {
                 warn!(
-                    "rejecting an unreadable message on {routing_key:?} (topic {}): {reason}",
-                    self.topic
+                    "rejecting an unreadable message on {routing_key:?} (topic {}): {}",
+                    self.topic,
+                    clip(&reason)
                 );
                 acker.reject(false);
                 return;
@@ -140,6 +151,26 @@ impl WorkerContext {
                 );
                 return;
             }
+        }
+        let max_size = self.transport.options().max_message_size;
+        if size > max_size {
+            let failure = Failure::new(
+                "MessageTooLarge",
+                "warren",
+                format!("the request is {size} bytes, over the server's max_message_size ({max_size} bytes)"),
+            );
+            warn!("refusing {} on {routing_key:?}: {failure}", header.method);
+            match (&header.msg_id, &header.reply_q) {
+                (Some(msg_id), Some(reply_q)) => {
+                    self.reply(doc.codec, msg_id, reply_q, Err(failure), &threads.retry)
+                }
+                _ => {
+                    if let Some(acker) = acker {
+                        acker.reject(false);
+                    }
+                }
+            }
+            return;
         }
         if let Some(unique_id) = &header.unique_id {
             let mut recent = self.recent.lock();
@@ -173,7 +204,7 @@ impl WorkerContext {
                     msg_id: msg_id.clone(),
                     reply_q: reply_q.clone(),
                 };
-                Some(monitor.watch(caller, interval))
+                Some(threads.monitor.watch(caller, interval))
             }
             _ => None,
         };
@@ -193,7 +224,7 @@ impl WorkerContext {
             }
         }
         if let (Some(msg_id), Some(reply_q)) = (&header.msg_id, &header.reply_q) {
-            self.reply(doc.codec, msg_id, reply_q, outcome);
+            self.reply(doc.codec, msg_id, reply_q, outcome, &threads.retry);
         } else if let Some(acker) = acker {
             self.settle_cast(
                 acker,
@@ -280,32 +311,18 @@ impl WorkerContext {
             retry: None,
             unconfirmed: false,
         };
-        self.transport.driver().send(&outgoing, &options)
+        self.transport.send(&outgoing, &options)
     }
 
-    /// `true` if replies to `reply_q` are being dropped (its queue was missing recently).
-    fn reply_queue_gone(&self, reply_q: &str) -> bool {
-        let mut gone = self.gone.lock();
-        gone.retain(|_, since| since.elapsed() < GONE_FOR);
-        gone.contains_key(reply_q)
-    }
-
-    fn remember_gone(&self, reply_q: &str) {
-        let mut gone = self.gone.lock();
-        if gone.len() >= GONE_MAX {
-            if let Some(oldest) = gone
-                .iter()
-                .min_by_key(|(_, since)| **since)
-                .map(|(q, _)| q.clone())
-            {
-                gone.remove(&oldest);
-            }
-        }
-        gone.insert(reply_q.to_string(), Instant::now());
-    }
-
-    fn reply(&self, codec: Codec, msg_id: &str, reply_q: &str, outcome: HandlerResult) {
-        if self.reply_queue_gone(reply_q) {
+    fn reply(
+        &self,
+        codec: Codec,
+        msg_id: &str,
+        reply_q: &str,
+        outcome: HandlerResult,
+        retry: &ReplyRetry,
+    ) {
+        if self.gone.contains(reply_q) {
             warn!("{reply_q} does not exist; dropping the reply to {msg_id}");
             return;
         }
@@ -350,49 +367,35 @@ impl WorkerContext {
             redelivery: None,
             declare_queue: None,
         };
-        let patience = self.transport.options().missing_consumer_retry_timeout;
-        let give_up = Instant::now() + patience;
-        loop {
-            let options = SendOptions {
-                deadline: Some(Instant::now() + SEND_TIMEOUT),
-                retry: None,
-                unconfirmed: !self.confirm_replies,
-            };
-            match self.transport.driver().send(&outgoing, &options) {
-                Ok(()) => {
-                    debug!("replied to {msg_id} on {reply_q}");
-                    return;
-                }
-                // The caller's reply queue is missing, perhaps while its consumer reconnects:
-                // keep trying for a while, as oslo does, then drop replies to it for a minute.
-                // A stopping server does not hold its shutdown for a caller that went away.
-                Err(Error::Undeliverable { .. })
-                    if Instant::now() < give_up && !self.is_stopping() =>
-                {
-                    thread::sleep(
-                        MISSING_QUEUE_RETRY.min(give_up.saturating_duration_since(Instant::now())),
-                    );
-                }
-                Err(Error::Undeliverable { .. }) => {
-                    self.remember_gone(reply_q);
-                    warn!(
-                        "the reply to {msg_id} could not be sent for {:.1}s: reply queue {reply_q} does not exist; dropping it",
-                        patience.as_secs_f64()
-                    );
-                    return;
-                }
-                Err(Error::Timeout { .. }) => {
-                    warn!(
-                        "the broker did not confirm the reply to {msg_id} within {}s",
-                        SEND_TIMEOUT.as_secs()
-                    );
-                    return;
-                }
-                Err(e) => {
-                    error!("could not send the reply to {msg_id}: {e}");
-                    return;
-                }
+        let options = SendOptions {
+            deadline: Some(Instant::now() + SEND_TIMEOUT),
+            retry: None,
+            unconfirmed: !self.confirm_replies,
+        };
+        match self.transport.send(&outgoing, &options) {
+            Ok(()) => debug!("replied to {msg_id} on {reply_q}"),
+            // The caller's reply queue is missing, perhaps while its consumer reconnects: the
+            // retry thread keeps trying for a while, as oslo does, and this worker moves on.
+            // A stopping server does not hold its shutdown for a caller that went away.
+            Err(Error::Undeliverable { .. }) if !self.is_stopping() => {
+                debug!("reply queue {reply_q} of {msg_id} is missing; retrying off the worker");
+                retry.retry(PendingReply {
+                    codec,
+                    msg_id: msg_id.to_string(),
+                    reply_q: reply_q.to_string(),
+                    body,
+                    give_up: Instant::now()
+                        + self.transport.options().missing_consumer_retry_timeout,
+                });
             }
+            Err(Error::Undeliverable { .. }) => {
+                warn!("reply queue {reply_q} does not exist and the server is stopping; dropping the reply to {msg_id}");
+            }
+            Err(Error::Timeout { .. }) => warn!(
+                "the broker did not confirm the reply to {msg_id} within {}s",
+                SEND_TIMEOUT.as_secs()
+            ),
+            Err(e) => error!("could not send the reply to {msg_id}: {e}"),
         }
     }
 }

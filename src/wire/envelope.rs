@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use crate::context::RequestContext;
-use crate::wire::KeyStr;
+use crate::wire::{limits, Document, KeyStr};
 
 /// Prefix of context keys on the wire.
 pub(crate) const CONTEXT_PREFIX: &str = "_context_";
@@ -194,6 +194,51 @@ impl RequestHeader {
             .as_f64()
             .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
             .map(Duration::from_secs_f64)
+    }
+}
+
+impl RequestHeader {
+    /// Refuses what warren could not safely keep, log or write back: a method name or ids over
+    /// [`MAX_ID_LEN`](limits::MAX_ID_LEN) bytes or with control characters (ids are kept in the
+    /// duplicate window and the reply), and a `_reply_q` that is empty or not an AMQP short
+    /// string.
+    pub fn check(&self) -> Result<(), String> {
+        limits::check_id("method", &self.method)?;
+        if let Some(msg_id) = &self.msg_id {
+            limits::check_id("_msg_id", msg_id)?;
+        }
+        if let Some(reply_q) = &self.reply_q {
+            limits::check_short_string("_reply_q", reply_q)?;
+            if reply_q.is_empty() {
+                return Err("empty _reply_q".into());
+            }
+        }
+        if let Some(unique_id) = &self.unique_id {
+            limits::check_id("_unique_id", unique_id)?;
+        }
+        Ok(())
+    }
+}
+
+/// A received request whose body was opened and whose header was read and checked: what the
+/// poll thread hands a worker when it screens deliveries before acknowledging them.
+#[derive(Debug)]
+pub(crate) struct OpenedRequest {
+    pub doc: Document,
+    pub header: RequestHeader,
+    /// Size of the body as received, in bytes.
+    pub size: usize,
+}
+
+impl OpenedRequest {
+    /// Opens `body` (content type, envelope) and reads its header; the error says why the
+    /// message cannot be read at all (such messages are rejected without requeue).
+    pub fn open(content_type: Option<&str>, body: Vec<u8>) -> Result<OpenedRequest, String> {
+        let size = body.len();
+        let doc = Document::open(content_type, body)?;
+        let header = doc.decode::<RequestHeader>().map_err(|e| e.to_string())?;
+        header.check()?;
+        Ok(OpenedRequest { doc, header, size })
     }
 }
 

@@ -186,8 +186,9 @@ impl Failure {
             #[serde(default)]
             kwargs: Option<Map<String, Value>>,
         }
+        let text = crate::wire::oslo_json::python_literals_as_null(text.as_bytes().to_vec());
         let wire: Wire =
-            serde_json::from_str(text).map_err(|e| format!("invalid failure field: {e}"))?;
+            serde_json::from_slice(&text).map_err(|e| format!("invalid failure field: {e}"))?;
         Ok(Failure(Box::new(Fields {
             class: wire.class.unwrap_or_else(|| "Exception".into()),
             module: wire.module.unwrap_or_else(|| "builtins".into()),

@@ -16,6 +16,7 @@ pub(crate) mod envelope;
 pub(crate) mod failure;
 #[cfg(test)]
 pub(crate) mod fixture_tests;
+pub(crate) mod limits;
 pub(crate) mod msgpack;
 pub(crate) mod notification;
 pub(crate) mod oslo_json;

@@ -18,5 +18,8 @@ pub(crate) fn from_slice<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
 ) -> Result<T, serde_path_to_error::Error<rmp_serde::decode::Error>> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // rmp-serde allows 1024 levels, deep enough to overflow a worker's stack through the
+    // path-tracking wrapper; keep JSON's limit.
+    de.set_max_depth(crate::wire::limits::MAX_DEPTH);
     serde_path_to_error::deserialize(&mut de)
 }

@@ -166,6 +166,7 @@ pub(crate) fn wrap_envelope(inner: &[u8]) -> serde_json::Result<Vec<u8>> {
 /// itself for an envelope-less (1.0) message. Rejects non-objects and other envelope versions,
 /// as oslo does.
 pub(crate) fn unwrap_envelope(body: Vec<u8>) -> Result<Vec<u8>, String> {
+    let body = python_literals_as_null(body);
     let probe: EnvelopeProbe =
         serde_json::from_slice(&body).map_err(|e| format!("invalid JSON body: {e}"))?;
     match (probe.version, probe.message) {
@@ -178,10 +179,51 @@ pub(crate) fn unwrap_envelope(body: Vec<u8>) -> Result<Vec<u8>, String> {
                     "unsupported envelope version {version:?} (expected {ENVELOPE_VERSION})"
                 ));
             }
-            Ok(message.into_bytes())
+            Ok(python_literals_as_null(message.into_bytes()))
         }
         _ => Ok(body),
     }
+}
+
+/// Python's `json.dumps` writes the non-finite floats as the bare tokens `NaN`, `Infinity`
+/// and `-Infinity`, which JSON (and serde_json) has no value for. They are read as `null`,
+/// so the rest of the message stays readable: a handler argument of type `Option<f64>` or
+/// `serde_json::Value` gets `None` / `null`, an `f64` one a `TypeError` naming it.
+///
+/// Tokens inside strings are left alone; a body without any of them is returned as is
+/// after one byte scan.
+pub(crate) fn python_literals_as_null(text: Vec<u8>) -> Vec<u8> {
+    let mentions = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if !mentions(b"NaN") && !mentions(b"Infinity") {
+        return text;
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut i = 0;
+    while i < text.len() {
+        let byte = text[i];
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            let token = [&b"NaN"[..], b"Infinity", b"-Infinity"]
+                .into_iter()
+                .find(|token| text[i..].starts_with(token));
+            if let Some(token) = token {
+                out.extend_from_slice(b"null");
+                i += token.len();
+                continue;
+            }
+            in_string = byte == b'"';
+        }
+        out.push(byte);
+        i += 1;
+    }
+    out
 }
 
 /// The two envelope keys of a body; the body must be a JSON object.
@@ -223,6 +265,32 @@ impl<'de> Deserialize<'de> for EnvelopeProbe {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn python_non_finite_floats_read_as_null_outside_strings() {
+        let python = br#"{"a": NaN, "b": [Infinity, -Infinity, 1.5], "s": "NaN -Infinity \" NaN", "t": "x\\"}"#;
+        let read: serde_json::Value =
+            serde_json::from_slice(&python_literals_as_null(python.to_vec())).unwrap();
+        assert_eq!(
+            read,
+            json!({"a": null, "b": [null, null, 1.5], "s": "NaN -Infinity \" NaN", "t": "x\\"})
+        );
+        // A body without them is returned untouched.
+        let plain = br#"{"a": 1}"#.to_vec();
+        assert_eq!(python_literals_as_null(plain.clone()), plain);
+    }
+
+    #[test]
+    fn python_non_finite_floats_inside_the_envelope_are_read() {
+        let inner = r#"{"method": "m", "args": {"x": NaN, "y": -Infinity}}"#;
+        let body = format!(
+            "{{\"oslo.version\": \"2.0\", \"oslo.message\": {}}}",
+            serde_json::to_string(inner).unwrap()
+        );
+        let message = unwrap_envelope(body.into_bytes()).unwrap();
+        let read: serde_json::Value = serde_json::from_slice(&message).unwrap();
+        assert_eq!(read, json!({"method": "m", "args": {"x": null, "y": null}}));
+    }
 
     #[test]
     fn separators_and_ascii_like_python() {

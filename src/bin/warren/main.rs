@@ -2,14 +2,20 @@
 //!
 //! Exit codes: 0 success; 1 remote error; 2 usage or bad input; 3 timeout; 4 connection or
 //! delivery failure.
+//!
+//! What others wrote (a remote failure, a result, a notification, the broker's texts) reaches
+//! the terminal with its control characters escaped ([`term`]).
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod input;
 mod notify;
 mod rpc;
+mod term;
 
 /// Default broker when neither `--url` nor `WARREN_URL` is given.
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/";
@@ -87,6 +93,66 @@ impl From<warren::Error> for Failure {
     }
 }
 
+/// What a bounded operation was doing, for its timeout message.
+pub enum Doing<'a> {
+    /// `call` of this method.
+    Call(&'a str),
+    /// `cast` of this method.
+    Cast(&'a str),
+    /// `notify` of this event type.
+    Notify(&'a str),
+}
+
+/// Runs `op`, a library operation bounded by `timeout` (the client's or notifier's), and
+/// reports a deadline that expires anywhere in it, connecting included, as a timeout (exit 3).
+pub fn bounded<T>(
+    timeout: Duration,
+    doing: Doing<'_>,
+    op: impl FnOnce() -> Result<T, warren::Error>,
+) -> Result<T, Failure> {
+    use warren::Error as E;
+    let started = Instant::now();
+    op().map_err(|error| {
+        let secs = timeout.as_secs_f64();
+        let expired = started.elapsed() >= timeout;
+        let message = match &error {
+            E::Timeout { msg_id, .. } => {
+                let id = if msg_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (message ID {msg_id})")
+                };
+                match doing {
+                    Doing::Call(method) => {
+                        format!("waiting for a reply to {method}{id}")
+                    }
+                    Doing::Cast(method) => {
+                        format!("waiting for the broker to take the cast of {method}{id}")
+                    }
+                    Doing::Notify(event) => {
+                        format!("waiting for the broker to take the notification {event}")
+                    }
+                }
+            }
+            // When the deadline has passed before a connection was even tried, the library
+            // reports a delivery failure "after 0 attempts" whose cause is `Closed` (its
+            // placeholder when no attempt failed). This CLI never closes its transport while
+            // an operation runs, so past the deadline that can only be the deadline.
+            E::Closed if expired => "connecting to the broker".to_string(),
+            E::DeliveryFailure { reason, .. }
+                if expired && reason.ends_with(&E::Closed.to_string()) =>
+            {
+                "connecting to the broker".to_string()
+            }
+            _ => return Failure::from(error),
+        };
+        Failure {
+            code: 3,
+            message: format!("error: timed out after {secs}s {message}"),
+        }
+    })
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
     let cli = Cli::parse();
@@ -100,7 +166,8 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("{}", failure.message.replace('\n', " "));
+            // One line, whatever a remote failure or the broker put in it.
+            eprintln!("{}", term::line(&failure.message));
             ExitCode::from(failure.code)
         }
     }

@@ -4,13 +4,14 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::json;
 use warren::{
     Notification, NotificationEndpoint, NotificationFormat, NotificationListener,
     NotificationResult, Notifier, Priority, RequestContext, Target, Transport,
 };
 
-use crate::Failure;
+use crate::input::Inputs;
+use crate::{bounded, term, Doing, Failure};
 
 /// `warren notify`.
 #[derive(Args)]
@@ -33,13 +34,13 @@ pub struct NotifyArgs {
     /// v2 (oslo's messagingv2, enveloped) or v1 (oslo's messaging, bare).
     #[arg(long, default_value = "v2", value_parser = ["v2", "v1"])]
     format: String,
-    /// Context as a JSON object.
+    /// Context as a JSON object; @FILE reads it from FILE, - from standard input.
     #[arg(long, value_name = "JSON")]
     context: Option<String>,
     /// Seconds to wait for the broker.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
-    /// Payload as JSON (default `{}`).
+    /// Payload as JSON (default `{}`); @FILE reads it from FILE, - from standard input.
     #[arg(value_name = "PAYLOAD_JSON")]
     payload: Option<String>,
 }
@@ -70,15 +71,11 @@ pub fn notify(url: &str, args: NotifyArgs) -> Result<(), Failure> {
         .priority
         .parse()
         .map_err(|e: warren::Error| Failure::usage(e.to_string()))?;
-    let payload: Value = match &args.payload {
-        None => json!({}),
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| Failure::usage(format!("PAYLOAD_JSON is not valid JSON: {e}")))?,
-    };
-    let context = RequestContext::from(crate::rpc::json_object(
-        "--context",
-        args.context.as_deref(),
-    )?);
+    let mut inputs = Inputs::default();
+    let payload = inputs
+        .value("PAYLOAD_JSON", args.payload.as_deref())?
+        .unwrap_or_else(|| json!({}));
+    let context = RequestContext::from(inputs.object("--context", args.context.as_deref())?);
     let transport = Transport::new(url)?;
     let mut notifier = Notifier::new(&transport, args.publisher).topics([args.topic]);
     if args.format == "v1" {
@@ -87,11 +84,14 @@ pub fn notify(url: &str, args: NotifyArgs) -> Result<(), Failure> {
     if let Some(exchange) = args.exchange {
         notifier = notifier.exchange(exchange);
     }
-    if let Some(secs) = args.timeout {
-        notifier = notifier.timeout(crate::rpc::seconds("--timeout", secs)?);
-    }
-    notifier.notify(&context, priority, &args.event_type, &payload)?;
-    Ok(())
+    let timeout = match args.timeout {
+        Some(secs) => crate::rpc::seconds("--timeout", secs)?,
+        None => transport.options().rpc_response_timeout,
+    };
+    notifier = notifier.timeout(timeout);
+    bounded(timeout, Doing::Notify(&args.event_type), || {
+        notifier.notify(&context, priority, &args.event_type, &payload)
+    })
 }
 
 pub fn listen(url: &str, args: ListenArgs) -> Result<(), Failure> {
@@ -151,7 +151,11 @@ pub fn listen(url: &str, args: ListenArgs) -> Result<(), Failure> {
             "metadata": {"message_id": n.metadata.message_id, "timestamp": n.metadata.timestamp},
         });
         let mut out = stdout.lock();
-        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        // Whatever a publisher put in it, escaped for the terminal (and still the same JSON).
+        if writeln!(out, "{}", term::json(&line))
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             break;
         }
         printed += 1;

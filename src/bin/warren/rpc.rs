@@ -6,7 +6,8 @@ use clap::Args;
 use serde_json::{Map, Value};
 use warren::{Codec, RequestContext, RpcClient, Target, Transport};
 
-use crate::Failure;
+use crate::input::Inputs;
+use crate::{bounded, term, Doing, Failure};
 
 /// Where and how to send.
 #[derive(Args)]
@@ -29,7 +30,8 @@ pub struct SendArgs {
     /// Seconds to wait for the reply (call) or the broker (cast).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
-    /// Request context as a JSON object, e.g. '{"user_id": "admin"}'.
+    /// Request context as a JSON object, e.g. '{"user_id": "admin"}'; @FILE reads it from
+    /// FILE, - from standard input.
     #[arg(long, value_name = "JSON")]
     context: Option<String>,
     /// Codec to send with: json (oslo.messaging wire format) or msgpack.
@@ -37,7 +39,8 @@ pub struct SendArgs {
     codec: Option<String>,
     /// Remote method name.
     method: String,
-    /// Arguments as a JSON object of named arguments (default `{}`).
+    /// Arguments as a JSON object of named arguments (default `{}`); @FILE reads it from FILE,
+    /// - from standard input.
     #[arg(value_name = "ARGS_JSON")]
     args: Option<String>,
 }
@@ -61,34 +64,38 @@ pub struct CastArgs {
 
 pub fn call(url: &str, args: CallArgs) -> Result<(), Failure> {
     let prepared = prepare(url, &args.send, false)?;
-    let result: Value =
+    let method = args.send.method.as_str();
+    let result: Value = bounded(prepared.timeout, Doing::Call(method), || {
         prepared
             .client
-            .call(&prepared.context, &args.send.method, &prepared.args)?;
-    println!(
-        "{}",
-        serde_json::to_string(&result).map_err(|e| Failure::usage(e.to_string()))?
-    );
+            .call(&prepared.context, method, &prepared.args)
+    })?;
+    println!("{}", term::json(&result));
     Ok(())
 }
 
 pub fn cast(url: &str, args: CastArgs) -> Result<(), Failure> {
     let prepared = prepare(url, &args.send, args.fanout)?;
-    prepared
-        .client
-        .cast(&prepared.context, &args.send.method, &prepared.args)?;
-    Ok(())
+    let method = args.send.method.as_str();
+    bounded(prepared.timeout, Doing::Cast(method), || {
+        prepared
+            .client
+            .cast(&prepared.context, method, &prepared.args)
+    })
 }
 
 struct Prepared {
     client: RpcClient,
     context: RequestContext,
     args: Map<String, Value>,
+    /// The client's timeout.
+    timeout: Duration,
 }
 
 fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure> {
-    let args = json_object("ARGS_JSON", send.args.as_deref())?;
-    let context = RequestContext::from(json_object("--context", send.context.as_deref())?);
+    let mut inputs = Inputs::default();
+    let args = inputs.object("ARGS_JSON", send.args.as_deref())?;
+    let context = RequestContext::from(inputs.object("--context", send.context.as_deref())?);
     let mut builder = Transport::builder(url);
     if let Some(codec) = &send.codec {
         builder = builder.codec(codec.parse::<Codec>()?);
@@ -100,25 +107,17 @@ fn prepare(url: &str, send: &SendArgs, fanout: bool) -> Result<Prepared, Failure
     target.namespace = send.namespace.clone();
     target.version = send.version.clone();
     let mut client = RpcClient::new(&transport, target);
-    if let Some(secs) = send.timeout {
-        client = client.timeout(seconds("--timeout", secs)?);
-    }
+    let timeout = match send.timeout {
+        Some(secs) => seconds("--timeout", secs)?,
+        None => transport.options().rpc_response_timeout,
+    };
+    client = client.timeout(timeout);
     Ok(Prepared {
         client,
         context,
         args,
+        timeout,
     })
-}
-
-pub fn json_object(what: &str, text: Option<&str>) -> Result<Map<String, Value>, Failure> {
-    let Some(text) = text else {
-        return Ok(Map::new());
-    };
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Failure::usage(format!("{what} must be a JSON object"))),
-        Err(e) => Err(Failure::usage(format!("{what} is not valid JSON: {e}"))),
-    }
 }
 
 /// A flag's value in seconds (`--timeout`, `--duration`): positive and finite.

@@ -209,6 +209,15 @@ impl Connection {
                 }
             }
             let out_of_time = policy.deadline.is_some_and(|d| Instant::now() >= d);
+            if out_of_time && last.is_none() {
+                // The deadline passed before any host could be tried: a timeout, not a
+                // connection failure (callers relabel it with their message and timeout).
+                return Err(Error::Timeout {
+                    msg_id: String::new(),
+                    method: format!("connecting ({role})"),
+                    timeout: Duration::ZERO,
+                });
+            }
             if policy.retry.is_some_and(|r| pass >= r) || out_of_time {
                 let (host, cause) = last.unwrap_or_else(|| {
                     (

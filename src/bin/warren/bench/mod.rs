@@ -379,6 +379,9 @@ fn count_error(stats: &Stats, error: &Error) {
         _ => &stats.errors.other,
     };
     if counter.fetch_add(1, Ordering::Relaxed) == 0 {
-        eprintln!("first error of its kind: {error}");
+        eprintln!(
+            "first error of its kind: {}",
+            crate::term::line(&error.to_string())
+        );
     }
 }
