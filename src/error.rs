@@ -107,6 +107,26 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The broker refused the login: wrong user name or password, a login method it does not
+    /// offer (`EXTERNAL` without its plugin), or no access to the virtual host. Permanent:
+    /// reported after one pass over the hosts, not retried until the timeout.
+    Authentication {
+        /// `host:port` (never credentials).
+        host: String,
+        /// What the broker said, and what to check.
+        reason: String,
+    },
+
+    /// The TLS connection could not be set up: the broker's certificate is not trusted by the
+    /// CA (`ssl_ca_file`), does not name the host, or has expired; or one side speaks TLS and
+    /// the other plain AMQP (wrong port or scheme). Permanent, like [`Error::Authentication`].
+    Tls {
+        /// `host:port`.
+        host: String,
+        /// What failed, as the TLS library says it.
+        reason: String,
+    },
+
     /// The broker refused an operation on a channel, e.g. `406 PRECONDITION_FAILED` when a queue
     /// already exists with other arguments, or `404 NOT_FOUND`.
     Refused {
@@ -180,6 +200,12 @@ impl Error {
         matches!(self, Error::Remote { class, .. } if class == class_name)
     }
 
+    /// `true` for failures that retrying cannot change (a refused login or virtual host, a
+    /// TLS verification failure): connection attempts stop after one pass over the hosts.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Error::Authentication { .. } | Error::Tls { .. })
+    }
+
     pub(crate) fn decode(reason: impl fmt::Display) -> Error {
         Error::Decode {
             reason: reason.to_string(),
@@ -239,6 +265,12 @@ impl fmt::Display for Error {
             Error::Remote { class, message, .. } => write!(f, "remote error: {class}: {message}"),
             Error::Connection { host, source } => {
                 write!(f, "connection to AMQP server on {host} failed: {source}")
+            }
+            Error::Authentication { host, reason } => {
+                write!(f, "login to AMQP server on {host} refused: {reason}")
+            }
+            Error::Tls { host, reason } => {
+                write!(f, "TLS connection to AMQP server on {host} failed: {reason}")
             }
             Error::Refused { code, text } => write!(f, "the broker refused the operation ({code}): {text}"),
             Error::DeliveryFailure { host, reason } => {

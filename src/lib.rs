@@ -63,7 +63,10 @@ pub use notify::{
     NotificationListener, NotificationListenerBuilder, NotificationMetadata, NotificationResult,
     Notifier, Priority,
 };
-pub use options::{FailoverStrategy, TransportOptions, OPTION_NAMES};
+pub use options::{
+    FailoverStrategy, LoginMethod, TlsOptions, TlsVersion, TransportOptions, IGNORED_OPTION_NAMES,
+    OPTION_NAMES,
+};
 pub use server::{AckMode, RpcServer, RpcServerBuilder};
 pub use target::Target;
 pub use transport::{Transport, TransportBuilder};

@@ -21,9 +21,28 @@
 //! | `kombu_failover_strategy` | `round-robin` (from the first host) or `shuffle` | `round-robin` |
 //! | `kombu_missing_consumer_retry_timeout` | how long a reply to a missing reply queue is retried, seconds | `60` |
 //! | `max_message_size` | largest message body sent or accepted, bytes | `16777216` (16 MiB) |
+//! | `ssl` | TLS to the broker (also turned on by `amqps://`) | `false` |
+//! | `ssl_ca_file` | PEM CA bundle the broker's certificate must chain to (system roots when unset) | unset |
+//! | `ssl_cert_file` / `ssl_key_file` | PEM client certificate and its PKCS#8 key | unset |
+//! | `ssl_version` | lowest TLS version: `TLSv1`, `TLSv1_1`, `TLSv1_2`, `TLSv1_3` (`SSLv23`: any) | any |
+//! | `rabbit_login_method` | `PLAIN`, or `EXTERNAL` (the client certificate's identity) | `PLAIN` |
+//! | `rabbit_quorum_queue` | server and notification queues are quorum queues (durable) | `false` |
+//! | `rabbit_transient_quorum_queue` | reply and fanout queues are quorum queues (durable) | `false` |
+//! | `rabbit_quorum_delivery_limit` | `x-delivery-limit` of quorum queues (0 = none) | `0` |
+//! | `rabbit_quorum_max_memory_length` | `x-max-in-memory-length` of quorum queues (0 = none) | `0` |
+//! | `rabbit_quorum_max_memory_bytes` | `x-max-in-memory-bytes` of quorum queues (0 = none) | `0` |
+//! | `rabbit_ha_queues` | `x-ha-policy: all` on queues (ignored by RabbitMQ ≥ 3.0, declared for equivalence) | `false` |
+//! | `rabbit_stream_fanout` | one stream `<topic>_fanout` per topic for fanout (needs prefetch > 0 and transient quorum) | `false` |
+//! | `use_queue_manager` | stable reply / fanout queue names `<hostname>:<processname>:<n>` | `false` |
+//! | `hostname`, `processname` | the queue manager's name parts | this host, `basename(argv[0])` |
+//!
+//! Every other option of oslo.messaging 18.3.1's `[oslo_messaging_rabbit]` group (connection
+//! pools, `heartbeat_rate`, `kombu_compression`...) is accepted, its value checked, with one
+//! warning that it has no effect in warren: see [`IGNORED_OPTION_NAMES`].
 //!
 //! Booleans accept `true/false`, `yes/no`, `on/off`, `1/0` (any case), as oslo.config does.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -76,6 +95,131 @@ pub struct TransportOptions {
     /// a cast). warren's own option; the default is RabbitMQ 4.x's `max_message_size`, the
     /// broker's own bound on what reaches warren at all.
     pub max_message_size: usize,
+    /// TLS to the broker (oslo's `ssl*` options).
+    pub tls: TlsOptions,
+    /// How to log in (oslo's `rabbit_login_method`).
+    pub login_method: LoginMethod,
+    /// Server and notification queues are quorum queues, and with the control exchange durable
+    /// (oslo's `rabbit_quorum_queue`).
+    pub quorum_queues: bool,
+    /// Reply and fanout queues are quorum queues, durable, and the fanout exchanges durable
+    /// (oslo's `rabbit_transient_quorum_queue`).
+    pub transient_quorum_queues: bool,
+    /// `x-delivery-limit` of quorum queues when not 0 (`rabbit_quorum_delivery_limit`).
+    pub quorum_delivery_limit: i64,
+    /// `x-max-in-memory-length` of quorum queues when not 0 (`rabbit_quorum_max_memory_length`).
+    pub quorum_max_memory_length: i64,
+    /// `x-max-in-memory-bytes` of quorum queues when not 0 (`rabbit_quorum_max_memory_bytes`).
+    pub quorum_max_memory_bytes: i64,
+    /// Declare queues with `x-ha-policy: all` (`rabbit_ha_queues`). RabbitMQ has ignored the
+    /// argument since 3.0, but a queue declared with it must be re-declared with it.
+    pub ha_queues: bool,
+    /// Fanout goes through one stream queue `<topic>_fanout` per topic, read by every server
+    /// from its last offset (`rabbit_stream_fanout`).
+    pub stream_fanout: bool,
+    /// Stable reply and fanout queue names, `<hostname>:<processname>:<n>`, counted in
+    /// `/dev/shm` across restarts as oslo does (`use_queue_manager`).
+    pub queue_manager: bool,
+    /// The queue manager's host part (`hostname`; default: this machine's host name).
+    pub hostname: String,
+    /// The queue manager's process part (`processname`; default: the program's file name).
+    pub processname: String,
+}
+
+/// oslo.messaging 18.3.1 `[oslo_messaging_rabbit]` options warren accepts in a URL without
+/// acting on them (one warning each when a transport is built), so that a deployment's
+/// `transport_url` works unchanged. Their values are still checked.
+pub const IGNORED_OPTION_NAMES: &[&str] = &[
+    "rpc_conn_pool_size",
+    "conn_pool_min_size",
+    "conn_pool_ttl",
+    "ssl_enforce_hostname_verification",
+    "ssl_enforce_fips_mode",
+    "kombu_reconnect_delay",
+    "kombu_compression",
+    "heartbeat_rate",
+    "direct_mandatory_flag",
+    "enable_cancel_on_failover",
+];
+
+/// Names oslo.messaging once had or that are easily mistyped, with the option to use instead.
+const RENAMED: &[(&str, &str)] = &[
+    (
+        "rabbit_quroum_delivery_limit",
+        "rabbit_quorum_delivery_limit",
+    ),
+    (
+        "rabbit_quroum_max_memory_length",
+        "rabbit_quorum_max_memory_length",
+    ),
+    (
+        "rabbit_quroum_max_memory_bytes",
+        "rabbit_quorum_max_memory_bytes",
+    ),
+    (
+        "kombu_reconnect_timeout",
+        "kombu_missing_consumer_retry_timeout",
+    ),
+    ("rabbit_use_ssl", "ssl"),
+    ("kombu_ssl_version", "ssl_version"),
+    ("kombu_ssl_keyfile", "ssl_key_file"),
+    ("kombu_ssl_certfile", "ssl_cert_file"),
+    ("kombu_ssl_ca_certs", "ssl_ca_file"),
+    ("rpc_thread_pool_size", "executor_thread_pool_size"),
+];
+
+/// TLS settings (oslo's `ssl`, `ssl_ca_file`, `ssl_cert_file`, `ssl_key_file`, `ssl_version`).
+///
+/// The broker's certificate is verified against `ca_file` (the system's roots when unset) and
+/// must name the host connected to (checked per host on failover). Files are read when the
+/// transport is built: a missing or unreadable one is an [`Error::InvalidOption`].
+///
+/// ```
+/// let transport = warren::Transport::new(
+///     "amqps://nova:secret@rabbit1:5671/?ssl_version=TLSv1_2",
+/// )?;
+/// assert!(transport.options().tls.enabled);
+/// # Ok::<(), warren::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// Connect with TLS (`ssl=true`, or an `amqps://` URL).
+    pub enabled: bool,
+    /// PEM file of the CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (for brokers that ask for one, and `EXTERNAL`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key, PKCS#8 (`BEGIN PRIVATE KEY`).
+    pub key_file: Option<PathBuf>,
+    /// The lowest protocol version accepted; `None` lets the TLS library choose.
+    pub min_version: Option<TlsVersion>,
+}
+
+/// A TLS protocol version (`ssl_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.0 (`TLSv1`; deprecated, RFC 8996).
+    Tls10,
+    /// TLS 1.1 (`TLSv1_1`; deprecated, RFC 8996).
+    Tls11,
+    /// TLS 1.2 (`TLSv1_2`).
+    Tls12,
+    /// TLS 1.3 (`TLSv1_3`).
+    Tls13,
+}
+
+/// How a connection logs in to the broker (`rabbit_login_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LoginMethod {
+    /// User name and password from the URL (SASL PLAIN, enabled on every RabbitMQ).
+    #[default]
+    Plain,
+    /// The identity of the TLS client certificate (SASL EXTERNAL; needs the broker's
+    /// `rabbitmq_auth_mechanism_ssl` plugin and `ssl_cert_file` / `ssl_key_file`).
+    External,
 }
 
 /// How a transport moves between the hosts of its URL after a connection failure.
@@ -107,6 +251,18 @@ impl Default for TransportOptions {
             failover_strategy: FailoverStrategy::RoundRobin,
             missing_consumer_retry_timeout: Duration::from_secs(60),
             max_message_size: crate::wire::limits::DEFAULT_MAX_MESSAGE_SIZE,
+            tls: TlsOptions::default(),
+            login_method: LoginMethod::Plain,
+            quorum_queues: false,
+            transient_quorum_queues: false,
+            quorum_delivery_limit: 0,
+            quorum_max_memory_length: 0,
+            quorum_max_memory_bytes: 0,
+            ha_queues: false,
+            stream_fanout: false,
+            queue_manager: false,
+            hostname: local_hostname(),
+            processname: process_name(),
         }
     }
 }
@@ -129,6 +285,22 @@ pub const OPTION_NAMES: &[&str] = &[
     "kombu_failover_strategy",
     "kombu_missing_consumer_retry_timeout",
     "max_message_size",
+    "ssl",
+    "ssl_ca_file",
+    "ssl_cert_file",
+    "ssl_key_file",
+    "ssl_version",
+    "rabbit_login_method",
+    "rabbit_quorum_queue",
+    "rabbit_transient_quorum_queue",
+    "rabbit_quorum_delivery_limit",
+    "rabbit_quorum_max_memory_length",
+    "rabbit_quorum_max_memory_bytes",
+    "rabbit_ha_queues",
+    "rabbit_stream_fanout",
+    "use_queue_manager",
+    "hostname",
+    "processname",
 ];
 
 impl TransportOptions {
@@ -197,11 +369,83 @@ impl TransportOptions {
                 }
                 self.max_message_size = size;
             }
+            "ssl" => self.tls.enabled = parse_bool(name, value)?,
+            "ssl_ca_file" => self.tls.ca_file = parse_path(value),
+            "ssl_cert_file" => self.tls.cert_file = parse_path(value),
+            "ssl_key_file" => self.tls.key_file = parse_path(value),
+            "ssl_version" => {
+                self.tls.min_version = match value.trim() {
+                    "" | "SSLv23" | "TLS" => None,
+                    "TLSv1" => Some(TlsVersion::Tls10),
+                    "TLSv1_1" => Some(TlsVersion::Tls11),
+                    "TLSv1_2" => Some(TlsVersion::Tls12),
+                    "TLSv1_3" => Some(TlsVersion::Tls13),
+                    "SSLv2" | "SSLv3" => {
+                        return Err(Error::invalid_option(
+                            name,
+                            format!("{value} is broken and not supported; use TLSv1_2"),
+                        ))
+                    }
+                    _ => {
+                        return Err(Error::invalid_option(
+                            name,
+                            format!("{value:?} is not TLSv1, TLSv1_1, TLSv1_2, TLSv1_3 or SSLv23"),
+                        ))
+                    }
+                }
+            }
+            "rabbit_login_method" => {
+                self.login_method = match value.trim().to_ascii_uppercase().as_str() {
+                    "PLAIN" => LoginMethod::Plain,
+                    "EXTERNAL" => LoginMethod::External,
+                    // oslo's default; RabbitMQ enables PLAIN beside it, with the same result.
+                    "AMQPLAIN" => {
+                        log::warn!("rabbit_login_method=AMQPLAIN: warren logs in with PLAIN, which RabbitMQ accepts alike");
+                        LoginMethod::Plain
+                    }
+                    _ => {
+                        return Err(Error::invalid_option(
+                            name,
+                            format!("{value:?} is not supported (PLAIN, AMQPLAIN or EXTERNAL)"),
+                        ))
+                    }
+                }
+            }
+            "rabbit_quorum_queue" => self.quorum_queues = parse_bool(name, value)?,
+            "rabbit_transient_quorum_queue" => {
+                self.transient_quorum_queues = parse_bool(name, value)?
+            }
+            "rabbit_quorum_delivery_limit" => self.quorum_delivery_limit = parse_int(name, value)?,
+            "rabbit_quorum_max_memory_length" => {
+                self.quorum_max_memory_length = parse_int(name, value)?
+            }
+            "rabbit_quorum_max_memory_bytes" => {
+                self.quorum_max_memory_bytes = parse_int(name, value)?
+            }
+            "rabbit_ha_queues" => self.ha_queues = parse_bool(name, value)?,
+            "rabbit_stream_fanout" => self.stream_fanout = parse_bool(name, value)?,
+            "use_queue_manager" => self.queue_manager = parse_bool(name, value)?,
+            "hostname" | "processname" => {
+                let part = value.trim();
+                if part.is_empty() || part.contains(['/', '\0']) {
+                    return Err(Error::invalid_option(
+                        name,
+                        "must be a non-empty name without `/`",
+                    ));
+                }
+                if name == "hostname" {
+                    self.hostname = part.to_string();
+                } else {
+                    self.processname = part.to_string();
+                }
+            }
+            ignored if IGNORED_OPTION_NAMES.contains(&ignored) => check_ignored(name, value)?,
             _ => {
-                return Err(Error::invalid_option(
-                    name,
-                    format!("unknown option (known: {})", OPTION_NAMES.join(", ")),
-                ))
+                let reason = match RENAMED.iter().find(|(old, _)| *old == name) {
+                    Some((_, new)) => format!("unknown option; use `{new}`"),
+                    None => format!("unknown option (known: {})", OPTION_NAMES.join(", ")),
+                };
+                return Err(Error::invalid_option(name, reason));
             }
         }
         Ok(())
@@ -209,6 +453,50 @@ impl TransportOptions {
 
     /// Checks values that are valid one by one but not together, and values set from Rust.
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            let missing = if self.tls.cert_file.is_some() {
+                "ssl_key_file"
+            } else {
+                "ssl_cert_file"
+            };
+            return Err(Error::invalid_option(
+                missing,
+                "a client certificate needs both ssl_cert_file and ssl_key_file",
+            ));
+        }
+        if self.ha_queues && (self.quorum_queues || self.transient_quorum_queues) {
+            // oslo's RuntimeError, word for word.
+            return Err(Error::invalid_option(
+                "rabbit_ha_queues",
+                "Configuration Error: rabbit_quorum_queue and rabbit_ha_queues both enabled, queue type is quorum or HA (mirrored) not both",
+            ));
+        }
+        if self.stream_fanout && self.prefetch_count == 0 {
+            return Err(Error::invalid_option(
+                "rabbit_stream_fanout",
+                "Configuration Error: rabbit_stream_fanout need rabbit_qos_prefetch_count to be set to a value greater than 0.",
+            ));
+        }
+        if self.stream_fanout && !self.transient_quorum_queues {
+            return Err(Error::invalid_option(
+                "rabbit_stream_fanout",
+                "Configuration Error: rabbit_stream_fanout need rabbit_transient_quorum_queue to be set to true.",
+            ));
+        }
+        if self.quorum_queues && self.auto_delete {
+            return Err(Error::invalid_option(
+                "amqp_auto_delete",
+                "RabbitMQ refuses auto-delete quorum queues: unset it with rabbit_quorum_queue",
+            ));
+        }
+        if self.login_method == LoginMethod::External
+            && !(self.tls.enabled && self.tls.cert_file.is_some())
+        {
+            return Err(Error::invalid_option(
+                "rabbit_login_method",
+                "EXTERNAL logs in with the TLS client certificate: it needs ssl=true (or amqps://), ssl_cert_file and ssl_key_file",
+            ));
+        }
         if self.workers == 0 {
             return Err(Error::invalid_option(
                 "executor_thread_pool_size",
@@ -250,12 +538,10 @@ impl TransportOptions {
 }
 
 fn parse_int<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
-    value.trim().parse().map_err(|_| {
-        Error::invalid_option(
-            name,
-            format!("{value:?} is not a valid non-negative integer in range"),
-        )
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid_option(name, format!("{value:?} is not an integer in range")))
 }
 
 fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
@@ -282,6 +568,50 @@ fn parse_seconds_or_zero(name: &str, value: &str) -> Result<Duration> {
     }
 }
 
+/// Checks the value of an option warren accepts without acting on it, as oslo types it.
+fn check_ignored(name: &str, value: &str) -> Result<()> {
+    match name {
+        "rpc_conn_pool_size" | "conn_pool_min_size" | "conn_pool_ttl" | "heartbeat_rate" => {
+            parse_int::<i64>(name, value).map(drop)
+        }
+        "kombu_reconnect_delay" => parse_seconds_or_zero(name, value).map(drop),
+        "ssl_enforce_hostname_verification"
+        | "ssl_enforce_fips_mode"
+        | "direct_mandatory_flag"
+        | "enable_cancel_on_failover" => parse_bool(name, value).map(drop),
+        _ => Ok(()),
+    }
+}
+
+/// This machine's host name (oslo's `socket.gethostname()`).
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The program's file name (oslo's `os.path.basename(sys.argv[0])`).
+fn process_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "warren".into())
+}
+
+/// An empty path (oslo's default `''`) means none.
+fn parse_path(value: &str) -> Option<PathBuf> {
+    let value = value.trim();
+    (!value.is_empty()).then(|| PathBuf::from(value))
+}
+
 fn parse_bool(name: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -303,7 +633,7 @@ mod tests {
             ("control_exchange", "nova"),
             ("heartbeat_timeout_threshold", "0"),
             ("rpc_response_timeout", "0.5"),
-            ("rabbit_qos_prefetch_count", "0"),
+            ("rabbit_qos_prefetch_count", "7"),
             ("executor_thread_pool_size", "3"),
             ("codec", "json"),
             ("rabbit_transient_queues_ttl", "0"),
@@ -316,6 +646,22 @@ mod tests {
             ("kombu_failover_strategy", "shuffle"),
             ("kombu_missing_consumer_retry_timeout", "3"),
             ("max_message_size", "1024"),
+            ("ssl", "true"),
+            ("ssl_ca_file", "/etc/ca.pem"),
+            ("ssl_cert_file", "/etc/client.pem"),
+            ("ssl_key_file", "/etc/client.key"),
+            ("ssl_version", "TLSv1_2"),
+            ("rabbit_login_method", "EXTERNAL"),
+            ("rabbit_quorum_queue", "true"),
+            ("rabbit_transient_quorum_queue", "1"),
+            ("rabbit_quorum_delivery_limit", "5"),
+            ("rabbit_quorum_max_memory_length", "10"),
+            ("rabbit_quorum_max_memory_bytes", "8589934592"),
+            ("rabbit_ha_queues", "false"),
+            ("rabbit_stream_fanout", "true"),
+            ("use_queue_manager", "true"),
+            ("hostname", "nodeA"),
+            ("processname", "nova-compute"),
         ];
         assert_eq!(samples.len(), OPTION_NAMES.len());
         let mut o = TransportOptions::default();
@@ -325,7 +671,7 @@ mod tests {
         assert_eq!(o.control_exchange, "nova");
         assert_eq!(o.heartbeat, Duration::ZERO);
         assert_eq!(o.rpc_response_timeout, Duration::from_millis(500));
-        assert_eq!(o.prefetch_count, 0);
+        assert_eq!(o.prefetch_count, 7);
         assert_eq!(o.workers, 3);
         assert_eq!(o.codec, Codec::Json);
         assert_eq!(o.transient_queues_ttl, Duration::ZERO);
@@ -338,7 +684,95 @@ mod tests {
         assert_eq!(o.failover_strategy, FailoverStrategy::Shuffle);
         assert_eq!(o.missing_consumer_retry_timeout, Duration::from_secs(3));
         assert_eq!(o.max_message_size, 1024);
+        assert!(o.tls.enabled);
+        assert_eq!(
+            o.tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            o.tls.cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/client.pem"))
+        );
+        assert_eq!(
+            o.tls.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/client.key"))
+        );
+        assert_eq!(o.tls.min_version, Some(TlsVersion::Tls12));
+        assert_eq!(o.login_method, LoginMethod::External);
+        assert!(o.quorum_queues && o.transient_quorum_queues && o.stream_fanout);
+        assert_eq!(o.quorum_delivery_limit, 5);
+        assert_eq!(o.quorum_max_memory_length, 10);
+        assert_eq!(o.quorum_max_memory_bytes, 1 << 33);
+        assert!(!o.ha_queues);
+        assert!(o.queue_manager);
+        assert_eq!(
+            (o.hostname.as_str(), o.processname.as_str()),
+            ("nodeA", "nova-compute")
+        );
         o.validate().unwrap();
+    }
+
+    #[test]
+    fn oslo_options_warren_does_not_use_are_accepted() {
+        let mut o = TransportOptions::default();
+        for (k, v) in [
+            ("rpc_conn_pool_size", "30"),
+            ("conn_pool_min_size", "2"),
+            ("conn_pool_ttl", "1200"),
+            ("ssl_enforce_hostname_verification", "True"),
+            ("ssl_enforce_fips_mode", "False"),
+            ("kombu_reconnect_delay", "1.0"),
+            ("kombu_compression", "gzip"),
+            ("heartbeat_rate", "3"),
+            ("direct_mandatory_flag", "True"),
+            ("enable_cancel_on_failover", "false"),
+            ("rabbit_login_method", "AMQPLAIN"),
+        ] {
+            o.apply(k, v).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        assert_eq!(o, TransportOptions::default(), "they change nothing");
+        assert_eq!(IGNORED_OPTION_NAMES.len(), 10);
+    }
+
+    #[test]
+    fn renamed_options_point_to_their_new_name() {
+        let err = TransportOptions::default()
+            .apply("rabbit_quroum_max_memory_bytes", "1")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("use `rabbit_quorum_max_memory_bytes`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn combinations_oslo_refuses_are_refused_with_its_words() {
+        let refused = |pairs: &[(&str, &str)]| {
+            let mut o = TransportOptions::default();
+            for (k, v) in pairs {
+                o.apply(k, v).unwrap();
+            }
+            o.validate().unwrap_err().to_string()
+        };
+        assert!(
+            refused(&[("rabbit_quorum_queue", "1"), ("rabbit_ha_queues", "1")])
+                .contains("quorum or HA (mirrored) not both")
+        );
+        assert!(refused(&[
+            ("rabbit_stream_fanout", "1"),
+            ("rabbit_transient_quorum_queue", "1"),
+            ("rabbit_qos_prefetch_count", "0")
+        ])
+        .contains("need rabbit_qos_prefetch_count"));
+        assert!(refused(&[("rabbit_stream_fanout", "1")])
+            .contains("need rabbit_transient_quorum_queue to be set to true"));
+        assert!(refused(&[("rabbit_login_method", "EXTERNAL")]).contains("ssl_cert_file"));
+        assert!(refused(&[("ssl_cert_file", "/c.pem")]).contains("ssl_key_file"));
+        assert!(
+            refused(&[("rabbit_quorum_queue", "1"), ("amqp_auto_delete", "1")])
+                .contains("auto-delete")
+        );
     }
 
     #[test]
@@ -355,7 +789,16 @@ mod tests {
             ("kombu_failover_strategy", "random"),
             ("rabbit_retry_interval", "-1"),
             ("max_message_size", "0"),
-            ("ssl", "true"),
+            ("ssl", "maybe"),
+            ("ssl_version", "SSLv3"),
+            ("ssl_version", "TLSv9"),
+            ("rabbit_login_method", "RABBIT-CR-DEMO"),
+            ("rabbit_quroum_delivery_limit", "5"),
+            ("kombu_reconnect_timeout", "5"),
+            ("rabbit_quorum_delivery_limit", "many"),
+            ("hostname", ""),
+            ("rpc_conn_pool_size", "lots"),
+            ("no_such_option", "1"),
         ] {
             let err = o.apply(k, v).unwrap_err();
             assert!(err.to_string().contains(k) || k == "codec", "{k}: {err}");

@@ -11,7 +11,7 @@ use crate::driver::memory::MemoryDriver;
 use crate::driver::rabbit::RabbitDriver;
 use crate::driver::{Driver, Outgoing, ReplySink, SendOptions};
 use crate::error::{Error, Result};
-use crate::options::{FailoverStrategy, TransportOptions};
+use crate::options::{FailoverStrategy, TransportOptions, IGNORED_OPTION_NAMES};
 use crate::url::{Scheme, TransportUrl};
 use crate::wire::Codec;
 
@@ -267,6 +267,14 @@ impl TransportBuilder {
                 scratch.apply(name, value)?; // still validated
             } else {
                 options.apply(name, value)?;
+            }
+        }
+        if url.is_tls() {
+            options.tls.enabled = true;
+        }
+        for (name, _) in url.query() {
+            if IGNORED_OPTION_NAMES.contains(&name.as_str()) {
+                log::warn!("transport option {name} has no effect in warren; ignored");
             }
         }
         options.validate()?;

@@ -2,6 +2,10 @@
 //!
 //! `driver://[user:pass@]host:port[,[userN:passN@]hostN:portN]/virtual_host?option=value`
 //!
+//! `rabbit://`, `amqp://` and `kombu://` select RabbitMQ (port 5672 by default), `amqps://`
+//! RabbitMQ over TLS (port 5671 by default; the same as `ssl=true`), `memory://` and `fake://`
+//! the in-process transport.
+//!
 //! * hosts are split on `,`; credentials are split at the last `@`, then at the first `:`;
 //!   user name and password are percent-decoded (not `+`-decoded);
 //! * the virtual host is the percent-decoded path without its leading `/`
@@ -18,6 +22,8 @@ use crate::error::{Error, Result};
 
 /// The default AMQP port.
 pub const DEFAULT_PORT: u16 = 5672;
+/// The default AMQP-over-TLS port (`amqps://`).
+pub const DEFAULT_TLS_PORT: u16 = 5671;
 
 /// Which driver a URL selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +149,7 @@ impl TransportUrl {
         let scheme = match scheme_text.split('+').next().unwrap_or_default() {
             "rabbit" | "amqp" | "kombu" => Scheme::Rabbit,
             "memory" | "fake" => Scheme::Memory,
-            "amqps" => return Err(bad("TLS (amqps://) is not supported")),
+            "amqps" => Scheme::Rabbit,
             "" => return Err(bad("no scheme (expected e.g. rabbit:// or memory://)")),
             _ => {
                 return Err(bad(
@@ -156,6 +162,11 @@ impl TransportUrl {
             // 12), then show it in every log line: refuse it instead.
             return Err(bad("an `@` after the host part"));
         }
+        let default_port = if scheme_text.split('+').next() == Some("amqps") {
+            DEFAULT_TLS_PORT
+        } else {
+            DEFAULT_PORT
+        };
         let rest = rest.split('#').next().unwrap_or_default();
         let (before_query, query_text) = match rest.split_once('?') {
             Some((b, q)) => (b, Some(q)),
@@ -168,7 +179,7 @@ impl TransportUrl {
 
         let mut hosts = Vec::new();
         for (index, part) in netloc.split(',').filter(|p| !p.is_empty()).enumerate() {
-            hosts.push(parse_host(part, index + 1).map_err(|r| bad(&r))?);
+            hosts.push(parse_host(part, index + 1, default_port).map_err(|r| bad(&r))?);
         }
         let virtual_host = match path {
             Some(p) => Some(
@@ -198,6 +209,19 @@ impl TransportUrl {
         self.scheme
     }
 
+    /// `true` for `amqps://`: TLS, port 5671 by default.
+    pub fn is_tls(&self) -> bool {
+        self.scheme_text.split('+').next() == Some("amqps")
+    }
+
+    fn default_port(&self) -> u16 {
+        if self.is_tls() {
+            DEFAULT_TLS_PORT
+        } else {
+            DEFAULT_PORT
+        }
+    }
+
     /// The hosts in URL order. A URL without hosts means `localhost:5672` as guest.
     pub fn hosts(&self) -> &[Host] {
         &self.hosts
@@ -208,7 +232,7 @@ impl TransportUrl {
         if self.hosts.is_empty() {
             vec![Host {
                 hostname: "localhost".into(),
-                port: DEFAULT_PORT,
+                port: self.default_port(),
                 username: String::new(),
                 password: String::new(),
             }]
@@ -273,7 +297,7 @@ impl fmt::Debug for TransportUrl {
 /// One host of the netloc. Errors name the part at fault ("invalid port"), never its text:
 /// with an unencoded `/`, `?` or `#` in a password, any part may be a piece of the password.
 /// `number` counts from 1, for the messages.
-fn parse_host(part: &str, number: usize) -> std::result::Result<Host, String> {
+fn parse_host(part: &str, number: usize, default_port: u16) -> std::result::Result<Host, String> {
     let (creds, hostport) = match part.rsplit_once('@') {
         Some((c, h)) => (Some(c), h),
         None => (None, part),
@@ -303,7 +327,7 @@ fn parse_host(part: &str, number: usize) -> std::result::Result<Host, String> {
         }
     };
     let port = match port_text {
-        None | Some("") => DEFAULT_PORT,
+        None | Some("") => default_port,
         Some(p) => p
             .parse::<u16>()
             .map_err(|_| format!("invalid port in host {number} (expected 0 to 65535)"))?,
@@ -526,6 +550,22 @@ mod tests {
     }
 
     #[test]
+    fn amqps_means_tls_on_port_5671_by_default() {
+        let url = TransportUrl::parse("amqps://u:p@h1,u:p@h2:5999/").unwrap();
+        assert!(url.is_tls());
+        assert_eq!(url.scheme(), Scheme::Rabbit);
+        assert_eq!(url.hosts()[0].port, 5671);
+        assert_eq!(url.hosts()[1].port, 5999);
+        assert_eq!(
+            TransportUrl::parse("amqps://").unwrap().effective_hosts()[0].port,
+            5671
+        );
+        let plain = TransportUrl::parse("rabbit://u:p@h1/").unwrap();
+        assert!(!plain.is_tls());
+        assert_eq!(plain.hosts()[0].port, 5672);
+    }
+
+    #[test]
     fn bad_urls_are_errors_without_passwords() {
         for bad in [
             "rabbit://u:secret@h:notaport/",
@@ -533,7 +573,7 @@ mod tests {
             "u:secret@h",
             "rabbit://u:secret@h/%zz",
             "rabbit://u:secret@h/?novalue",
-            "amqps://u:secret@h/",
+            "amqps://u:secret@h:x/",
         ] {
             let err = TransportUrl::parse(bad).unwrap_err();
             let text = err.to_string();

@@ -90,16 +90,23 @@ impl User {
 
     /// Force-closes this user's connections, as an operator or a failover does.
     fn close_connections(&self) {
-        let connections = common::rabbitmqctl_json(&["list_connections", "pid", "user"]);
-        for connection in connections
-            .iter()
-            .filter(|c| c["user"] == self.name.as_str())
-        {
-            let pid = connection["pid"].as_str().expect("pid");
-            let _ = Command::new("rabbitmqctl")
-                .args(["-q", "close_connection", pid, "test: forced close"])
-                .status();
-        }
+        let open = || {
+            common::rabbitmqctl_json(&["list_connections", "user"])
+                .iter()
+                .filter(|c| c["user"] == self.name.as_str())
+                .count()
+        };
+        assert!(open() > 0, "the user has connections to close");
+        let status = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "close_all_user_connections",
+                &self.name,
+                "test: forced close",
+            ])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
     }
 }
 

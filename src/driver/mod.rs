@@ -22,6 +22,7 @@ use crate::wire::Codec;
 pub(crate) mod memory;
 mod names;
 pub(crate) mod poll;
+pub(crate) mod queue_manager;
 pub(crate) mod rabbit;
 pub(crate) mod timer;
 
@@ -274,6 +275,21 @@ pub(crate) enum QueueLifetime {
     Transient,
     /// warren's dead-letter queue: always durable.
     DeadLetter,
+    /// oslo's stream fanout queue `<topic>_fanout` (`rabbit_stream_fanout`), shared by every
+    /// server of the topic, each reading it from its own offset.
+    Stream,
+}
+
+/// Which queue a server's fanout casts arrive in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FanoutQueue {
+    /// A queue of this server's own, with a random name, deleted when it stops (oslo's
+    /// default).
+    Private,
+    /// A queue of this server's own with a stable queue-manager name, kept when it stops.
+    Stable(String),
+    /// The topic's stream.
+    Stream,
 }
 
 /// A queue a listener declares (and consumes, unless `consume` is false).
@@ -352,6 +368,27 @@ impl ListenSpec {
             retry,
             ack_on_handoff: None,
         }
+    }
+
+    /// Receives fanout casts through `fanout` instead of a private queue. The fanout queue is
+    /// the third plan of [`rpc`](Self::rpc).
+    pub fn with_fanout(mut self, topic: &str, fanout: FanoutQueue) -> ListenSpec {
+        let (name, lifetime) = match fanout {
+            FanoutQueue::Private => return self,
+            FanoutQueue::Stable(name) => (name, QueueLifetime::Transient),
+            FanoutQueue::Stream => (fanout_exchange(topic), QueueLifetime::Stream),
+        };
+        if let Some(plan) = self
+            .queues
+            .iter_mut()
+            .find(|plan| plan.bindings.iter().any(|b| b.kind == ExchangeKind::Fanout))
+        {
+            plan.name = name;
+            plan.lifetime = lifetime;
+        }
+        // Stable and stream queues outlive the server (oslo deletes neither).
+        self.delete_on_close.clear();
+        self
     }
 
     /// The queues consumed, in consumer order.

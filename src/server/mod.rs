@@ -9,10 +9,11 @@
 use std::sync::Arc;
 
 use crate::dispatcher::{AccessPolicy, Dispatcher, Endpoint};
-use crate::driver::{ListenSpec, Screen};
+use crate::driver::{queue_manager, FanoutQueue, ListenSpec, Screen};
 use crate::error::{Error, Result};
 use crate::target::Target;
 use crate::transport::Transport;
+use crate::url::Scheme;
 
 mod call_monitor;
 pub(crate) mod dedup;
@@ -166,6 +167,20 @@ impl RpcServerBuilder {
             context.dead_letter_queue.as_deref(),
             self.retry,
         );
+        let options = self.transport.options();
+        if self.transport.url().scheme() == Scheme::Rabbit {
+            let fanout = if options.stream_fanout {
+                FanoutQueue::Stream
+            } else if options.queue_manager {
+                FanoutQueue::Stable(format!(
+                    "{topic}_fanout_{}",
+                    queue_manager::next_name(&options.hostname, &options.processname)
+                ))
+            } else {
+                FanoutQueue::Private
+            };
+            spec = spec.with_fanout(&topic, fanout);
+        }
         spec.ack_on_handoff =
             (self.ack_mode == AckMode::BeforeDispatch).then_some(rpc::screen as Screen);
         Ok(RpcServer {

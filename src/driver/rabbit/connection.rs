@@ -24,7 +24,7 @@ use crossbeam_channel::Receiver;
 use log::{debug, info, warn};
 
 use crate::error::{BoxError, Error, Result};
-use crate::options::{FailoverStrategy, TransportOptions};
+use crate::options::{FailoverStrategy, LoginMethod, TransportOptions};
 use crate::url::{Host, TransportUrl};
 
 /// Bounds of one host's TCP connect + AMQP handshake: twice the heartbeat, within these.
@@ -43,12 +43,24 @@ pub(crate) fn jitter(max: Duration) -> Duration {
     max.mul_f64(random_unit())
 }
 
-/// The hosts of a URL and which one to try next.
-#[derive(Debug)]
+/// The hosts of a URL, which one to try next, and how to reach them (TLS or not).
 pub(crate) struct HostCycle {
     hosts: Vec<Host>,
     strategy: FailoverStrategy,
     next: AtomicUsize,
+    /// Set with TLS: one connector for every host (each host's name is checked as it is
+    /// connected to).
+    tls: Option<native_tls::TlsConnector>,
+}
+
+impl std::fmt::Debug for HostCycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCycle")
+            .field("hosts", &self.hosts)
+            .field("strategy", &self.strategy)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl HostCycle {
@@ -57,7 +69,14 @@ impl HostCycle {
             hosts: url.effective_hosts(),
             strategy,
             next: AtomicUsize::new(0),
+            tls: None,
         }
+    }
+
+    /// Connects with TLS through `connector`.
+    pub fn with_tls(mut self, connector: Option<native_tls::TlsConnector>) -> HostCycle {
+        self.tls = connector;
+        self
     }
 
     /// One pass over every host, in the order to try them now.
@@ -169,12 +188,26 @@ impl Connection {
         let mut attempts = 0_u32;
         let mut last: Option<(String, Error)> = None;
         for pass in 0_u32.. {
+            // A pass where every host refused for good (login, vhost, TLS) ends the attempt of
+            // a caller that waits (deadline or retry limit): retrying would only repeat it
+            // until the deadline. A background reconnection (neither) keeps trying, with its
+            // backoff: credentials or certificates may be fixed meanwhile.
+            let mut permanent_in_pass = true;
+            let mut tried_in_pass = false;
             for (index, host) in hosts.pass() {
                 let Some(timeout) = connect_timeout(options, policy.deadline) else {
                     break;
                 };
                 attempts += 1;
-                match open_host(host, url.virtual_host(), options, role, timeout) {
+                tried_in_pass = true;
+                match open_host(
+                    host,
+                    hosts.tls.as_ref(),
+                    url.virtual_host(),
+                    options,
+                    role,
+                    timeout,
+                ) {
                     Ok(mut inner) => {
                         hosts.succeeded(index);
                         if attempts > 1 {
@@ -193,6 +226,7 @@ impl Connection {
                     }
                     Err(e) => {
                         hosts.failed(index);
+                        permanent_in_pass &= e.is_permanent();
                         if attempts == 1 {
                             warn!(
                                 "AMQP server on {} is unreachable ({role}): {e}",
@@ -206,6 +240,13 @@ impl Connection {
                         }
                         last = Some((host.address(), e));
                     }
+                }
+            }
+            let waited_for = policy.deadline.is_some() || policy.retry.is_some();
+            if tried_in_pass && permanent_in_pass && waited_for {
+                if let Some((_, cause)) = last {
+                    warn!("giving up connecting ({role}): {cause}");
+                    return Err(cause);
                 }
             }
             let out_of_time = policy.deadline.is_some_and(|d| Instant::now() >= d);
@@ -313,6 +354,7 @@ fn connect_timeout(options: &TransportOptions, deadline: Option<Instant>) -> Opt
 
 fn open_host(
     host: &Host,
+    tls: Option<&native_tls::TlsConnector>,
     virtual_host: &str,
     options: &TransportOptions,
     role: &'static str,
@@ -353,11 +395,15 @@ fn open_host(
     let handshake = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(100));
-    let connection_options = ConnectionOptions::default()
-        .auth(Auth::Plain {
+    let auth = match options.login_method {
+        LoginMethod::Plain => Auth::Plain {
             username: host.login_username().to_string(),
             password: host.login_password().to_string(),
-        })
+        },
+        LoginMethod::External => Auth::External,
+    };
+    let connection_options = ConnectionOptions::default()
+        .auth(auth)
         .virtual_host(virtual_host)
         .heartbeat(u16::try_from(options.heartbeat.as_secs()).unwrap_or(u16::MAX))
         .connection_timeout(Some(handshake))
@@ -366,12 +412,63 @@ fn open_host(
             env!("CARGO_PKG_VERSION"),
             std::process::id()
         )));
-    amiquip::Connection::insecure_open_stream(
-        stream,
-        connection_options,
-        ConnectionTuning::default(),
-    )
-    .map_err(|e| amqp_error(e, &host.address()))
+    let opened = match tls {
+        Some(connector) => amiquip::Connection::open_tls_stream(
+            connector.clone(),
+            &host.hostname,
+            stream,
+            connection_options,
+            ConnectionTuning::default(),
+        ),
+        None => amiquip::Connection::insecure_open_stream(
+            stream,
+            connection_options,
+            ConnectionTuning::default(),
+        ),
+    };
+    opened.map_err(|e| connect_error(e, &host.address(), tls.is_some()))
+}
+
+/// Maps a failure to open a connection: refusals that retrying cannot change (login, vhost,
+/// TLS verification, a peer that does not speak what we speak) get their own permanent
+/// variants; the rest are [`Error::Connection`].
+fn connect_error(error: amiquip::Error, address: &str, tls: bool) -> Error {
+    let host = address.to_string();
+    match error {
+        amiquip::Error::InvalidCredentials => Error::Authentication {
+            host,
+            reason:
+                "the broker refused the login (ACCESS_REFUSED): check the user name and password"
+                    .into(),
+        },
+        amiquip::Error::UnsupportedAuthMechanism {
+            available,
+            requested,
+        } => Error::Authentication {
+            host,
+            reason: format!(
+                "the broker does not offer the {requested} login (it offers {available}); \
+                 EXTERNAL needs the rabbitmq_auth_mechanism_ssl plugin"
+            ),
+        },
+        amiquip::Error::ServerClosedConnection { code, message } if code == 530 || code == 403 => {
+            Error::Authentication {
+                host,
+                reason: format!("the broker refused access ({code}): {message}"),
+            }
+        }
+        amiquip::Error::TlsHandshake { source } => Error::Tls {
+            host,
+            reason: format!("TLS handshake failed: {source}"),
+        },
+        amiquip::Error::MalformedFrame if !tls => Error::Tls {
+            host,
+            reason:
+                "the server did not answer in AMQP; is this a TLS port? Use amqps:// or ssl=true"
+                    .into(),
+        },
+        other => amqp_error(other, address),
+    }
 }
 
 /// Maps an amiquip error to warren's: channel-level refusals keep their AMQP code, everything

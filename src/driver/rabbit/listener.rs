@@ -7,14 +7,17 @@
 //! the fanout queue.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, QueueDeleteOptions};
+use amiquip::{
+    AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, QueueDeleteOptions,
+};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
 
 use crate::driver::poll::{Accepted, Consumers, Control, PollLoop, PollThread, SessionEnd};
-use crate::driver::{AckKind, Incoming, ListenSpec, RawMessage};
+use crate::driver::{AckKind, Incoming, ListenSpec, QueueLifetime, RawMessage};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
@@ -32,6 +35,10 @@ pub(crate) struct Setup {
     /// Passes over the hosts at start-up. `None`: if the broker is down, `start()` returns and
     /// the listener keeps trying in the background.
     pub retry: Option<u32>,
+    /// Where the stream fanout consumer starts after a reconnection: the offset after the
+    /// last delivery seen, or `-1` for oslo's `"last"` (at start, and after the broker
+    /// cancelled the consumer).
+    pub next_stream_offset: AtomicI64,
 }
 
 /// Starts the poll thread; returns once the topology is declared and the consumers run (or,
@@ -138,6 +145,7 @@ fn session(
         queues: setup.spec.consumed().map(|q| q.name.clone()).collect(),
         unacked: HashMap::new(),
         address: &address,
+        next_stream_offset: &setup.next_stream_offset,
     };
     let end = poll.run_session(&mut rabbit, control);
     drop(rabbit);
@@ -232,8 +240,18 @@ fn consume<'c>(channel: &'c Channel, setup: &Setup) -> Result<Vec<Consumer<'c>>>
         .spec
         .consumed()
         .map(|plan| {
+            let mut options = ConsumerOptions::default();
+            if plan.lifetime == QueueLifetime::Stream {
+                // oslo's consumer argument: "last" at first, then the offset after the last
+                // delivery seen, so a reconnected server misses nothing and repeats nothing.
+                let offset = match setup.next_stream_offset.load(Ordering::Acquire) {
+                    -1 => AmqpValue::LongString("last".into()),
+                    next => topology::integer(next),
+                };
+                options.arguments.insert("x-stream-offset".into(), offset);
+            }
             channel
-                .basic_consume(plan.name.as_str(), ConsumerOptions::default())
+                .basic_consume(plan.name.as_str(), options)
                 .map_err(|e| Error::Refused {
                     code: 0,
                     text: format!("cannot consume {}: {e}", plan.name),
@@ -251,6 +269,7 @@ struct RabbitConsumers<'a> {
     queues: Vec<String>,
     unacked: HashMap<u64, Delivery>,
     address: &'a str,
+    next_stream_offset: &'a AtomicI64,
 }
 
 impl Consumers for RabbitConsumers<'_> {
@@ -264,6 +283,10 @@ impl Consumers for RabbitConsumers<'_> {
         match item {
             ConsumerMessage::Delivery(mut delivery) => {
                 let tag = delivery.delivery_tag();
+                if let Some(offset) = stream_offset(&delivery.properties) {
+                    self.next_stream_offset
+                        .store(offset.saturating_add(1), Ordering::Release);
+                }
                 let message = RawMessage {
                     body: std::mem::take(&mut delivery.body),
                     content_type: delivery.properties.content_type().clone(),
@@ -279,6 +302,8 @@ impl Consumers for RabbitConsumers<'_> {
             | ConsumerMessage::ClientClosedConnection => Accepted::Skip,
             ConsumerMessage::ServerCancelled => {
                 self.unacked.clear();
+                // As oslo: a cancelled stream consumer starts again from "last".
+                self.next_stream_offset.store(-1, Ordering::Release);
                 Accepted::Lost("a consumer was cancelled by the broker (queue deleted?)".into())
             }
             lost => {
@@ -314,9 +339,18 @@ impl Consumers for RabbitConsumers<'_> {
     }
 }
 
+/// The `x-stream-offset` header of a delivery from a stream.
+fn stream_offset(properties: &amiquip::AmqpProperties) -> Option<i64> {
+    match properties.headers().as_ref()?.get("x-stream-offset")? {
+        AmqpValue::LongLongInt(n) => Some(*n),
+        AmqpValue::LongInt(n) => Some(i64::from(*n)),
+        AmqpValue::LongUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
 /// The `x-warren-attempts` header of a delivery (0 when absent).
 fn attempts(properties: &amiquip::AmqpProperties) -> u32 {
-    use amiquip::AmqpValue;
     let value = properties
         .headers()
         .as_ref()

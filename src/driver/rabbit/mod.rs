@@ -25,6 +25,7 @@ mod heartbeat;
 mod listener;
 mod publisher;
 mod reply;
+mod tls;
 mod topology;
 
 use connection::{Backoff, HostCycle, RetryPolicy};
@@ -51,7 +52,9 @@ impl RabbitDriver {
         sink: ReplySink,
     ) -> Result<RabbitDriver> {
         let url = Arc::new(url);
-        let hosts = Arc::new(HostCycle::new(&url, options.failover_strategy));
+        let hosts = Arc::new(
+            HostCycle::new(&url, options.failover_strategy).with_tls(tls::connector(&options.tls)?),
+        );
         let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
         let publisher = Arc::new(Publisher::new(
             url.clone(),
@@ -63,7 +66,17 @@ impl RabbitDriver {
         Ok(RabbitDriver {
             publisher,
             heartbeat: Mutex::new(Some(heartbeat)),
-            reply_queue: format!("reply_{}", uuid::Uuid::new_v4().simple()),
+            reply_queue: if options.queue_manager {
+                format!(
+                    "reply_{}",
+                    crate::driver::queue_manager::next_name(
+                        &options.hostname,
+                        &options.processname
+                    )
+                )
+            } else {
+                format!("reply_{}", uuid::Uuid::new_v4().simple())
+            },
             url,
             hosts,
             options,
@@ -134,6 +147,7 @@ impl Driver for RabbitDriver {
             options: self.options.clone(),
             spec: spec.clone(),
             retry: spec.retry,
+            next_stream_offset: std::sync::atomic::AtomicI64::new(-1),
         };
         let listener = listener::spawn(setup, incoming)?;
         Ok(Box::new(listener))

@@ -440,7 +440,12 @@ impl PubChannel {
                 self.declared.insert(name.to_string());
             }
             Route::Fanout { .. } if !self.declared.contains(&exchange) => {
-                topology::declare_fanout_exchange(&self.channel, &exchange, &self.address)?;
+                topology::declare_fanout_exchange(
+                    &self.channel,
+                    &exchange,
+                    options,
+                    &self.address,
+                )?;
                 self.declared.insert(exchange.clone());
             }
             _ => {}
