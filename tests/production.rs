@@ -28,9 +28,11 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
-/// A vhost of the test's own, deleted (with everything in it) when dropped.
+/// A vhost of the test's own, deleted (with everything in it) when dropped, and a process
+/// name for the queue manager, whose counter files are removed then too.
 struct Vhost {
     name: String,
+    process: String,
 }
 
 impl Vhost {
@@ -38,7 +40,10 @@ impl Vhost {
         let name = unique("vhost");
         rabbitmqctl(&["add_vhost", &name]);
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost { name }
+        Vhost {
+            name,
+            process: unique("proc"),
+        }
     }
 
     /// The shared broker's URL in this vhost, with `query`.
@@ -92,6 +97,16 @@ impl Drop for Vhost {
         let _ = Command::new("rabbitmqctl")
             .args(["-q", "delete_vhost", &self.name])
             .status();
+        let suffix = format!("_{}_qmanager", self.process);
+        for entry in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().ends_with(&suffix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -120,7 +135,7 @@ fn arguments(value: &Value) -> serde_json::Map<String, Value> {
 #[test]
 fn the_production_set_serves_calls_casts_and_fanout_with_oslos_declarations() {
     let vhost = Vhost::new();
-    let process = unique("proc");
+    let process = vhost.process.clone();
     let url = vhost.url(&format!(
         "{PRODUCTION}&hostname=nodeA&processname={process}"
     ));
@@ -190,7 +205,7 @@ fn a_stream_fanout_consumer_resumes_where_it_left_off() {
     let vhost = Vhost::new();
     let url = vhost.url(&format!(
         "{PRODUCTION}&processname={}&heartbeat_timeout_threshold=1&rabbit_retry_interval=0.2&kombu_reconnect_splay=0",
-        unique("proc")
+        vhost.process
     ));
     let mut bus = Bus::new(&url);
     bus.start_server("s1", 1);
@@ -281,4 +296,29 @@ fn a_nova_conf_transport_url_parses_and_typos_are_named() {
             other => panic!("{typo}: {other:?}"),
         }
     }
+}
+
+/// A virtual host the user may not use is refused for good: the call fails after one pass over
+/// the hosts with `Error::Authentication`, not at its timeout.
+#[test]
+fn a_refused_virtual_host_fails_at_once() {
+    let base = broker_url();
+    let base = base
+        .split('?')
+        .next()
+        .unwrap_or(&base)
+        .trim_end_matches('/');
+    let transport = Transport::new(&format!("{base}/{}", unique("no_such_vhost"))).unwrap();
+    let started = std::time::Instant::now();
+    let err = RpcClient::new(&transport, Target::new("t"))
+        .timeout(Duration::from_secs(30))
+        .cast(&ctx(), "m", &json!({}))
+        .expect_err("the vhost does not exist");
+    assert!(matches!(err, Error::Authentication { .. }), "{err:?}");
+    assert!(err.to_string().contains("vhost"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -8,6 +8,7 @@ pub mod node;
 pub mod proxy;
 pub mod python;
 pub mod scenarios;
+pub mod tls;
 
 use std::process::Command;
 use std::sync::Arc;

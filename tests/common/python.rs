@@ -36,6 +36,19 @@ impl Peer {
     /// Starts `peer.py <mode> --url .. --exchange .. --topic .. <extra>`; for servers and
     /// listeners, waits until it reports it is ready.
     pub fn start(mode: &str, url: &str, exchange: &str, topic: &str, extra: &[&str]) -> Peer {
+        Peer::start_with_env(mode, url, exchange, topic, extra, &[])
+    }
+
+    /// [`Peer::start`] with more environment variables for the Python process (say
+    /// `OSLO_LOCK_PATH`, the default of oslo's `[oslo_concurrency] lock_path`).
+    pub fn start_with_env(
+        mode: &str,
+        url: &str,
+        exchange: &str,
+        topic: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Peer {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/peer.py");
         // oslo names its RabbitMQ driver `rabbit`; `amqp://` is warren's alias only. A reply to
         // a caller that already left is retried for 1 s, not 60, so peers stop promptly.
@@ -49,6 +62,7 @@ impl Peer {
             .args(["--url", url, "--exchange", exchange, "--topic", topic])
             .args(extra)
             .env("PYTHONWARNINGS", "ignore")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

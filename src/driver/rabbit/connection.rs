@@ -461,6 +461,23 @@ fn connect_error(error: amiquip::Error, address: &str, tls: bool) -> Error {
             host,
             reason: format!("TLS handshake failed: {source}"),
         },
+        // TLS 1.3 finishes the client's side of the handshake before the broker checks the
+        // client certificate: a refusal arrives as an alert on the first read, or as a reset
+        // of the first write. (A reset at this point is taken as that refusal: a broker that
+        // restarts refuses connections rather than resetting them.)
+        amiquip::Error::IoErrorReadingSocket { source }
+        | amiquip::Error::IoErrorWritingSocket { source }
+            if tls
+                && (source.to_string().contains("alert")
+                    || source.kind() == std::io::ErrorKind::ConnectionReset) =>
+        {
+            Error::Tls {
+                host,
+                reason: format!(
+                    "the broker ended the TLS session ({source}); does it trust the client certificate?"
+                ),
+            }
+        }
         amiquip::Error::MalformedFrame if !tls => Error::Tls {
             host,
             reason:

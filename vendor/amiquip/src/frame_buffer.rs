@@ -35,6 +35,12 @@ trait FrameKind {
     // Attempt to parse a frame. Will only be called if parse_size() already returned
     // Some(n), and buf will have length exactly n.
     fn parse_frame(buf: &[u8]) -> Result<Self::Frame>;
+
+    // warren patch: rejects a buffer that cannot start a frame as soon as its first byte is
+    // in, instead of waiting for a bogus frame size (a TLS alert read as a frame header).
+    fn check_start(_buf: &[u8]) -> Result<()> {
+        Ok(())
+    }
 }
 
 // Standard FrameKind - parses AMQP frames.
@@ -47,6 +53,14 @@ impl AmqpFrameKind {
 
 impl FrameKind for AmqpFrameKind {
     type Frame = AMQPFrame;
+
+    fn check_start(buf: &[u8]) -> Result<()> {
+        // AMQP 0-9-1 frame types: method, header, body, heartbeat (8; 4 in some brokers).
+        match buf.first() {
+            None | Some(1) | Some(2) | Some(3) | Some(4) | Some(8) => Ok(()),
+            Some(_) => MalformedFrameSnafu.fail(),
+        }
+    }
 
     fn parse_size(buf: &[u8]) -> Option<usize> {
         if buf.len() < Self::AMQP_FRAME_SIZE_POS.end {
@@ -96,6 +110,7 @@ impl<Kind: FrameKind> Inner<Kind> {
 
         loop {
             let bytes = self.buf.chunk();
+            Kind::check_start(bytes)?;
             let frame_size = Kind::parse_size(bytes);
             let mut reserve = MIN_READ;
 
