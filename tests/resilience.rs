@@ -591,3 +591,97 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
     let unblocked = client.prepare().timeout(Duration::from_secs(10));
     unblocked.cast(&ctx(), "anything", &()).unwrap();
 }
+
+/// A publish the broker nacks (here: a full queue with `x-overflow: reject-publish`; in a
+/// cluster, a queue whose leader is moving) was never queued: it is sent again within the
+/// caller's timeout, and succeeds once the broker accepts it; otherwise the call fails at its
+/// timeout, not at once.
+#[test]
+fn nacked_publishes_are_sent_again_within_their_timeout() {
+    let exchange = unique("nack_exchange");
+    let topic = unique("nack_topic");
+    let mut connection = amiquip::Connection::insecure_open(&broker_url()).unwrap();
+    let channel = connection.open_channel(None).unwrap();
+    // What warren's publisher declares for the control exchange, and a queue that holds one
+    // message and nacks the next.
+    channel
+        .exchange_declare(
+            amiquip::ExchangeType::Topic,
+            exchange.as_str(),
+            amiquip::ExchangeDeclareOptions::default(),
+        )
+        .unwrap();
+    let mut arguments = amiquip::FieldTable::new();
+    arguments.insert("x-max-length".into(), AmqpValue::LongInt(1));
+    arguments.insert(
+        "x-overflow".into(),
+        AmqpValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            topic.as_str(),
+            amiquip::QueueDeclareOptions {
+                arguments,
+                ..amiquip::QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    channel
+        .queue_bind(
+            topic.as_str(),
+            exchange.as_str(),
+            topic.as_str(),
+            amiquip::FieldTable::new(),
+        )
+        .unwrap();
+    channel
+        .basic_publish(exchange.as_str(), Publish::new(b"first", topic.as_str()))
+        .unwrap();
+    let transport = Transport::builder(&broker_url())
+        .control_exchange(exchange.as_str())
+        .build()
+        .unwrap();
+    let client = RpcClient::new(&transport, Target::new(topic.as_str()));
+    // Nothing makes room: the cast fails, at its timeout.
+    let started = Instant::now();
+    let err = client
+        .clone()
+        .timeout(Duration::from_millis(800))
+        .cast(&ctx(), "record", &json!({"n": 1}))
+        .expect_err("the queue stays full");
+    assert!(err.to_string().contains("nack"), "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "sent again until about its timeout: {:?}",
+        started.elapsed()
+    );
+    // Room is made while the cast keeps trying: it gets through.
+    let drain = {
+        let url = broker_url();
+        let topic = topic.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            let mut connection = amiquip::Connection::insecure_open(&url).unwrap();
+            let channel = connection.open_channel(None).unwrap();
+            let got = channel.basic_get(topic.as_str(), true).unwrap();
+            connection.close().unwrap();
+            got.map(|g| g.delivery.body)
+        })
+    };
+    client
+        .clone()
+        .timeout(Duration::from_secs(10))
+        .cast(&ctx(), "record", &json!({"n": 2}))
+        .expect("accepted once the queue has room");
+    assert_eq!(drain.join().unwrap().as_deref(), Some(&b"first"[..]));
+    let queued = channel
+        .basic_get(topic.as_str(), true)
+        .unwrap()
+        .expect("the cast");
+    assert!(
+        String::from_utf8_lossy(&queued.delivery.body).contains("record"),
+        "the queue holds the cast"
+    );
+    connection.close().unwrap();
+    delete_on_broker(&broker_url(), &[topic], &[exchange]);
+}

@@ -41,6 +41,12 @@ const MAX_CHANNELS: usize = 32;
 /// Longest wait for a channel or a confirm when the caller has no deadline.
 const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a nack's [`Error::DeliveryFailure`] reason starts; such a publish is sent again.
+const NACKED: &str = "the broker rejected (nack) the message";
+/// First and longest pause before sending a nacked message again.
+const NACK_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const NACK_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Header counting the failed handling attempts of a re-sent cast.
 pub(crate) const ATTEMPTS_HEADER: &str = "x-warren-attempts";
 /// Header holding the last failure of a dead-lettered cast.
@@ -169,8 +175,18 @@ impl Publisher {
             deadline: Some(deadline),
         };
         let mut losses = 0_u32;
+        let mut nack_pause = NACK_PAUSE_FIRST;
         loop {
             match self.publish_once(message, policy, options.unconfirmed) {
+                // A nacked message was never queued (e.g. its queue's leader was moving to
+                // another node): sending it again within the deadline keeps at-most-once.
+                Err(Error::DeliveryFailure { host, reason })
+                    if reason.starts_with(NACKED) && Instant::now() + nack_pause < deadline =>
+                {
+                    warn!("{reason} (broker {host}); sending it again in {nack_pause:?}");
+                    std::thread::sleep(nack_pause);
+                    nack_pause = (nack_pause * 2).min(NACK_PAUSE_MAX);
+                }
                 Err(Error::Connection { host, source }) => {
                     losses += 1;
                     let exhausted =
@@ -204,9 +220,10 @@ impl Publisher {
         let mut channel = self.checkout(policy, confirming)?;
         let result = channel.publish(message, deadline, &self.options);
         match &result {
-            Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
-                self.checkin(channel)
-            }
+            Ok(())
+            | Err(Error::Undeliverable { .. })
+            | Err(Error::Timeout { .. })
+            | Err(Error::DeliveryFailure { .. }) => self.checkin(channel),
             Err(Error::Refused { .. }) => self.discard(channel),
             Err(e) => {
                 warn!(
@@ -496,9 +513,7 @@ impl PubChannel {
                 Confirm::Nack(p) if p.delivery_tag >= tag => {
                     return Err(Error::DeliveryFailure {
                         host: self.address.clone(),
-                        reason: format!(
-                        "the broker rejected (nack) the message to {exchange:?}/{routing_key:?}"
-                    ),
+                        reason: format!("{NACKED} to {exchange:?}/{routing_key:?}"),
                     })
                 }
                 stale => debug!("ignoring confirm of an earlier publish: {stale:?}"),
