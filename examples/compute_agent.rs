@@ -1,20 +1,24 @@
 //! A nova-compute-like agent: serves `start_instance` / `stop_instance` on topic `compute`,
-//! server = this host's name, until it is told to shut down (a `shutdown` cast, as
-//! `compute_api --shutdown-agent` sends) or `--seconds` have passed.
+//! server = this host's name, under a [`Launcher`]: until SIGTERM / SIGINT (as an init system
+//! stops it), a `shutdown` cast (as `compute_api --shutdown-agent` sends) or `--seconds` have
+//! passed; then it drains the calls in flight and exits 0 (1 if the drain did not complete).
+//! `--ready-file PATH` is touched once it consumes.
 //!
 //! ```text
 //! cargo run --example compute_agent -- --seconds 60 &
-//! cargo run --example compute_api -- --shutdown-agent
+//! cargo run --example compute_api -- --shutdown-agent   # or: kill -TERM %1
 //! ```
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcServer, Target, Transport, Version};
+use warren::{
+    Endpoint, Failure, Launcher, NoArgs, RequestContext, RpcServer, ShutdownHandle, Target,
+    Transport, Version,
+};
 
 #[derive(Deserialize)]
 struct InstanceArgs {
@@ -45,7 +49,7 @@ fn not_found(instance_id: &str) -> Failure {
     .expected()
 }
 
-fn compute_endpoint(host: &str, hypervisor: &Hypervisor, shutdown: Sender<()>) -> Endpoint {
+fn compute_endpoint(host: &str, hypervisor: &Hypervisor, shutdown: ShutdownHandle) -> Endpoint {
     let (h1, h2) = (hypervisor.clone(), hypervisor.clone());
     let (host1, host2) = (host.to_string(), host.to_string());
     Endpoint::new()
@@ -84,7 +88,7 @@ fn compute_endpoint(host: &str, hypervisor: &Hypervisor, shutdown: Sender<()>) -
             },
         )
         .method("shutdown", move |_: &RequestContext, _: NoArgs| {
-            let _ = shutdown.try_send(());
+            shutdown.shutdown();
             Ok::<_, Failure>(())
         })
 }
@@ -100,40 +104,47 @@ fn hostname() -> String {
 fn main() -> Result<(), warren::Error> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().collect();
-    let seconds = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let seconds = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(60);
     let url =
         std::env::var("WARREN_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into());
     let host = hostname();
 
     let transport = Transport::builder(&url).control_exchange("nova").build()?;
     let hypervisor = Hypervisor::default();
-    let (shutdown_tx, shutdown_rx) = crossbeam_channel::bounded(1);
+    let mut launcher = Launcher::new()
+        .transport(&transport)
+        .drain_timeout(Duration::from_secs(30));
+    let shutdown = launcher.shutdown_handle();
     let server = RpcServer::builder(
         &transport,
         Target::new("compute").with_server(host.as_str()),
     )
-    .endpoint(compute_endpoint(&host, &hypervisor, shutdown_tx))
+    .endpoint(compute_endpoint(&host, &hypervisor, shutdown.clone()))
     .workers(4)
     .build()?;
-    server.start()?;
-    println!(
-        "compute agent ready: topic compute, server {host}, exchange nova (for {seconds}s at most)"
-    );
-
-    match shutdown_rx.recv_timeout(Duration::from_secs(seconds)) {
-        Ok(()) => println!("shutdown requested"),
-        Err(_) => println!("{seconds}s elapsed"),
+    launcher = launcher.service(server).on_ready(move || {
+        println!(
+            "compute agent ready: topic compute, server {host}, exchange nova (for {seconds}s at most)"
+        )
+    });
+    if let Some(path) = arg("--ready-file") {
+        launcher = launcher.ready_file(path);
     }
-    server.stop();
-    server.wait();
+    // The time limit is one more way to ask for the shutdown.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(seconds));
+        println!("{seconds}s elapsed");
+        shutdown.shutdown();
+    });
+    let outcome = launcher.run()?;
     println!(
-        "compute agent stopped; {} instance(s) known",
+        "compute agent stopped ({outcome:?}); {} instance(s) known",
         hypervisor.lock().len()
     );
-    Ok(())
+    std::process::exit(outcome.exit_code());
 }

@@ -58,6 +58,7 @@ pub use client::{PendingCall, RpcClient};
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
 pub use error::{BoxError, Error, RemoteDetails, Result};
+pub use launcher::{Launcher, Service, Shutdown, ShutdownHandle};
 pub use notify::{
     Notification, NotificationEndpoint, NotificationFilter, NotificationFormat,
     NotificationListener, NotificationListenerBuilder, NotificationMetadata, NotificationResult,

@@ -301,6 +301,11 @@ impl RpcServer {
         self.lifecycle.is_consuming()
     }
 
+    /// `<topic>.<server>`: the server's own queue, and its name in logs.
+    pub fn queue_name(&self) -> String {
+        format!("{}.{}", self.context.topic, self.server)
+    }
+
     /// The dead-letter queue of failed casts under [`AckMode::AfterHandling`] (`<topic>_dlq`).
     pub fn dead_letter_queue(&self) -> Option<&str> {
         self.context.dead_letter_queue.as_deref()
