@@ -945,7 +945,6 @@ impl Drop for TlsInterop {
         };
         let (queues, exchanges) = (names("list_queues"), names("list_exchanges"));
         common::delete_on_broker(&self.node.admin_url(), &queues, &exchanges);
-        eprintln!("TEMP deleted {queues:?} {exchanges:?}; left: {:?} {:?}", names("list_queues"), names("list_exchanges"));
         let _ = Command::new("rabbitmqctl")
             .args(["-q", "-n", &self.node.node.name, "delete_user", &self.user])
             .output();

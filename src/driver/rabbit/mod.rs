@@ -9,7 +9,7 @@
 //! [`topology`] declares what oslo declares.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -39,13 +39,34 @@ pub(crate) struct RabbitDriver {
     options: TransportOptions,
     publisher: Arc<Publisher>,
     heartbeat: Mutex<Option<Heartbeat>>,
-    reply_queue: String,
+    /// `reply_<uuid>`, or with the queue manager `reply_<host>:<process>:<n>`; named when the
+    /// first call needs it (oslo's `_get_reply_q`), then kept across reconnections.
+    reply_queue: OnceLock<String>,
     reply: Mutex<Option<ReplyConsumer>>,
     sink: ReplySink,
     closed: AtomicBool,
 }
 
 impl RabbitDriver {
+    /// The reply queue's name, chosen on first use.
+    fn reply_queue_name_or_new(&self) -> String {
+        self.reply_queue
+            .get_or_init(|| {
+                if self.options.queue_manager {
+                    format!(
+                        "reply_{}",
+                        crate::driver::queue_manager::next_name(
+                            &self.options.hostname,
+                            &self.options.processname
+                        )
+                    )
+                } else {
+                    format!("reply_{}", uuid::Uuid::new_v4().simple())
+                }
+            })
+            .clone()
+    }
+
     pub fn new(
         url: TransportUrl,
         options: TransportOptions,
@@ -66,17 +87,7 @@ impl RabbitDriver {
         Ok(RabbitDriver {
             publisher,
             heartbeat: Mutex::new(Some(heartbeat)),
-            reply_queue: if options.queue_manager {
-                format!(
-                    "reply_{}",
-                    crate::driver::queue_manager::next_name(
-                        &options.hostname,
-                        &options.processname
-                    )
-                )
-            } else {
-                format!("reply_{}", uuid::Uuid::new_v4().simple())
-            },
+            reply_queue: OnceLock::new(),
             url,
             hosts,
             options,
@@ -121,12 +132,12 @@ impl Driver for RabbitDriver {
                 self.url.clone(),
                 self.hosts.clone(),
                 self.options.clone(),
-                self.reply_queue.clone(),
+                self.reply_queue_name_or_new(),
                 self.sink.clone(),
                 policy,
             )?);
         }
-        Ok(self.reply_queue.clone())
+        Ok(self.reply_queue_name_or_new())
     }
 
     fn reply_queue_name(&self) -> Option<String> {
@@ -134,7 +145,7 @@ impl Driver for RabbitDriver {
             .lock()
             .as_ref()
             .filter(|r| r.is_running())
-            .map(|_| self.reply_queue.clone())
+            .and_then(|_| self.reply_queue.get().cloned())
     }
 
     fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>> {
