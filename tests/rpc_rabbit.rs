@@ -421,7 +421,7 @@ fn bad_credentials_never_show_the_password() {
     let error = client
         .call::<_, Value>(&RequestContext::new(), "m", &())
         .unwrap_err();
-    assert!(matches!(error, Error::DeliveryFailure { .. }), "{error:?}");
+    assert!(matches!(error, Error::Authentication { .. }), "{error:?}");
     let shown = format!("{error} {error:?}");
     assert!(!shown.contains("sekrit"), "{shown}");
 }

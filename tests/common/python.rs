@@ -3,6 +3,7 @@
 //! JSON object per line.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -62,6 +63,9 @@ impl Peer {
             .args(["--url", url, "--exchange", exchange, "--topic", topic])
             .args(extra)
             .env("PYTHONWARNINGS", "ignore")
+            // A process group of its own: oslo's queue manager reads the start time of the
+            // group's leader, which must be alive (whatever started the tests may not be).
+            .process_group(0)
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

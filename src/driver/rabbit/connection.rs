@@ -250,9 +250,11 @@ impl Connection {
                 }
             }
             let out_of_time = policy.deadline.is_some_and(|d| Instant::now() >= d);
-            if out_of_time && last.is_none() {
-                // The deadline passed before any host could be tried: a timeout, not a
-                // connection failure (callers relabel it with their message and timeout).
+            let cut_short = last.as_ref().is_some_and(|(_, e)| is_connect_timeout(e));
+            if out_of_time && (last.is_none() || cut_short) {
+                // The deadline passed before any host could be tried, or the last attempt timed
+                // out with only what was left of it: a timeout, not a connection failure
+                // (callers relabel it with their message and timeout).
                 return Err(Error::Timeout {
                     msg_id: String::new(),
                     method: format!("connecting ({role})"),
@@ -427,6 +429,21 @@ fn open_host(
         ),
     };
     opened.map_err(|e| connect_error(e, &host.address(), tls.is_some()))
+}
+
+/// `true` when connecting timed out (TCP or the AMQP handshake): near a deadline, the attempt
+/// was only given what was left of it.
+fn is_connect_timeout(error: &Error) -> bool {
+    let Error::Connection { source, .. } = error else {
+        return false;
+    };
+    match source.downcast_ref::<amiquip::Error>() {
+        Some(amiquip::Error::ConnectionTimeout) => true,
+        Some(_) => false,
+        None => source
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+    }
 }
 
 /// Maps a failure to open a connection: refusals that retrying cannot change (login, vhost,
