@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -27,6 +27,8 @@ struct State {
     stop: AtomicBool,
     pairs: Mutex<Vec<Pair>>,
     upstream_ports: Mutex<Vec<u16>>,
+    /// When each connection was accepted, refused ones included.
+    attempts: Mutex<Vec<Instant>>,
 }
 
 pub struct Proxy {
@@ -108,6 +110,12 @@ impl Proxy {
     pub fn upstream_ports(&self) -> Vec<u16> {
         self.state.upstream_ports.lock().clone()
     }
+
+    /// When each connection attempt reached the proxy (accepted, refused ones included), in
+    /// order.
+    pub fn attempts(&self) -> Vec<Instant> {
+        self.state.attempts.lock().clone()
+    }
 }
 
 impl Drop for Proxy {
@@ -128,6 +136,7 @@ fn accept(listener: &TcpListener, upstream: SocketAddr, state: &Arc<State>) {
             return;
         }
         let Ok(client) = client else { continue };
+        state.attempts.lock().push(Instant::now());
         if state.refuse.load(Ordering::Acquire) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
