@@ -3,6 +3,7 @@
 //! the broker when dropped; and `rabbitmqctl` helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod gate;
 pub mod node;
 pub mod proxy;

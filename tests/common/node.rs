@@ -157,6 +157,11 @@ impl RabbitNode {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The node's directory (data, logs, and its OS pid in `pid`), deleted when it is dropped.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn os_pid(&self) -> Option<String> {
         std::fs::read_to_string(self.dir.join("pid"))
             .ok()

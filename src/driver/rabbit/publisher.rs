@@ -220,10 +220,13 @@ impl Publisher {
         let mut channel = self.checkout(policy, confirming)?;
         let result = channel.publish(message, deadline, &self.options);
         match &result {
-            Ok(())
-            | Err(Error::Undeliverable { .. })
-            | Err(Error::Timeout { .. })
-            | Err(Error::DeliveryFailure { .. }) => self.checkin(channel),
+            Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
+                self.checkin(channel)
+            }
+            // RabbitMQ 3.10 keeps nacking publishes on a channel opened while a quorum
+            // queue's leader was down, after a new leader took over: the retry goes out on a
+            // fresh channel.
+            Err(Error::DeliveryFailure { .. }) => self.discard(channel),
             Err(Error::Refused { .. }) => self.discard(channel),
             Err(e) => {
                 warn!(

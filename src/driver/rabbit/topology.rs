@@ -87,12 +87,13 @@ pub(crate) fn declare_planned_queue(
             stream_arguments(options),
             address,
         )?,
-        // Dead letters outlive a broker restart.
+        // Dead letters outlive a broker restart; with quorum queues they are replicated too
+        // (a classic queue on a node that is down would keep the server from consuming).
         QueueLifetime::DeadLetter => declare_queue(
             channel,
             &plan.name,
             (true, false),
-            FieldTable::new(),
+            dead_letter_arguments(options),
             address,
         )?,
     }
@@ -246,6 +247,18 @@ pub(crate) fn transient_arguments(options: &TransportOptions) -> FieldTable {
     arguments
 }
 
+/// Arguments of warren's dead-letter queue: a quorum queue when server queues are.
+pub(crate) fn dead_letter_arguments(options: &TransportOptions) -> FieldTable {
+    let mut arguments = FieldTable::new();
+    if options.quorum_queues {
+        arguments.insert(
+            "x-queue-type".into(),
+            AmqpValue::LongString("quorum".into()),
+        );
+    }
+    arguments
+}
+
 /// Arguments of the stream fanout queue: only the type and the age (oslo replaces the rest).
 pub(crate) fn stream_arguments(options: &TransportOptions) -> FieldTable {
     let mut arguments = FieldTable::new();
@@ -357,6 +370,15 @@ mod tests {
                 ("x-queue-type", AmqpValue::LongString("stream".into())),
                 ("x-max-age", AmqpValue::LongString("1800s".into()))
             ])
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_queue_is_a_quorum_queue_when_server_queues_are() {
+        assert!(dead_letter_arguments(&TransportOptions::default()).is_empty());
+        assert_eq!(
+            dead_letter_arguments(&with(&[("rabbit_quorum_queue", "true")])),
+            table(&[("x-queue-type", AmqpValue::LongString("quorum".into()))])
         );
     }
 
