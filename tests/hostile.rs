@@ -127,6 +127,12 @@ fn unreadable_requests_are_rejected_to_the_dead_letter_queue() {
         (b"{}".to_vec(), None),
         (oslo_body(r#"{"args": {}}"#), Some("application/json")),
         (b"\xc1".to_vec(), Some("application/msgpack")),
+        // Invalid UTF-8 in a value no decoder looks at (found by fuzzing: it opened, then
+        // could not be re-sent after a failure).
+        (
+            b"{\"method\": \"record\", \"args\": {}, \"x\": \"\xac\"}".to_vec(),
+            Some("application/json"),
+        ),
         // Ids and reply queues warren cannot keep or write back.
         (
             oslo_body(&format!(

@@ -284,6 +284,15 @@ impl WorkerContext {
                     );
                 }
             }
+            // A copy that cannot be written would fail the same way on every redelivery:
+            // reject it for good (a dead-letter policy sees it) instead of looping.
+            Err(e @ Error::Encode { .. }) => {
+                warn!(
+                    "failed cast {} cannot be re-sent ({e}); rejecting it",
+                    header.method
+                );
+                acker.reject(false);
+            }
             Err(e) => {
                 warn!(
                     "could not re-send failed cast {} to {target} ({e}); returning it to its queue",

@@ -166,6 +166,11 @@ pub(crate) fn wrap_envelope(inner: &[u8]) -> serde_json::Result<Vec<u8>> {
 /// itself for an envelope-less (1.0) message. Rejects non-objects and other envelope versions,
 /// as oslo does.
 pub(crate) fn unwrap_envelope(body: Vec<u8>) -> Result<Vec<u8>, String> {
+    // kombu decodes every JSON body as UTF-8 first. serde_json does not check the strings it
+    // skips, so without this a body could open and later fail to be written again.
+    if let Err(e) = std::str::from_utf8(&body) {
+        return Err(format!("the JSON body is not UTF-8: {e}"));
+    }
     let body = python_literals_as_null(body);
     let probe: EnvelopeProbe =
         serde_json::from_slice(&body).map_err(|e| format!("invalid JSON body: {e}"))?;
@@ -265,6 +270,30 @@ impl<'de> Deserialize<'de> for EnvelopeProbe {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bodies_that_are_not_utf8_do_not_open() {
+        // Found by the oslo_envelope fuzz target: invalid UTF-8 in a skipped value.
+        let err = unwrap_envelope(b"{\"\":\"\xac\"}".to_vec()).unwrap_err();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn floats_read_back_exactly() {
+        // Found by the json_roundtrip fuzz target: serde_json's default float parser is off
+        // by an ulp or two for some values; Python reads repr() exactly.
+        for x in [
+            1.764761702864496e-307_f64,
+            0.09999997462145985,
+            0.1,
+            1e300,
+            5e-324,
+        ] {
+            let text = to_python_json(&x).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{text}");
+        }
+    }
 
     #[test]
     fn python_non_finite_floats_read_as_null_outside_strings() {
