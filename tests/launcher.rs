@@ -135,13 +135,7 @@ fn a_service_that_cannot_start_stops_the_ones_started() {
     bus.track_queue(format!("{}.ok", bus.topic));
     let (transport, good, _events) = server(&bus, "ok");
     // Same topic on a vhost that does not exist: refused at start.
-    let base = broker_url();
-    let base = base
-        .split('?')
-        .next()
-        .unwrap_or(&base)
-        .trim_end_matches('/');
-    let refused = Transport::new(&format!("{base}/{}", unique("no_vhost"))).unwrap();
+    let refused = Transport::new(&common::broker_in_vhost(&unique("no_vhost"))).unwrap();
     let bad = RpcServer::builder(&refused, Target::new(bus.topic.as_str()).with_server("bad"))
         .retry(0)
         .build()

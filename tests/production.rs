@@ -48,13 +48,7 @@ impl Vhost {
 
     /// The shared broker's URL in this vhost, with `query`.
     fn url(&self, query: &str) -> String {
-        let base = broker_url();
-        let base = base
-            .split('?')
-            .next()
-            .unwrap_or(&base)
-            .trim_end_matches('/');
-        format!("{base}/{}?{query}", self.name)
+        format!("{}?{query}", common::broker_in_vhost(&self.name))
     }
 
     /// `(name, type, durable, arguments)` of every queue in the vhost. (The JSON formatter
@@ -275,8 +269,8 @@ fn a_406_tells_the_operator_which_option_to_set() {
 #[test]
 fn a_nova_conf_transport_url_parses_and_typos_are_named() {
     let nova = format!(
-        "{}/?rabbit_ha_queues=false&heartbeat_rate=3&rpc_conn_pool_size=30&kombu_reconnect_delay=1.0&ssl_enforce_fips_mode=false&rabbit_login_method=AMQPLAIN&amqp_durable_queues=false",
-        broker_url().split('?').next().unwrap().trim_end_matches('/')
+        "{}?rabbit_ha_queues=false&heartbeat_rate=3&rpc_conn_pool_size=30&kombu_reconnect_delay=1.0&ssl_enforce_fips_mode=false&rabbit_login_method=AMQPLAIN&amqp_durable_queues=false",
+        common::broker_in_vhost("")
     );
     let transport = Transport::new(&nova).unwrap();
     let server_name = unique("srv");
@@ -301,13 +295,7 @@ fn a_nova_conf_transport_url_parses_and_typos_are_named() {
 /// the hosts with `Error::Authentication`, not at its timeout.
 #[test]
 fn a_refused_virtual_host_fails_at_once() {
-    let base = broker_url();
-    let base = base
-        .split('?')
-        .next()
-        .unwrap_or(&base)
-        .trim_end_matches('/');
-    let transport = Transport::new(&format!("{base}/{}", unique("no_such_vhost"))).unwrap();
+    let transport = Transport::new(&common::broker_in_vhost(&unique("no_such_vhost"))).unwrap();
     let started = std::time::Instant::now();
     let err = RpcClient::new(&transport, Target::new("t"))
         .timeout(Duration::from_secs(30))

@@ -6,36 +6,11 @@
 mod common;
 
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{broker_url, unique, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, RequestContext, RpcClient, Target, Transport};
-
-/// Every log record of the process, formatted with its target.
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record) {
-        let line = format!("{} {}: {}", record.level(), record.target(), record.args());
-        LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        log::set_logger(&Capture).expect("the only logger");
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
 
 /// A broker user with a distinctive password, deleted when dropped.
 struct User {
@@ -129,7 +104,7 @@ fn assert_clean(what: &str, text: &str, user: &User) {
 
 #[test]
 fn the_password_never_appears_in_logs_errors_or_cli_output() {
-    capture_logs();
+    common::logs::capture_logs();
     let user = User::create();
     let good_url = user.url(&user.password);
     let fast = "heartbeat_timeout_threshold=1&rabbit_retry_interval=0.2&kombu_reconnect_splay=0";
@@ -204,7 +179,7 @@ fn the_password_never_appears_in_logs_errors_or_cli_output() {
         assert!(!text.contains("pa/ss"), "{text}");
     }
     // amiquip's handshake (where the password used to show) was captured: the capture is real.
-    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+    let lines = common::logs::captured();
     assert!(
         lines.contains("sending handshake StartOk"),
         "amiquip's handshake was captured"

@@ -24,7 +24,7 @@ mod common;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use common::node::{free_port, NodeConfig, RabbitNode};
@@ -36,32 +36,6 @@ use warren::{Codec, Error, RequestContext, RpcClient, Target, Transport};
 /// How long a permanent failure may take (one pass over the hosts), against a 30 s timeout.
 const FAST: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------------------------
-// Log capture (the password must not show in any record, at trace).
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record) {
-        let line = format!("{} {}: {}", record.level(), record.target(), record.args());
-        LINES.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        log::set_logger(&Capture).expect("the only logger");
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
 
 // ---------------------------------------------------------------------------------------------
 // Nodes.
@@ -185,7 +159,7 @@ impl TlsNode {
 
     /// Fails if a log record of this process so far shows the password.
     fn assert_logs_clean(&self) {
-        let lines = LINES.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+        let lines = common::logs::captured();
         self.assert_clean("the log", &lines);
     }
 
@@ -209,7 +183,7 @@ impl TlsNode {
 fn shared_node() -> Arc<TlsNode> {
     static SHARED: Mutex<Weak<TlsNode>> = Mutex::new(Weak::new());
     static GENERATION: AtomicUsize = AtomicUsize::new(0);
-    capture_logs();
+    common::logs::capture_logs();
     let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(node) = slot.upgrade() {
         return node;
@@ -1214,7 +1188,7 @@ fn python_and_rust_interoperate_over_tls_with_the_production_set() {
         s.spawn(move || drop(py_server));
     });
     eprintln!("Python peers stopped in {:.1?}", phase.elapsed());
-    let lines = LINES.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+    let lines = common::logs::captured();
     assert!(
         !lines.contains(&interop.password),
         "the log shows the interop password"

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod gate;
+pub mod logs;
 pub mod node;
 pub mod proxy;
 pub mod python;
@@ -27,6 +28,13 @@ use warren::{
 /// The broker the tests use (never stopped by them).
 pub fn broker_url() -> String {
     std::env::var("WARREN_TEST_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into())
+}
+
+/// The test broker's URL in virtual host `vhost` (`""`: the default one), without its query.
+pub fn broker_in_vhost(vhost: &str) -> String {
+    let url = broker_url();
+    let base = url.split('?').next().unwrap_or(&url).trim_end_matches('/');
+    format!("{base}/{vhost}")
 }
 
 /// A fresh in-process bus per call.
