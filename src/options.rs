@@ -712,6 +712,44 @@ mod tests {
         o.validate().unwrap();
     }
 
+    /// The README's option table is the user's reference: every option it lists exists, every
+    /// option exists in it, and each default it states is the code's.
+    #[test]
+    fn the_readme_option_table_matches_the_code() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("| query key | builder | meaning | default |")
+            .nth(1)
+            .expect("the README's option table");
+        let mut listed = Vec::new();
+        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let keys: Vec<&str> = cells[0]
+                .trim_start_matches("| ")
+                .split(", ")
+                .map(|k| k.trim_matches('`'))
+                .collect();
+            listed.extend(keys.iter().map(|k| k.to_string()));
+            let default = cells.last().expect("a default cell");
+            // Single-option rows state their default as a value: applying it changes nothing.
+            if let ([key], Some(value)) = (keys.as_slice(), default.split('`').nth(1)) {
+                let mut options = TransportOptions::default();
+                options
+                    .apply(key, value)
+                    .unwrap_or_else(|e| panic!("README default of {key}: {e}"));
+                assert_eq!(
+                    options,
+                    TransportOptions::default(),
+                    "README default of {key} ({value}) is not the code's"
+                );
+            }
+        }
+        let mut names: Vec<String> = OPTION_NAMES.iter().map(|n| n.to_string()).collect();
+        listed.sort();
+        names.sort();
+        assert_eq!(listed, names, "README table vs OPTION_NAMES");
+    }
+
     #[test]
     fn oslo_options_warren_does_not_use_are_accepted() {
         let mut o = TransportOptions::default();
