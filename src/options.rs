@@ -91,7 +91,7 @@ pub struct TransportOptions {
     pub missing_consumer_retry_timeout: Duration,
     /// Largest message body, in bytes, this transport sends (a larger one fails with
     /// [`Error::Encode`](crate::Error::Encode) before anything is published) or serves (a larger
-    /// request gets a `MessageTooLarge` failure reply if it is a call, and is dropped if it is
+    /// request gets a `MessageTooLarge` failure reply if it is a call, and is rejected if it is
     /// a cast). warren's own option; the default is RabbitMQ 4.x's `max_message_size`, the
     /// broker's own bound on what reaches warren at all.
     pub max_message_size: usize,

@@ -310,6 +310,8 @@ fn python_nan_and_infinity_are_read() {
 fn messages_over_max_message_size_are_refused_on_both_sides() {
     let url = format!("{}?max_message_size=4096", broker_url());
     let mut bus = Bus::new(&url);
+    let peer = Peer::new();
+    let dead = DeadLetters::for_topic(&mut bus, &peer);
     bus.start_server("s1", 1);
     let small = bus.client(Codec::MsgPack);
     let big = json!({"blob": "x".repeat(8192)});
@@ -337,6 +339,15 @@ fn messages_over_max_message_size_are_refused_on_both_sides() {
     assert!(err.is_remote("MessageTooLarge"), "{err:?}");
     let fits: Value = roomy.call(&ctx(), "echo", &json!({"ok": 1})).unwrap();
     assert_eq!(fits, json!({"ok": 1}));
+    // A cast over the server's limit is rejected, so the dead-letter policy keeps it.
+    roomy.cast(&ctx(), "record", &big).unwrap();
+    eventually(
+        "the big cast dead-lettered",
+        Duration::from_secs(10),
+        || dead.count() == 1,
+    );
+    bus.expect_quiet(Duration::from_millis(200));
+    peer.close();
 }
 
 /// The attack suite: a flood of malformed, oversized and hostile messages interleaved with

@@ -123,9 +123,26 @@ pub(crate) struct Incoming {
 }
 
 /// Reads a delivery in the poll thread, before it is acknowledged on hand-off: a delivery it
-/// cannot read is rejected without requeue (so a dead-letter policy sees it) instead of
-/// acknowledged. It takes the body out of the message on success.
-pub(crate) type Screen = fn(&mut RawMessage) -> std::result::Result<Box<OpenedRequest>, String>;
+/// cannot read (or refuses: a cast over `max_size`) is rejected without requeue, so a
+/// dead-letter policy sees it, instead of acknowledged. It takes the body out of the message
+/// on success.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Screen {
+    /// Opens the message; the second argument is `max_size`.
+    pub open: fn(&mut RawMessage, usize) -> std::result::Result<Box<OpenedRequest>, String>,
+    /// The transport's `max_message_size`.
+    pub max_size: usize,
+}
+
+impl Screen {
+    /// Opens `message`, or says why it is rejected.
+    pub fn read(
+        &self,
+        message: &mut RawMessage,
+    ) -> std::result::Result<Box<OpenedRequest>, String> {
+        (self.open)(message, self.max_size)
+    }
+}
 
 /// What a worker asks the listener thread to do with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -369,7 +369,7 @@ impl PollLoop {
     /// Screens a delivery (when acknowledging on hand-off) and queues it for a worker; one the
     /// screen cannot read is rejected without requeue at once.
     fn take<C: Consumers>(&mut self, consumers: &mut C, tag: u64, mut message: RawMessage) {
-        let opened = match self.ack_on_handoff.map(|screen| screen(&mut message)) {
+        let opened = match self.ack_on_handoff.map(|screen| screen.read(&mut message)) {
             Some(Err(reason)) => {
                 warn!(
                     "rejecting an unreadable message on {:?} (queue {:?}): {}",

@@ -181,8 +181,10 @@ impl RpcServerBuilder {
             };
             spec = spec.with_fanout(&topic, fanout);
         }
-        spec.ack_on_handoff =
-            (self.ack_mode == AckMode::BeforeDispatch).then_some(rpc::screen as Screen);
+        spec.ack_on_handoff = (self.ack_mode == AckMode::BeforeDispatch).then_some(Screen {
+            open: rpc::screen,
+            max_size: options.max_message_size,
+        });
         Ok(RpcServer {
             lifecycle: Lifecycle::new(format!("server {topic}.{server}")),
             spec,

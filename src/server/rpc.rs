@@ -97,9 +97,22 @@ pub(crate) fn dead_letter_queue(topic: &str) -> String {
 /// The listener's [`Screen`](crate::driver::Screen) for RPC requests: opens the body and
 /// reads and checks the header in the poll thread, so an unreadable request is rejected
 /// instead of acknowledged on hand-off.
-pub(crate) fn screen(message: &mut RawMessage) -> std::result::Result<Box<OpenedRequest>, String> {
+///
+/// A cast over `max_size` is refused here too (a call passes: the worker answers it with a
+/// `MessageTooLarge` failure).
+pub(crate) fn screen(
+    message: &mut RawMessage,
+    max_size: usize,
+) -> std::result::Result<Box<OpenedRequest>, String> {
     let body = std::mem::take(&mut message.body);
-    OpenedRequest::open(message.content_type.as_deref(), body).map(Box::new)
+    let opened = OpenedRequest::open(message.content_type.as_deref(), body)?;
+    if opened.size > max_size && opened.header.msg_id.is_none() {
+        return Err(format!(
+            "the cast is {} bytes, over max_message_size ({max_size} bytes)",
+            opened.size
+        ));
+    }
+    Ok(Box::new(opened))
 }
 
 /// A running RPC server's [`Handler`]: the shared context and the threads beside the workers
