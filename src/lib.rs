@@ -39,7 +39,11 @@ mod context;
 mod dispatcher;
 mod driver;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod id;
+mod launcher;
 mod notify;
 mod options;
 mod server;
