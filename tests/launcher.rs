@@ -247,7 +247,7 @@ fn the_example_agents_stop_cleanly_on_sigterm() {
         .iter()
         .map(|p| format!("agent_events.{p}"))
         .collect();
-    for topic in ["agent_compute", "agent_network"] {
+    for topic in ["agent_compute", "agent_network", "compute"] {
         queues.push(topic.to_string());
         queues.push(format!("{topic}.{hostname}"));
     }

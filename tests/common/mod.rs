@@ -272,6 +272,12 @@ impl Bus {
 
     fn queue_names(&self) -> Vec<String> {
         let mut names = vec![self.topic.clone(), format!("{}_dlq", self.topic)];
+        // Notification queues a listener or notifier of the topic declared.
+        for priority in [
+            "audit", "debug", "info", "warn", "error", "critical", "sample",
+        ] {
+            names.push(format!("{}.{priority}", self.topic));
+        }
         names.extend(self.extra_queues.iter().cloned());
         names.extend(
             self.servers
