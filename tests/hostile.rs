@@ -6,12 +6,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Channel, Connection, Publish, QueueDeclareOptions};
-use common::{broker_url, eventually, queue_count, thread_count, unique, Bus};
+use common::{
+    broker_url, eventually, queue_count, rabbitmqctl, rabbitmqctl_cleanup, thread_count, unique,
+    Bus,
+};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
 
@@ -88,14 +90,14 @@ impl DeadLetters {
         peer.declare(&queue);
         bus.track_queue(queue.as_str());
         let definition = json!({"dead-letter-exchange": "", "dead-letter-routing-key": queue});
-        let status = Command::new("rabbitmqctl")
-            .args(["-q", "set_policy", "--apply-to", "queues"])
-            .arg(&policy)
-            .arg(format!("^{}$", bus.topic))
-            .arg(definition.to_string())
-            .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success(), "set_policy");
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &policy,
+            &format!("^{}$", bus.topic),
+            &definition.to_string(),
+        ]);
         DeadLetters { policy, queue }
     }
 
@@ -106,9 +108,7 @@ impl DeadLetters {
 
 impl Drop for DeadLetters {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "clear_policy", &self.policy])
-            .status();
+        rabbitmqctl_cleanup(&["clear_policy", &self.policy]);
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::python::Peer;
-use common::{broker_url, rabbitmqctl_json, Event};
+use common::{broker_url, rabbitmqctl, rabbitmqctl_json, Event};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::{json, Value};
 use warren::{
@@ -39,20 +39,6 @@ fn ctx() -> RequestContext {
     RequestContext::new()
         .with("user_id", "interop-user")
         .with("project_id", "interop-project")
-}
-
-/// Runs `rabbitmqctl <args>`, failing the test if it fails.
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// This machine's host name: the default `hostname` of oslo (`socket.gethostname()`) and of

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{broker_url, unique, Bus};
+use common::{broker_url, rabbitmqctl, rabbitmqctl_cleanup, unique, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
 
@@ -17,15 +17,6 @@ const PRODUCTION: &str = "rabbit_quorum_queue=true&rabbit_transient_quorum_queue
 
 fn ctx() -> RequestContext {
     RequestContext::new()
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
 /// A vhost of the test's own, deleted (with everything in it) when dropped, and a process
@@ -88,9 +79,7 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.name])
-            .status();
+        rabbitmqctl_cleanup(&["delete_vhost", &self.name]);
         let suffix = format!("_{}_qmanager", self.process);
         for entry in std::fs::read_dir("/dev/shm")
             .into_iter()

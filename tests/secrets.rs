@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{broker_url, unique, Bus};
+use common::{broker_url, rabbitmqctl, rabbitmqctl_cleanup, unique, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, RequestContext, RpcClient, Target, Transport};
 
@@ -23,16 +23,8 @@ impl User {
         let name = unique("secret_user");
         // Characters that need percent-encoding in a URL, too.
         let password = format!("Pw-{}-s3cr3t/?#@", &unique("p")[3..]);
-        let ctl = |args: &[&str]| {
-            let status = Command::new("rabbitmqctl")
-                .arg("-q")
-                .args(args)
-                .status()
-                .expect("rabbitmqctl runs");
-            assert!(status.success(), "rabbitmqctl {args:?}");
-        };
-        ctl(&["add_user", &name, &password]);
-        ctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        rabbitmqctl(&["add_user", &name, &password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
         User { name, password }
     }
 
@@ -72,24 +64,17 @@ impl User {
                 .count()
         };
         assert!(open() > 0, "the user has connections to close");
-        let status = Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "close_all_user_connections",
-                &self.name,
-                "test: forced close",
-            ])
-            .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success());
+        rabbitmqctl(&[
+            "close_all_user_connections",
+            &self.name,
+            "test: forced close",
+        ]);
     }
 }
 
 impl Drop for User {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "delete_user", &self.name])
-            .status();
+        rabbitmqctl_cleanup(&["delete_user", &self.name]);
     }
 }
 

@@ -330,6 +330,26 @@ pub fn delete_on_broker(url: &str, queues: &[String], exchanges: &[String]) {
     let _ = connection.close();
 }
 
+/// Runs `rabbitmqctl -q <args>`, failing the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `rabbitmqctl -q <args>` for a clean-up, whatever it answers (from `Drop`: never a
+/// panic).
+pub fn rabbitmqctl_cleanup(args: &[&str]) {
+    let _ = Command::new("rabbitmqctl").arg("-q").args(args).output();
+}
+
 /// Runs `rabbitmqctl -q <args> --formatter json` and parses the output.
 pub fn rabbitmqctl_json(args: &[&str]) -> Vec<Value> {
     let output = Command::new("rabbitmqctl")
