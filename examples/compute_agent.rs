@@ -2,7 +2,8 @@
 //! server = this host's name, under a [`Launcher`]: until SIGTERM / SIGINT (as an init system
 //! stops it), a `shutdown` cast (as `compute_api --shutdown-agent` sends) or `--seconds` have
 //! passed; then it drains the calls in flight and exits 0 (1 if the drain did not complete).
-//! `--ready-file PATH` is touched once it consumes.
+//! `--ready-file PATH` is touched once it consumes. An observer (`warren::observe::Stats`)
+//! records what it served; its per-method table is printed when the agent stops.
 //!
 //! ```text
 //! cargo run --example compute_agent -- --seconds 60 &
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use warren::observe::Stats;
 use warren::{
     Endpoint, Failure, Launcher, NoArgs, RequestContext, RpcServer, ShutdownHandle, Target,
     Transport, Version,
@@ -114,7 +116,12 @@ fn main() -> Result<(), warren::Error> {
         std::env::var("WARREN_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into());
     let host = hostname();
 
-    let transport = Transport::builder(&url).control_exchange("nova").build()?;
+    // Calls per method, failures by class, latency, connections: printed when the agent stops.
+    let stats = Arc::new(Stats::new());
+    let transport = Transport::builder(&url)
+        .control_exchange("nova")
+        .observer(stats.clone())
+        .build()?;
     let hypervisor = Hypervisor::default();
     let mut launcher = Launcher::new()
         .transport(&transport)
@@ -146,5 +153,6 @@ fn main() -> Result<(), warren::Error> {
         "compute agent stopped ({outcome:?}); {} instance(s) known",
         hypervisor.lock().len()
     );
+    print!("{}", stats.snapshot());
     std::process::exit(outcome.exit_code());
 }

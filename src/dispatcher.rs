@@ -1,12 +1,5 @@
-//! Endpoints and the dispatcher: which handler a request reaches, by oslo's rules.
-//!
-//! For each endpoint **in order**: skip it unless the request's namespace is one the endpoint
-//! accepts and the endpoint's version can serve the requested one (same major, minor not
-//! above). The first compatible endpoint that has the method, and whose name the access policy
-//! allows, handles the request. If some endpoint was compatible but none had the method, the
-//! caller gets `NoSuchMethod`; if none was compatible, `UnsupportedVersion` (also for a mere
-//! namespace mismatch). Both come from module `oslo_messaging.rpc.dispatcher` with oslo's
-//! messages, so Python callers see what an oslo server would send.
+//! Endpoints and the dispatcher: which handler a request reaches, by oslo's rules (see
+//! [`Dispatcher`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -150,6 +143,29 @@ impl Endpoint {
 }
 
 /// Arguments of a method that takes none: deserializes from any argument map.
+///
+/// ```
+/// use warren::{
+///     Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-noargs/")?;
+/// let endpoint =
+///     Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong"));
+/// let server = RpcServer::builder(&transport, Target::new("demo").with_server("demo-1"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+///
+/// let client = RpcClient::new(&transport, Target::new("demo"));
+/// let ctx = RequestContext::new();
+/// let reply: String = client.call(&ctx, "ping", &NoArgs {})?; // sends `{}`
+/// assert_eq!(reply, "pong");
+/// // Arguments the method does not take are ignored.
+/// let reply: String = client.call(&ctx, "ping", &serde_json::json!({"verbose": true}))?;
+/// assert_eq!(reply, "pong");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NoArgs {}
 
@@ -160,6 +176,40 @@ impl<'de> serde::Deserialize<'de> for NoArgs {
 }
 
 /// Which registered methods callers may reach.
+///
+/// Set on a server with [`RpcServerBuilder::access_policy`](crate::RpcServerBuilder::access_policy).
+///
+/// ```
+/// use warren::{
+///     AccessPolicy, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target,
+///     Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-access-policy/")?;
+/// let endpoint =
+///     Endpoint::new().method("_reset", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(true));
+/// let ctx = RequestContext::new();
+///
+/// // The default policy hides methods whose name starts with `_`.
+/// let strict = RpcServer::builder(&transport, Target::new("strict").with_server("s-1"))
+///     .endpoint(endpoint.clone())
+///     .build()?;
+/// strict.start()?;
+/// let err = RpcClient::new(&transport, Target::new("strict"))
+///     .call::<_, bool>(&ctx, "_reset", &NoArgs {})
+///     .unwrap_err();
+/// assert!(err.is_remote("NoSuchMethod"));
+///
+/// // The legacy policy serves every registered method.
+/// let legacy = RpcServer::builder(&transport, Target::new("legacy").with_server("l-1"))
+///     .endpoint(endpoint)
+///     .access_policy(AccessPolicy::Legacy)
+///     .build()?;
+/// legacy.start()?;
+/// let client = RpcClient::new(&transport, Target::new("legacy"));
+/// assert!(client.call::<_, bool>(&ctx, "_reset", &NoArgs {})?);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AccessPolicy {
@@ -180,6 +230,53 @@ impl AccessPolicy {
 }
 
 /// Routes requests to endpoints (oslo's `RPCDispatcher`).
+///
+/// For each endpoint **in order**: skip it unless the request's namespace is one the endpoint
+/// accepts and the endpoint's version can serve the requested one (same major, minor not
+/// above). The first compatible endpoint that has the method, and whose name the access policy
+/// allows, handles the request. If some endpoint was compatible but none had the method, the
+/// caller gets `NoSuchMethod`; if none was compatible, `UnsupportedVersion` (also for a mere
+/// namespace mismatch). Both come from module `oslo_messaging.rpc.dispatcher` with oslo's
+/// messages, so Python callers see what an oslo server would send.
+///
+/// An [`RpcServer`](crate::RpcServer) builds its dispatcher from the endpoints and the access
+/// policy given to its builder; this shows the routing through one.
+///
+/// ```
+/// use warren::{
+///     AccessPolicy, Dispatcher, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer,
+///     Target, Transport, Version,
+/// };
+///
+/// let v1 = Endpoint::new()
+///     .version(Version::new(1, 3))
+///     .method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("v1"));
+/// let v2 = Endpoint::new()
+///     .version(Version::new(2, 0))
+///     .method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("v2"));
+/// // What the server below routes with:
+/// let _dispatcher = Dispatcher::new(vec![v1.clone(), v2.clone()], AccessPolicy::Default);
+///
+/// let transport = Transport::new("memory://doc-dispatcher/")?;
+/// let server = RpcServer::builder(&transport, Target::new("svc").with_server("svc-1"))
+///     .endpoint(v1)
+///     .endpoint(v2)
+///     .build()?;
+/// server.start()?;
+///
+/// let client = RpcClient::new(&transport, Target::new("svc"));
+/// let ctx = RequestContext::new();
+/// let ping = |version: &str| {
+///     client.prepare().version(version).call::<_, String>(&ctx, "ping", &NoArgs {})
+/// };
+/// assert_eq!(ping("1.2")?, "v1"); // 1.3 serves 1.2
+/// assert_eq!(ping("2.0")?, "v2");
+/// assert!(ping("2.1").unwrap_err().is_remote("UnsupportedVersion"));
+/// // A compatible endpoint without the method:
+/// let err = client.call::<_, String>(&ctx, "pong", &NoArgs {}).unwrap_err();
+/// assert!(err.is_remote("NoSuchMethod"));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Dispatcher {
     endpoints: Vec<Endpoint>,
@@ -190,6 +287,16 @@ impl Dispatcher {
     /// A dispatcher over `endpoints`, tried in order.
     pub fn new(endpoints: Vec<Endpoint>, policy: AccessPolicy) -> Dispatcher {
         Dispatcher { endpoints, policy }
+    }
+
+    /// Whether an endpoint accepting `namespace` has `method` (and callers may reach it),
+    /// whatever its version: for observers, which label unknown methods apart.
+    pub(crate) fn serves(&self, namespace: Option<&str>, method: &str) -> bool {
+        self.policy.allows(method)
+            && self
+                .endpoints
+                .iter()
+                .any(|e| e.accepts_namespace(namespace) && e.methods.contains_key(method))
     }
 
     /// Runs the handler for a request, turning every way it can fail into a [`Failure`].

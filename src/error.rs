@@ -8,9 +8,40 @@ use std::fmt;
 use std::time::Duration;
 
 /// A boxed error used as the `source` of wrapped failures.
+///
+/// Downcast it to reach the underlying error:
+///
+/// ```
+/// use std::io;
+/// use warren::{BoxError, Error};
+///
+/// let source: BoxError = Box::new(io::Error::from(io::ErrorKind::ConnectionRefused));
+/// let err = Error::Connection { host: "rabbit1:5672".into(), source };
+///
+/// if let Error::Connection { source, .. } = &err {
+///     let io = source.downcast_ref::<io::Error>().expect("an I/O error");
+///     assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
+/// }
+/// ```
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// `Result` with warren's [`Error`].
+///
+/// The error type defaults to [`Error`] and can be given, like `std::result::Result`'s.
+///
+/// ```
+/// use warren::{Result, Transport};
+///
+/// fn connect(url: &str) -> Result<Transport> {
+///     Transport::new(url)
+/// }
+///
+/// assert!(connect("memory://doc-result/").is_ok());
+/// assert!(connect("ftp://files.example.com/").is_err());
+///
+/// let port: Result<u16, std::num::ParseIntError> = "5672".parse();
+/// assert_eq!(port, Ok(5672));
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in warren.
@@ -179,6 +210,39 @@ pub enum Error {
 }
 
 /// Positional and keyword arguments of a remote exception (oslo's `args` and `kwargs`).
+///
+/// What the server's [`Failure`](crate::Failure) carried, in [`Error::Remote`]'s `details`:
+///
+/// ```
+/// use serde::Deserialize;
+/// use serde_json::json;
+/// use warren::{Endpoint, Error, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// #[derive(Deserialize)]
+/// struct Get { id: String }
+///
+/// let transport = Transport::new("memory://doc-remote-details/")?;
+/// let endpoint = Endpoint::new().method("get", |_: &RequestContext, a: Get| -> Result<(), Failure> {
+///     let message = format!("Instance {} could not be found.", a.id);
+///     let kwargs = [("instance_id".to_string(), json!(a.id))].into_iter().collect();
+///     Err(Failure::new("InstanceNotFound", "nova.exception", message).with_kwargs(kwargs))
+/// });
+/// let server = RpcServer::builder(&transport, Target::new("compute").with_server("host-1"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+///
+/// let client = RpcClient::new(&transport, Target::new("compute"));
+/// match client.call::<_, ()>(&RequestContext::new(), "get", &json!({"id": "vm-1"})) {
+///     Err(Error::Remote { class, details, .. }) => {
+///         assert_eq!(class, "InstanceNotFound");
+///         assert_eq!(details.args, [json!("Instance vm-1 could not be found.")]);
+///         assert_eq!(details.kwargs["instance_id"], "vm-1");
+///     }
+///     other => panic!("expected a remote failure, got {other:?}"),
+/// }
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RemoteDetails {
     /// Positional arguments (`exc.args` in Python).

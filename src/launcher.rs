@@ -1,33 +1,5 @@
-//! Running servers as a service (oslo.service's role for oslo.messaging servers): start them,
-//! serve until SIGTERM or SIGINT, then drain and report how the drain went.
-//!
-//! [`Launcher::run`] starts every [`Service`] (an [`RpcServer`] or a
-//! [`NotificationListener`]), announces readiness once every one consumes (a callback, a file
-//! touched for an init system or a container probe), and waits for a signal or a
-//! [`ShutdownHandle`]. Then it stops consuming everywhere, gives the messages already taken the
-//! drain deadline to finish, closes the transports it was given, and returns a [`Shutdown`]
-//! saying whether the drain completed. A second signal (or handle call) during the drain stops
-//! waiting at once.
-//!
-//! ```
-//! use std::time::Duration;
-//! use warren::{Endpoint, Failure, Launcher, NoArgs, RequestContext, RpcServer, Shutdown, Target, Transport};
-//!
-//! let transport = Transport::new("memory://launcher-doc/")?;
-//! let server = RpcServer::builder(&transport, Target::new("compute").with_server("host-1"))
-//!     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong")))
-//!     .build()?;
-//! let launcher = Launcher::new()
-//!     .service(server)
-//!     .transport(&transport)
-//!     .drain_timeout(Duration::from_secs(30))
-//!     .handle_signals(false); // a daemon keeps the default: SIGTERM and SIGINT
-//! let stopper = launcher.shutdown_handle();
-//! let run = std::thread::spawn(move || launcher.run());
-//! stopper.shutdown(); // what SIGTERM does
-//! assert_eq!(run.join().unwrap()?, Shutdown::Drained);
-//! # Ok::<(), warren::Error>(())
-//! ```
+//! Running servers as a service (oslo.service's role for oslo.messaging servers): see
+//! [`Launcher`].
 
 use std::path::PathBuf;
 use std::thread;
@@ -48,6 +20,57 @@ const READY_POLL: Duration = Duration::from_millis(50);
 ///
 /// Implemented by [`RpcServer`] and [`NotificationListener`]; implement it to run your own
 /// threads under the same lifecycle.
+///
+/// ```
+/// use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+/// use std::sync::Mutex;
+/// use std::thread::JoinHandle;
+/// use std::time::Duration;
+/// use warren::{Launcher, Service, Shutdown};
+///
+/// /// Sweeps expired entries every 10 ms on its own thread.
+/// #[derive(Default)]
+/// struct Sweeper {
+///     stop: Mutex<Option<Sender<()>>>,
+///     thread: Mutex<Option<JoinHandle<()>>>,
+/// }
+///
+/// impl Service for Sweeper {
+///     fn name(&self) -> String {
+///         "sweeper".into()
+///     }
+///     fn start(&self) -> warren::Result<()> {
+///         let (stop, stopped) = mpsc::channel::<()>();
+///         let tick = Duration::from_millis(10);
+///         let thread = std::thread::spawn(move || {
+///             while stopped.recv_timeout(tick) == Err(RecvTimeoutError::Timeout) {
+///                 // sweep
+///             }
+///         });
+///         *self.stop.lock().unwrap() = Some(stop);
+///         *self.thread.lock().unwrap() = Some(thread);
+///         Ok(())
+///     }
+///     fn stop(&self) {
+///         self.stop.lock().unwrap().take(); // the thread sees the channel close
+///     }
+///     fn wait(&self) {
+///         if let Some(thread) = self.thread.lock().unwrap().take() {
+///             thread.join().unwrap();
+///         }
+///     }
+///     fn is_consuming(&self) -> bool {
+///         self.stop.lock().unwrap().is_some()
+///     }
+/// }
+///
+/// let launcher = Launcher::new().service(Sweeper::default()).handle_signals(false);
+/// let stopper = launcher.shutdown_handle();
+/// // Shuts down as soon as it is ready; a daemon would serve until SIGTERM.
+/// let outcome = launcher.on_ready(move || stopper.shutdown()).run()?;
+/// assert_eq!(outcome, Shutdown::Drained);
+/// # Ok::<(), warren::Error>(())
+/// ```
 pub trait Service: Send + Sync {
     /// A name for the logs.
     fn name(&self) -> String;
@@ -98,6 +121,19 @@ impl Service for NotificationListener {
 }
 
 /// How a [`Launcher`] ended.
+///
+/// ```
+/// use warren::{Launcher, Shutdown};
+///
+/// let launcher = Launcher::new().handle_signals(false);
+/// launcher.shutdown_handle().shutdown(); // requested before it even runs
+/// let outcome = launcher.run()?;
+/// assert_eq!(outcome, Shutdown::Drained);
+/// // A daemon's `main` ends with `std::process::exit(outcome.exit_code())`.
+/// assert_eq!(outcome.exit_code(), 0);
+/// assert_eq!(Shutdown::DrainTimedOut.exit_code(), 1);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Shutdown {
@@ -121,6 +157,36 @@ impl Shutdown {
 
 /// Asks a running [`Launcher`] to shut down, as SIGTERM does; a second call during the drain
 /// stops it at once. Cheap to clone.
+///
+/// Here an RPC method shuts its own service down:
+///
+/// ```
+/// use std::sync::mpsc;
+/// use warren::{
+///     Endpoint, Failure, Launcher, NoArgs, RequestContext, RpcClient, RpcServer, Shutdown, Target,
+///     Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-shutdown-handle/")?;
+/// let launcher = Launcher::new().handle_signals(false);
+/// let handle = launcher.shutdown_handle();
+/// let admin = Endpoint::new().method("shutdown", move |_: &RequestContext, _: NoArgs| {
+///     handle.shutdown();
+///     Ok::<_, Failure>(())
+/// });
+/// let server = RpcServer::builder(&transport, Target::new("admin").with_server("host-1"))
+///     .endpoint(admin)
+///     .build()?;
+/// let (ready_tx, ready) = mpsc::channel();
+/// let launcher = launcher.service(server).on_ready(move || ready_tx.send(()).unwrap());
+/// let run = std::thread::spawn(move || launcher.run());
+///
+/// ready.recv().unwrap(); // the server consumes
+/// let client = RpcClient::new(&transport, Target::new("admin"));
+/// client.cast(&RequestContext::new(), "shutdown", &NoArgs {})?;
+/// assert_eq!(run.join().unwrap()?, Shutdown::Drained);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle(Sender<()>);
 
@@ -131,7 +197,40 @@ impl ShutdownHandle {
     }
 }
 
-/// Runs services until told to stop; see the [module documentation](self).
+/// Runs servers as a service (oslo.service's role for oslo.messaging servers): starts them,
+/// serves until SIGTERM or SIGINT, then drains and reports how the drain went.
+///
+/// [`Launcher::run`] starts every [`Service`] (an [`RpcServer`] or a
+/// [`NotificationListener`]), announces readiness once every one consumes (a callback, a file
+/// touched for an init system or a container probe), and waits for a signal or a
+/// [`ShutdownHandle`]. Then it stops consuming everywhere, gives the messages already taken the
+/// drain deadline to finish, closes the transports it was given, and returns a [`Shutdown`]
+/// saying whether the drain completed. A second signal (or handle call) during the drain stops
+/// waiting at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use warren::{
+///     Endpoint, Failure, Launcher, NoArgs, RequestContext, RpcServer, Shutdown, Target, Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-launcher/")?;
+/// let server = RpcServer::builder(&transport, Target::new("compute").with_server("host-1"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| {
+///         Ok::<_, Failure>("pong")
+///     }))
+///     .build()?;
+/// let launcher = Launcher::new()
+///     .service(server)
+///     .transport(&transport)
+///     .drain_timeout(Duration::from_secs(30))
+///     .handle_signals(false); // a daemon keeps the default: SIGTERM and SIGINT
+/// let stopper = launcher.shutdown_handle();
+/// let run = std::thread::spawn(move || launcher.run());
+/// stopper.shutdown(); // what SIGTERM does
+/// assert_eq!(run.join().unwrap()?, Shutdown::Drained);
+/// # Ok::<(), warren::Error>(())
+/// ```
 pub struct Launcher {
     /// What is started and drained, in order.
     services: Vec<Box<dyn Service>>,

@@ -7,7 +7,15 @@
 //! The layers are oslo's: a [`Transport`] (URL + options + driver) carries messages;
 //! an [`RpcClient`] sends calls and casts to a [`Target`]; an [`RpcServer`] consumes a
 //! target's queues with a poll thread and runs requests on a worker pool through a
-//! [`Dispatcher`] of [`Endpoint`]s.
+//! [`Dispatcher`] of [`Endpoint`]s. A [`Notifier`] and a [`NotificationListener`] do the same
+//! for oslo's notifications; a [`Launcher`] runs several servers as one service.
+//!
+//! ## Two ways to write a service
+//!
+//! Typed, with [`service!`]: the API is declared once as a trait and the macro generates the
+//! server's endpoint and a typed client (see [`service!`] for a complete example and
+//! [`mod@service`] for what it generates). Untyped: methods registered by name on an
+//! [`Endpoint`], arguments and results as any `serde` type:
 //!
 //! ```
 //! use serde::Deserialize;
@@ -31,8 +39,47 @@
 //! server.wait();
 //! # Ok::<(), warren::Error>(())
 //! ```
+//!
+//! ## Threading model
+//!
+//! Every thread is a plain OS thread; every call blocks its caller, never past its timeout.
+//!
+//! ```text
+//!  caller threads (any number)                       one RpcServer
+//!  ───────────────────────────                       ────────────────────────────────────────
+//!  RpcClient::call ──publish──▶ send connection      listen connection (amiquip I/O thread)
+//!        │          (pool of confirm channels;              │ deliveries
+//!        │           heartbeat thread revives it)           ▼
+//!        │                                           poll thread: screens, hands over, acks
+//!        │ waits on its own slot                            │ bounded rendezvous
+//!        ▼                                                  ▼
+//!  reply thread ◀──consume── reply_<uuid> queue ◀── N worker threads: dispatch to the endpoint,
+//!  (one per transport; routes                            reply (call-monitor thread: keep-alives,
+//!   each reply by _msg_id)                               reply-retry thread: missing reply queues)
+//! ```
+//!
+//! When a connection dies, the one recovery path (`driver/rabbit/connection.rs`) opens a new
+//! one (failing over across the URL's hosts with kombu's backoff), a new channel, and declares
+//! the consumers again; calls in flight keep waiting within their own deadline.
+//!
+//! ## Layout
+//!
+//! The modules follow oslo's layering, transport → driver → listener → server → dispatcher →
+//! endpoints: `wire/` (codecs: oslo's JSON byte for byte, msgpack), `driver/` (`memory.rs`,
+//! and `rabbit/`: connection, heartbeat, listener, publisher, reply, topology), `server/`
+//! (poll loop, worker pool, ack, dedup), `client/` (calls, casts, reply waiter), `notify/`,
+//! `dispatcher.rs`, `service.rs` (the typed layer over the last two).
+//!
+//! ## Cargo features
+//!
+//! - `cli`: the `warren` command-line tool and its dependencies (clap, env_logger); a library
+//!   user needs none of them.
+//! - `metrics`: [`observe::MetricsObserver`](crate::observe), recording calls, latencies and
+//!   reconnects through the `metrics` crate facade.
+//! - `fuzzing`: entry points for the fuzz targets in `fuzz/` (not a public API).
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod client;
 mod context;
@@ -45,8 +92,10 @@ pub mod fuzzing;
 mod id;
 mod launcher;
 mod notify;
+pub mod observe;
 mod options;
 mod server;
+pub mod service;
 mod target;
 mod transport;
 mod url;
@@ -61,6 +110,7 @@ struct ReadmeExample;
 pub use client::{PendingCall, RpcClient};
 pub use context::RequestContext;
 pub use dispatcher::{AccessPolicy, Dispatcher, Endpoint, NoArgs};
+pub use driver::memory::{MemoryTap, TappedMessage};
 pub use error::{BoxError, Error, RemoteDetails, Result};
 pub use launcher::{Launcher, Service, Shutdown, ShutdownHandle};
 pub use notify::{

@@ -1,46 +1,5 @@
-//! Typed transport options, settable from the URL query or from Rust.
-//!
-//! URL query keys use oslo.messaging's option names where oslo has the option, so a
-//! `transport_url` from a nova.conf keeps working; `codec` is warren's own.
-//!
-//! | query key | meaning | default |
-//! |---|---|---|
-//! | `control_exchange` | exchange used when a target names none | `openstack` |
-//! | `heartbeat_timeout_threshold` | AMQP heartbeat in seconds (0 disables) | `60` |
-//! | `rpc_response_timeout` | default call timeout in seconds (decimals allowed) | `60` |
-//! | `rabbit_qos_prefetch_count` | unacknowledged deliveries per consumer (0 = unbounded) | `64` |
-//! | `executor_thread_pool_size` | worker threads per server | `16` |
-//! | `codec` | `msgpack` or `json` (oslo wire format) for what this transport sends | `msgpack` |
-//! | `rabbit_transient_queues_ttl` | `x-expires` of reply and fanout queues in seconds (0 = none) | `1800` |
-//! | `amqp_durable_queues` | durable topic exchange and server queues | `false` |
-//! | `amqp_auto_delete` | auto-delete topic exchange and server queues | `false` |
-//! | `rabbit_retry_interval` | pause after the first failed pass over the hosts, seconds | `1` |
-//! | `rabbit_retry_backoff` | added to the pause after each further failed pass, seconds | `2` |
-//! | `rabbit_interval_max` | longest pause between passes, seconds | `30` |
-//! | `kombu_reconnect_splay` | random extra pause (0 to this), seconds: real jitter | `1` |
-//! | `kombu_failover_strategy` | `round-robin` (from the first host) or `shuffle` | `round-robin` |
-//! | `kombu_missing_consumer_retry_timeout` | how long a reply to a missing reply queue is retried, seconds | `60` |
-//! | `max_message_size` | largest message body sent or accepted, bytes | `16777216` (16 MiB) |
-//! | `ssl` | TLS to the broker (also turned on by `amqps://`) | `false` |
-//! | `ssl_ca_file` | PEM CA bundle the broker's certificate must chain to (system roots when unset) | unset |
-//! | `ssl_cert_file` / `ssl_key_file` | PEM client certificate and its PKCS#8 key | unset |
-//! | `ssl_version` | lowest TLS version: `TLSv1`, `TLSv1_1`, `TLSv1_2`, `TLSv1_3` (`SSLv23`: any) | any |
-//! | `rabbit_login_method` | `PLAIN`, or `EXTERNAL` (the client certificate's identity) | `PLAIN` |
-//! | `rabbit_quorum_queue` | server and notification queues are quorum queues (durable) | `false` |
-//! | `rabbit_transient_quorum_queue` | reply and fanout queues are quorum queues (durable) | `false` |
-//! | `rabbit_quorum_delivery_limit` | `x-delivery-limit` of quorum queues (0 = none) | `0` |
-//! | `rabbit_quorum_max_memory_length` | `x-max-in-memory-length` of quorum queues (0 = none) | `0` |
-//! | `rabbit_quorum_max_memory_bytes` | `x-max-in-memory-bytes` of quorum queues (0 = none) | `0` |
-//! | `rabbit_ha_queues` | `x-ha-policy: all` on queues (ignored by RabbitMQ ≥ 3.0, declared for equivalence) | `false` |
-//! | `rabbit_stream_fanout` | one stream `<topic>_fanout` per topic for fanout (needs prefetch > 0 and transient quorum) | `false` |
-//! | `use_queue_manager` | stable reply / fanout queue names `<hostname>:<processname>:<n>` | `false` |
-//! | `hostname`, `processname` | the queue manager's name parts | this host, `basename(argv[0])` |
-//!
-//! Every other option of oslo.messaging 18.3.1's `[oslo_messaging_rabbit]` group (connection
-//! pools, `heartbeat_rate`, `kombu_compression`...) is accepted, its value checked, with one
-//! warning that it has no effect in warren: see [`IGNORED_OPTION_NAMES`].
-//!
-//! Booleans accept `true/false`, `yes/no`, `on/off`, `1/0` (any case), as oslo.config does.
+//! Typed transport options, settable from the URL query or from Rust: see
+//! [`TransportOptions`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,6 +11,66 @@ use crate::wire::Codec;
 ///
 /// Build one with [`TransportBuilder`](crate::TransportBuilder); read it back with
 /// [`Transport::options`](crate::Transport::options).
+///
+/// URL query keys use oslo.messaging's option names where oslo has the option, so a
+/// `transport_url` from a nova.conf keeps working; `codec` is warren's own.
+///
+/// | query key | meaning | default |
+/// |---|---|---|
+/// | `control_exchange` | exchange used when a target names none | `openstack` |
+/// | `heartbeat_timeout_threshold` | AMQP heartbeat in seconds (0 disables) | `60` |
+/// | `rpc_response_timeout` | default call timeout in seconds (decimals allowed) | `60` |
+/// | `rabbit_qos_prefetch_count` | unacknowledged deliveries per consumer (0 = unbounded) | `64` |
+/// | `executor_thread_pool_size` | worker threads per server | `16` |
+/// | `codec` | `msgpack` or `json` (oslo wire format) for what this transport sends | `msgpack` |
+/// | `rabbit_transient_queues_ttl` | `x-expires` of reply and fanout queues in seconds (0 = none) | `1800` |
+/// | `amqp_durable_queues` | durable topic exchange and server queues | `false` |
+/// | `amqp_auto_delete` | auto-delete topic exchange and server queues | `false` |
+/// | `rabbit_retry_interval` | pause after the first failed pass over the hosts, seconds | `1` |
+/// | `rabbit_retry_backoff` | added to the pause after each further failed pass, seconds | `2` |
+/// | `rabbit_interval_max` | longest pause between passes, seconds | `30` |
+/// | `kombu_reconnect_splay` | random extra pause (0 to this), seconds: real jitter | `1` |
+/// | `kombu_failover_strategy` | `round-robin` (from the first host) or `shuffle` | `round-robin` |
+/// | `kombu_missing_consumer_retry_timeout` | how long a reply to a missing reply queue is retried, seconds | `60` |
+/// | `max_message_size` | largest message body sent or accepted, bytes | `16777216` (16 MiB) |
+/// | `ssl` | TLS to the broker (also turned on by `amqps://`) | `false` |
+/// | `ssl_ca_file` | PEM CA bundle the broker's certificate must chain to (system roots when unset) | unset |
+/// | `ssl_cert_file` / `ssl_key_file` | PEM client certificate and its PKCS#8 key | unset |
+/// | `ssl_version` | lowest TLS version: `TLSv1`, `TLSv1_1`, `TLSv1_2`, `TLSv1_3` (`SSLv23`: any) | any |
+/// | `rabbit_login_method` | `PLAIN`, or `EXTERNAL` (the client certificate's identity) | `PLAIN` |
+/// | `rabbit_quorum_queue` | server and notification queues are quorum queues (durable) | `false` |
+/// | `rabbit_transient_quorum_queue` | reply and fanout queues are quorum queues (durable) | `false` |
+/// | `rabbit_quorum_delivery_limit` | `x-delivery-limit` of quorum queues (0 = none) | `0` |
+/// | `rabbit_quorum_max_memory_length` | `x-max-in-memory-length` of quorum queues (0 = none) | `0` |
+/// | `rabbit_quorum_max_memory_bytes` | `x-max-in-memory-bytes` of quorum queues (0 = none) | `0` |
+/// | `rabbit_ha_queues` | `x-ha-policy: all` on queues (ignored by RabbitMQ ≥ 3.0, declared for equivalence) | `false` |
+/// | `rabbit_stream_fanout` | one stream `<topic>_fanout` per topic for fanout (needs prefetch > 0 and transient quorum) | `false` |
+/// | `use_queue_manager` | stable reply / fanout queue names `<hostname>:<processname>:<n>` | `false` |
+/// | `hostname`, `processname` | the queue manager's name parts | this host, `basename(argv[0])` |
+///
+/// Every other option of oslo.messaging 18.3.1's `[oslo_messaging_rabbit]` group (connection
+/// pools, `heartbeat_rate`, `kombu_compression`...) is accepted, its value checked, with one
+/// warning that it has no effect in warren: see [`IGNORED_OPTION_NAMES`].
+///
+/// Booleans accept `true/false`, `yes/no`, `on/off`, `1/0` (any case), as oslo.config does.
+///
+/// ```
+/// use std::time::Duration;
+/// use warren::{Codec, Transport, TransportOptions};
+///
+/// // A program's own defaults, which each URL's query may override:
+/// let mut defaults = TransportOptions::default();
+/// defaults.rpc_response_timeout = Duration::from_secs(10);
+/// defaults.workers = 8;
+///
+/// let url = "memory://doc-transport-options/?executor_thread_pool_size=4";
+/// let transport = Transport::builder(url).options(defaults).build()?;
+/// let options = transport.options();
+/// assert_eq!(options.rpc_response_timeout, Duration::from_secs(10));
+/// assert_eq!(options.workers, 4); // the URL wins
+/// assert_eq!(options.codec, Codec::MsgPack); // warren's default
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct TransportOptions {
@@ -197,6 +216,20 @@ pub struct TlsOptions {
 }
 
 /// A TLS protocol version (`ssl_version`).
+///
+/// ```
+/// use warren::{TlsVersion, TransportOptions};
+///
+/// let mut options = TransportOptions::default();
+/// options.apply("ssl_version", "TLSv1_2")?;
+/// assert_eq!(options.tls.min_version, Some(TlsVersion::Tls12));
+/// assert!(TlsVersion::Tls12 < TlsVersion::Tls13);
+///
+/// options.apply("ssl_version", "SSLv23")?; // any version the TLS library accepts
+/// assert_eq!(options.tls.min_version, None);
+/// assert!(options.apply("ssl_version", "SSLv3").is_err());
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum TlsVersion {
@@ -211,6 +244,18 @@ pub enum TlsVersion {
 }
 
 /// How a connection logs in to the broker (`rabbit_login_method`).
+///
+/// ```
+/// use warren::{Error, LoginMethod, Transport};
+///
+/// let transport = Transport::new("rabbit://nova:secret@rabbit1:5672/")?;
+/// assert_eq!(transport.options().login_method, LoginMethod::Plain);
+///
+/// // EXTERNAL logs in with the TLS client certificate, so it needs one.
+/// let err = Transport::new("rabbit://rabbit1:5672/?rabbit_login_method=EXTERNAL").unwrap_err();
+/// assert!(matches!(err, Error::InvalidOption { name, .. } if name == "rabbit_login_method"));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum LoginMethod {
@@ -222,7 +267,21 @@ pub enum LoginMethod {
     External,
 }
 
-/// How a transport moves between the hosts of its URL after a connection failure.
+/// How a transport moves between the hosts of its URL after a connection failure
+/// (`kombu_failover_strategy`).
+///
+/// ```
+/// use warren::{FailoverStrategy, Transport};
+///
+/// let url = "rabbit://nova:secret@rabbit1,nova:secret@rabbit2/?kombu_failover_strategy=shuffle";
+/// assert_eq!(Transport::new(url)?.options().failover_strategy, FailoverStrategy::Shuffle);
+///
+/// let transport = Transport::builder("rabbit://nova:secret@rabbit1,nova:secret@rabbit2/")
+///     .failover_strategy(FailoverStrategy::RoundRobin) // the default
+///     .build()?;
+/// assert_eq!(transport.options().failover_strategy, FailoverStrategy::RoundRobin);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailoverStrategy {
@@ -712,6 +771,119 @@ mod tests {
         o.validate().unwrap();
     }
 
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let d = TransportOptions::default();
+        assert_eq!(d.control_exchange, "openstack");
+        assert_eq!(d.heartbeat, Duration::from_secs(60));
+        assert_eq!(d.rpc_response_timeout, Duration::from_secs(60));
+        assert_eq!(d.prefetch_count, 64, "bounded, unlike oslo's unbounded 0");
+        assert_eq!(d.workers, 16);
+        assert_eq!(d.codec, Codec::MsgPack);
+        assert_eq!(d.transient_queues_ttl, Duration::from_secs(1800));
+        assert!(!d.durable_queues);
+        assert!(!d.auto_delete);
+        assert_eq!(d.retry_interval, Duration::from_secs(1));
+        assert_eq!(d.retry_backoff, Duration::from_secs(2));
+        assert_eq!(d.interval_max, Duration::from_secs(30));
+        assert_eq!(d.reconnect_splay, Duration::from_secs(1));
+        assert_eq!(d.failover_strategy, FailoverStrategy::RoundRobin);
+        assert_eq!(d.missing_consumer_retry_timeout, Duration::from_secs(60));
+        assert_eq!(d.max_message_size, 16 * 1024 * 1024);
+        assert_eq!(d.tls, TlsOptions::default());
+        assert!(!d.tls.enabled);
+        assert_eq!(
+            (&d.tls.ca_file, &d.tls.cert_file, &d.tls.key_file),
+            (&None, &None, &None)
+        );
+        assert_eq!(d.tls.min_version, None);
+        assert_eq!(d.login_method, LoginMethod::Plain);
+        assert!(!d.quorum_queues && !d.transient_quorum_queues);
+        assert_eq!(
+            (
+                d.quorum_delivery_limit,
+                d.quorum_max_memory_length,
+                d.quorum_max_memory_bytes
+            ),
+            (0, 0, 0)
+        );
+        assert!(!d.ha_queues && !d.stream_fanout && !d.queue_manager);
+        assert_eq!(d.hostname, local_hostname());
+        assert_eq!(d.processname, process_name());
+        assert!(!d.hostname.is_empty() && !d.processname.is_empty());
+        d.validate().unwrap();
+    }
+
+    /// The backticked names in a table cell.
+    fn names_in(cell: &str) -> Vec<&str> {
+        cell.split('`').skip(1).step_by(2).collect()
+    }
+
+    /// Checks that `key`'s default is the one `table` states: a value in backticks (applying
+    /// it to the defaults changes nothing), or one of the words the tables use for "nothing".
+    fn check_stated_default(table: &str, key: &str, stated: &str) {
+        let d = TransportOptions::default();
+        let word = stated.trim_end_matches('|').trim();
+        let holds = match key {
+            // "this host, `basename(argv[0])`" (and "off" in the README's queue-type row).
+            "hostname" => d.hostname == local_hostname(),
+            "processname" => d.processname == process_name(),
+            _ => match word.split('`').nth(1) {
+                Some(value) => {
+                    let mut options = d.clone();
+                    options
+                        .apply(key, value)
+                        .unwrap_or_else(|e| panic!("{table}: the default of {key}: {e}"));
+                    assert_eq!(
+                        options, d,
+                        "{table}: the default of {key} ({value}) is not the code's"
+                    );
+                    true
+                }
+                None => match (key, word) {
+                    ("ssl", "off") => !d.tls.enabled,
+                    ("ssl_ca_file", "off" | "unset") => d.tls.ca_file.is_none(),
+                    ("ssl_cert_file", "off" | "unset") => d.tls.cert_file.is_none(),
+                    ("ssl_key_file", "off" | "unset") => d.tls.key_file.is_none(),
+                    ("ssl_version", "off" | "any") => d.tls.min_version.is_none(),
+                    ("rabbit_quorum_queue", "off") => !d.quorum_queues,
+                    ("rabbit_transient_quorum_queue", "off") => !d.transient_quorum_queues,
+                    ("rabbit_quorum_delivery_limit", "off") => d.quorum_delivery_limit == 0,
+                    ("rabbit_quorum_max_memory_length", "off") => d.quorum_max_memory_length == 0,
+                    ("rabbit_quorum_max_memory_bytes", "off") => d.quorum_max_memory_bytes == 0,
+                    ("rabbit_ha_queues", "off") => !d.ha_queues,
+                    ("rabbit_stream_fanout", "off") => !d.stream_fanout,
+                    ("use_queue_manager", "off") => !d.queue_manager,
+                    _ => panic!("{table}: no check for the default {word:?} of {key}"),
+                },
+            },
+        };
+        assert!(holds, "{table}: {key} is not {word:?} by default");
+    }
+
+    /// Checks a Markdown option table (rows given without any line prefix): every option it
+    /// lists exists, every option is listed once, and every default it states is the code's.
+    fn check_option_table<'a>(table: &str, rows: impl Iterator<Item = &'a str>) {
+        let mut listed = Vec::new();
+        let mut rows_seen = 0;
+        for row in rows {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let keys = names_in(cells[0]);
+            assert!(!keys.is_empty(), "{table}: a row without a key: {row}");
+            let default = cells.last().expect("a default cell");
+            for key in &keys {
+                check_stated_default(table, key, default);
+            }
+            listed.extend(keys.iter().map(|k| k.to_string()));
+            rows_seen += 1;
+        }
+        assert!(rows_seen >= 15, "{table}: only {rows_seen} rows read");
+        let mut names: Vec<String> = OPTION_NAMES.iter().map(|n| n.to_string()).collect();
+        listed.sort();
+        names.sort();
+        assert_eq!(listed, names, "{table} vs OPTION_NAMES");
+    }
+
     /// The README's option table is the user's reference: every option it lists exists, every
     /// option exists in it, and each default it states is the code's.
     #[test]
@@ -721,33 +893,28 @@ mod tests {
             .split("| query key | builder | meaning | default |")
             .nth(1)
             .expect("the README's option table");
-        let mut listed = Vec::new();
-        for row in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
-            let cells: Vec<&str> = row.split(" | ").collect();
-            let keys: Vec<&str> = cells[0]
-                .trim_start_matches("| ")
-                .split(", ")
-                .map(|k| k.trim_matches('`'))
-                .collect();
-            listed.extend(keys.iter().map(|k| k.to_string()));
-            let default = cells.last().expect("a default cell");
-            // Single-option rows state their default as a value: applying it changes nothing.
-            if let ([key], Some(value)) = (keys.as_slice(), default.split('`').nth(1)) {
-                let mut options = TransportOptions::default();
-                options
-                    .apply(key, value)
-                    .unwrap_or_else(|e| panic!("README default of {key}: {e}"));
-                assert_eq!(
-                    options,
-                    TransportOptions::default(),
-                    "README default of {key} ({value}) is not the code's"
-                );
-            }
-        }
-        let mut names: Vec<String> = OPTION_NAMES.iter().map(|n| n.to_string()).collect();
-        listed.sort();
-        names.sort();
-        assert_eq!(listed, names, "README table vs OPTION_NAMES");
+        let rows = table.lines().skip(2).take_while(|l| l.starts_with('|'));
+        check_option_table("README", rows);
+    }
+
+    /// The same for the table of the rustdoc of this module's options (`//!` or `///` lines).
+    #[test]
+    fn the_rustdoc_option_table_matches_the_code() {
+        let source = include_str!("options.rs");
+        let header = "| query key | meaning | default |";
+        let mut lines = source
+            .lines()
+            .skip_while(|l| !l.trim_end().ends_with(header));
+        let prefix = lines
+            .next()
+            .and_then(|l| l.strip_suffix(header))
+            .expect("the rustdoc's option table");
+        assert!(prefix.trim_start().starts_with("//"), "{prefix:?}");
+        let rows = lines
+            .skip(1)
+            .map_while(|l| l.strip_prefix(prefix))
+            .take_while(|l| l.starts_with('|'));
+        check_option_table("src/options.rs", rows);
     }
 
     #[test]

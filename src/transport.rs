@@ -11,6 +11,7 @@ use crate::driver::memory::MemoryDriver;
 use crate::driver::rabbit::RabbitDriver;
 use crate::driver::{Driver, Outgoing, ReplySink, SendOptions};
 use crate::error::{Error, Result};
+use crate::observe::{Hook, Observer};
 use crate::options::{FailoverStrategy, TransportOptions, IGNORED_OPTION_NAMES};
 use crate::url::{Scheme, TransportUrl};
 use crate::wire::Codec;
@@ -38,6 +39,7 @@ struct Inner {
     options: TransportOptions,
     driver: Box<dyn Driver>,
     replies: Arc<ReplyWaiter>,
+    hook: Hook,
 }
 
 impl Drop for Inner {
@@ -68,6 +70,7 @@ impl Transport {
             url: url.to_string(),
             options: TransportOptions::default(),
             explicit: Vec::new(),
+            hook: Hook::default(),
         }
     }
 
@@ -121,6 +124,18 @@ impl Transport {
     pub(crate) fn reply_waiter(&self) -> &Arc<ReplyWaiter> {
         &self.inner.replies
     }
+
+    /// The observer installed with [`TransportBuilder::observer`], if any.
+    pub(crate) fn hook(&self) -> &Hook {
+        &self.inner.hook
+    }
+
+    /// A [`MemoryTap`](crate::MemoryTap) on this `memory://` transport's in-process broker:
+    /// every message published on it from now on (by any transport sharing the broker,
+    /// replies included), and a way to publish raw messages into it. `None` for RabbitMQ.
+    pub fn memory_tap(&self) -> Option<crate::MemoryTap> {
+        crate::driver::memory::MemoryTap::attach(&self.inner.url)
+    }
 }
 
 /// Builds a [`Transport`]; see [`TransportOptions`] for what each option does.
@@ -145,6 +160,7 @@ pub struct TransportBuilder {
     options: TransportOptions,
     /// Query keys of the options set through a setter.
     explicit: Vec<&'static str>,
+    hook: Hook,
 }
 
 impl TransportBuilder {
@@ -256,6 +272,28 @@ impl TransportBuilder {
         self.set("max_message_size", |o| o.max_message_size = bytes)
     }
 
+    /// Reports what every client, server and connection of the transport does to `observer`
+    /// (see [`observe`](crate::observe)): calls, casts and requests with their outcome and
+    /// duration, requests in flight, connections lost and re-established. Without one, the
+    /// cost is one `Option` check per call, cast or request.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use warren::observe::Stats;
+    ///
+    /// let stats = Arc::new(Stats::new());
+    /// let transport = warren::Transport::builder("memory://observed/")
+    ///     .observer(stats.clone())
+    ///     .build()?;
+    /// # let _ = transport;
+    /// println!("{}", stats.snapshot());
+    /// # Ok::<(), warren::Error>(())
+    /// ```
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.hook = Hook::new(observer);
+        self
+    }
+
     /// Parses the URL, applies its query options (except those set on the builder, which win),
     /// validates everything. No connection is opened yet.
     pub fn build(self) -> Result<Transport> {
@@ -284,8 +322,13 @@ impl TransportBuilder {
             Arc::new(move |message| replies.deliver(message))
         };
         let driver: Box<dyn Driver> = match url.scheme() {
-            Scheme::Rabbit => Box::new(RabbitDriver::new(url.clone(), options.clone(), sink)?),
-            Scheme::Memory => Box::new(MemoryDriver::new(&url, sink)),
+            Scheme::Rabbit => Box::new(RabbitDriver::new(
+                url.clone(),
+                options.clone(),
+                sink,
+                self.hook.clone(),
+            )?),
+            Scheme::Memory => Box::new(MemoryDriver::new(&url, &options, sink)),
         };
         Ok(Transport {
             inner: Arc::new(Inner {
@@ -293,6 +336,7 @@ impl TransportBuilder {
                 options,
                 driver,
                 replies,
+                hook: self.hook,
             }),
         })
     }

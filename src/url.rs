@@ -1,19 +1,4 @@
-//! Transport URLs, parsed exactly as oslo.messaging parses them.
-//!
-//! `driver://[user:pass@]host:port[,[userN:passN@]hostN:portN]/virtual_host?option=value`
-//!
-//! `rabbit://`, `amqp://` and `kombu://` select RabbitMQ (port 5672 by default), `amqps://`
-//! RabbitMQ over TLS (port 5671 by default; the same as `ssl=true`), `memory://` and `fake://`
-//! the in-process transport.
-//!
-//! * hosts are split on `,`; credentials are split at the last `@`, then at the first `:`;
-//!   user name and password are percent-decoded (not `+`-decoded);
-//! * the virtual host is the percent-decoded path without its leading `/`
-//!   (`rabbit://h/` and `rabbit://h` mean the default vhost `/`, `my%2Fvhost` is `my/vhost`);
-//! * query options are `&`-separated `key=value` pairs, `+`-and-percent-decoded; a repeated key
-//!   has its values joined with `,`. They are validated by [`TransportOptions`](crate::TransportOptions).
-//!
-//! Passwords never appear in `Display` or `Debug` output: `rabbit://user:***@h1:5672/`.
+//! Transport URLs, parsed exactly as oslo.messaging parses them: see [`TransportUrl`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +11,17 @@ pub const DEFAULT_PORT: u16 = 5672;
 pub const DEFAULT_TLS_PORT: u16 = 5671;
 
 /// Which driver a URL selects.
+///
+/// ```
+/// use warren::{Scheme, Transport, TransportUrl};
+///
+/// assert_eq!("kombu://rabbit1:5672/".parse::<TransportUrl>()?.scheme(), Scheme::Rabbit);
+/// assert_eq!("amqps://rabbit1/".parse::<TransportUrl>()?.scheme(), Scheme::Rabbit);
+///
+/// let transport = Transport::new("memory://doc-scheme/")?;
+/// assert_eq!(transport.url().scheme(), Scheme::Memory);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Scheme {
@@ -36,6 +32,22 @@ pub enum Scheme {
 }
 
 /// One broker host of a URL, with its credentials.
+///
+/// ```
+/// use warren::TransportUrl;
+///
+/// let url: TransportUrl = "rabbit://nova:s3cret@rabbit1:5673,[::1]/".parse()?;
+/// let first = &url.hosts()[0];
+/// assert_eq!((first.hostname.as_str(), first.port), ("rabbit1", 5673));
+/// assert_eq!(first.username, "nova");
+/// assert_eq!(first.password(), "s3cret");
+/// assert_eq!(first.to_string(), "nova:***@rabbit1:5673"); // `Display` and `Debug` hide it
+///
+/// let second = &url.hosts()[1];
+/// assert_eq!(second.address(), "[::1]:5672");
+/// assert_eq!((second.login_username(), second.login_password()), ("guest", "guest"));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Host {
     /// Host name or IP address (IPv6 without brackets). Defaults to `localhost`.
@@ -98,7 +110,23 @@ impl fmt::Debug for Host {
     }
 }
 
-/// A parsed transport URL.
+/// A transport URL, parsed exactly as oslo.messaging parses it.
+///
+/// `driver://[user:pass@]host:port[,[userN:passN@]hostN:portN]/virtual_host?option=value`
+///
+/// `rabbit://`, `amqp://` and `kombu://` select RabbitMQ (port 5672 by default), `amqps://`
+/// RabbitMQ over TLS (port 5671 by default; the same as `ssl=true`), `memory://` and `fake://`
+/// the in-process transport.
+///
+/// * hosts are split on `,`; credentials are split at the last `@`, then at the first `:`;
+///   user name and password are percent-decoded (not `+`-decoded);
+/// * the virtual host is the percent-decoded path without its leading `/`
+///   (`rabbit://h/` and `rabbit://h` mean the default vhost `/`, `my%2Fvhost` is `my/vhost`);
+/// * query options are `&`-separated `key=value` pairs, `+`-and-percent-decoded; a repeated key
+///   has its values joined with `,`. They are validated by
+///   [`TransportOptions`](crate::TransportOptions).
+///
+/// Passwords never appear in `Display` or `Debug` output: `rabbit://user:***@h1:5672/`.
 ///
 /// ```
 /// use warren::TransportUrl;
@@ -121,10 +149,10 @@ pub struct TransportUrl {
 }
 
 impl TransportUrl {
-    /// Parses a URL. See the [module documentation](self) for the rules.
+    /// Parses a URL. See [`TransportUrl`] for the rules.
     ///
     /// An error never shows the password, nor anything that might be part of it: the URL in
-    /// it is [redacted](redact_unparsed) and its reason names positions ("host 2"), not text.
+    /// it is redacted and its reason names positions ("host 2"), not text.
     pub fn parse(input: &str) -> Result<TransportUrl> {
         let input = input.trim();
         let mask = masked_range(input);
@@ -487,6 +515,56 @@ mod tests {
         assert_eq!(h.password(), "pa:ss");
         assert_eq!(h.hostname, "host");
         assert_eq!(h.port, 5672);
+    }
+
+    #[test]
+    fn user_names_and_passwords_are_percent_decoded_but_not_plus_decoded() {
+        let url = TransportUrl::parse("rabbit://us%40er%3Ax%2Fy:p%40ss%3Aw@h/").unwrap();
+        let host = &url.hosts()[0];
+        assert_eq!(host.username, "us@er:x/y");
+        assert_eq!(host.login_username(), "us@er:x/y");
+        assert_eq!(host.password(), "p@ss:w");
+        assert_eq!(host.hostname, "h");
+        let url = TransportUrl::parse("rabbit://a+b%20c%C3%A9:p@h/").unwrap();
+        assert_eq!(url.hosts()[0].username, "a+b c\u{e9}");
+        // Every host's user name, not only the first one's.
+        let url = TransportUrl::parse("rabbit://u%31:p@h1,u%32:p@h2/").unwrap();
+        let users: Vec<&str> = url.hosts().iter().map(|h| h.username.as_str()).collect();
+        assert_eq!(users, ["u1", "u2"]);
+        let err = TransportUrl::parse("rabbit://u%zz:p@h/").unwrap_err();
+        assert!(
+            err.to_string().contains("in the user name of host 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unparseable_urls_are_redacted_up_to_the_last_at() {
+        // The credentials run from the first `:` to the *last* `@`: a user name may hold an
+        // `@` (split at the first one, the password would show).
+        let err = TransportUrl::parse("rabbit://us@er:secret@h:notaport/").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid transport URL rabbit://us@er:***@h:notaport/: invalid port in host 1 \
+             (expected 0 to 65535)"
+        );
+        assert!(!format!("{err:?}").contains("secret"));
+        for (url, redacted) in [
+            (
+                "rabbit://us@er:secret@h:notaport/",
+                "rabbit://us@er:***@h:notaport/",
+            ),
+            ("rabbit://u:se@cr@et@h:x/", "rabbit://u:***@h:x/"),
+            ("rabbit://a@b@c:secret@h:x/", "rabbit://a@b@c:***@h:x/"),
+            (
+                "rabbit://u:secret@h1,v:secret@h2:x/",
+                "rabbit://u:***@h2:x/",
+            ),
+            ("rabbit://u:secret", "rabbit://u:***"),
+            ("rabbit://user@h:bad/", "rabbit://user@h:bad/"),
+        ] {
+            assert_eq!(redact_unparsed(url), redacted, "{url}");
+        }
     }
 
     #[test]

@@ -1,5 +1,632 @@
-//! The shared RPC scenarios on the in-process transport (`memory://`).
+//! The shared RPC scenarios on the in-process transport (`memory://`), and what only the
+//! in-process broker lets a test see: every message on the wire (through a `MemoryTap`) and
+//! RabbitMQ's dealing of a queue's messages to competing consumers, independent of thread
+//! scheduling.
 
 mod common;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use serde_json::{json, Map, Value};
+use warren::{
+    AckMode, Codec, Endpoint, Error, Failure, MemoryTap, Notification, NotificationEndpoint,
+    NotificationFormat, NotificationListener, NotificationResult, Notifier, Priority,
+    RequestContext, RpcServer, TappedMessage, Target, Transport,
+};
+
+use common::gate::{Gate, OpenOnDrop};
+use common::{memory_url, Bus, Event};
+
 scenario_tests!(common::memory_url());
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn ctx() -> RequestContext {
+    RequestContext::new().with("user_id", "alice")
+}
+
+/// A tap on the bus's in-process broker (it keeps the broker alive while it exists).
+fn tap(bus: &Bus) -> MemoryTap {
+    Transport::new(&bus.url)
+        .expect("transport")
+        .memory_tap()
+        .expect("a memory:// transport has a tap")
+}
+
+/// The next tapped message `what` describes, or a failure naming it.
+fn next(tap: &MemoryTap, what: &str, matches: impl FnMut(&TappedMessage) -> bool) -> TappedMessage {
+    tap.wait_for(WAIT, matches)
+        .unwrap_or_else(|| panic!("no {what} was published within {WAIT:?}"))
+}
+
+fn field(message: &TappedMessage, name: &str) -> Value {
+    message
+        .message()
+        .unwrap_or_else(|e| panic!("tapped message unreadable: {e}: {message:?}"))
+        .get(name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The same message with another `_unique_id` (JSON bodies: the id is written as is).
+fn with_new_unique_id(message: &TappedMessage) -> TappedMessage {
+    assert_eq!(message.codec(), Some(Codec::Json));
+    let old = message.field("_unique_id").expect("a _unique_id");
+    let new = uuid::Uuid::new_v4().simple().to_string();
+    let body = String::from_utf8(message.body.clone()).expect("JSON text");
+    assert_eq!(body.matches(old.as_str()).count(), 1, "{body}");
+    let mut copy = message.clone();
+    copy.body = body.replace(&old, &new).into_bytes();
+    copy
+}
+
+fn values(events: &[Event]) -> Vec<Value> {
+    events.iter().map(|e| e.value.clone()).collect()
+}
+
+#[test]
+fn a_tap_sees_requests_and_replies_with_their_properties() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server("s1", 1);
+    bus.start_server("s2", 1);
+    // Transport defaults: the client sends MessagePack.
+    let transport = Transport::builder(&bus.url)
+        .control_exchange(bus.exchange.as_str())
+        .build()
+        .unwrap();
+    let client = warren::RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+
+    let request = next(&tap, "call request", |m| m.routing_key == bus.topic);
+    assert_eq!(request.exchange, bus.exchange);
+    assert_eq!(
+        request.content_type, "application/msgpack",
+        "the default codec"
+    );
+    assert_eq!(request.content_encoding, "binary");
+    assert_eq!(request.queues, [bus.topic.clone()]);
+    assert!(!request.mandatory);
+    assert!(request.headers.is_empty());
+    let expiration = request.expiration.expect("a call expires with its caller");
+    assert!(
+        expiration <= Duration::from_secs(60) && expiration > Duration::from_secs(50),
+        "{expiration:?}: the default rpc_response_timeout"
+    );
+    let msg_id = request.field("_msg_id").expect("a call has a _msg_id");
+    let unique_id = request.field("_unique_id").expect("a _unique_id");
+    for id in [&msg_id, &unique_id] {
+        assert_eq!(id.len(), 32, "uuid4 hex: {id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    }
+    assert_ne!(msg_id, unique_id);
+    assert_eq!(request.field("method").as_deref(), Some("whoami"));
+    assert_eq!(field(&request, "args"), json!({}));
+    assert_eq!(field(&request, "_context_user_id"), "alice");
+    let reply_q = transport
+        .reply_queue_name()
+        .expect("a reply queue after a call");
+    assert_eq!(request.field("_reply_q"), Some(reply_q.clone()));
+
+    let reply = next(&tap, "reply", |m| m.exchange.is_empty());
+    assert_eq!(reply.routing_key, reply_q);
+    assert_eq!(reply.queues, std::slice::from_ref(&reply_q));
+    assert_eq!(reply.content_type, "application/msgpack");
+    assert_eq!(reply.expiration, None);
+    assert_eq!(reply.field("_msg_id"), Some(msg_id));
+    assert_eq!(field(&reply, "result"), json!(who));
+    assert_eq!(field(&reply, "ending"), json!(true));
+    assert_eq!(field(&reply, "failure"), Value::Null);
+
+    // A fanout cast goes to `<topic>_fanout`, one copy per server's fanout queue.
+    client
+        .prepare()
+        .fanout(true)
+        .cast(&ctx(), "record", &json!({"n": 1}))
+        .unwrap();
+    let fanout = next(&tap, "fanout cast", |m| !m.exchange.is_empty());
+    assert_eq!(fanout.exchange, format!("{}_fanout", bus.topic));
+    assert_eq!(fanout.routing_key, "");
+    assert_eq!(fanout.queues.len(), 2, "{:?}", fanout.queues);
+    assert_eq!(fanout.expiration, None);
+    assert_eq!(fanout.field("_msg_id"), None, "a cast has no _msg_id");
+    bus.expect_events(2, WAIT);
+}
+
+#[test]
+fn replies_travel_in_the_codec_of_their_request() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    // s1 sends MessagePack (the bus's servers do), s2 JSON.
+    bus.start_server("s1", 1);
+    let (events, _) = crossbeam_channel::unbounded();
+    let json_transport = bus.transport(Codec::Json);
+    let mut builder = RpcServer::builder(
+        &json_transport,
+        Target::new(bus.topic.as_str()).with_server("s2"),
+    );
+    for endpoint in common::endpoints("s2", events) {
+        builder = builder.endpoint(endpoint);
+    }
+    let s2 = builder.workers(1).build().unwrap();
+    s2.start().unwrap();
+    for server in ["s1", "s2"] {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let client = bus.client(codec);
+            let who: String = client
+                .prepare()
+                .server(server)
+                .call(&ctx(), "whoami", &())
+                .unwrap();
+            assert_eq!(who, server);
+            let key = format!("{}.{server}", bus.topic);
+            let request = next(&tap, "call request", |m| m.routing_key == key);
+            assert_eq!(request.codec(), Some(codec));
+            let msg_id = request.field("_msg_id").expect("a _msg_id");
+            let reply = next(&tap, "reply", |m| m.exchange.is_empty());
+            assert_eq!(reply.field("_msg_id"), Some(msg_id));
+            assert_eq!(
+                reply.content_type,
+                codec.content_type(),
+                "{server} answered a {codec} call in another codec"
+            );
+            assert_eq!(field(&reply, "result"), json!(server));
+        }
+    }
+    s2.stop();
+    s2.wait();
+}
+
+#[test]
+fn a_server_drops_requests_whose_unique_id_it_has_seen() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    // One worker: the queue is handled in order, so a duplicate that ran would show up
+    // before whatever follows it.
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+
+    client
+        .cast(&ctx(), "record", &json!({"id": "cast"}))
+        .unwrap();
+    let cast = next(&tap, "cast", |m| m.routing_key == bus.topic);
+    assert_eq!(values(&bus.expect_events(1, WAIT)), [json!({"id": "cast"})]);
+    assert_eq!(tap.publish(&cast), 1, "the same bytes again");
+    // The same request under a new `_unique_id` is a new request.
+    assert_eq!(tap.publish(&with_new_unique_id(&cast)), 1);
+    client
+        .cast(&ctx(), "record", &json!({"id": "next"}))
+        .unwrap();
+    assert_eq!(
+        values(&bus.expect_events(2, WAIT)),
+        [json!({"id": "cast"}), json!({"id": "next"})],
+        "the duplicate cast ran again (or the renamed copy did not run)"
+    );
+
+    let _: Value = client
+        .call(&ctx(), "record", &json!({"id": "call"}))
+        .unwrap();
+    assert_eq!(values(&bus.expect_events(1, WAIT)), [json!({"id": "call"})]);
+    let call = next(&tap, "call", |m| {
+        m.routing_key == bus.topic && m.field("_msg_id").is_some()
+    });
+    let msg_id = call.field("_msg_id");
+    assert_eq!(tap.publish(&call), 1);
+    client
+        .cast(&ctx(), "record", &json!({"id": "after"}))
+        .unwrap();
+    assert_eq!(
+        values(&bus.expect_events(1, WAIT)),
+        [json!({"id": "after"})],
+        "the duplicate call ran again"
+    );
+    let replies = tap
+        .drain()
+        .into_iter()
+        .filter(|m| m.exchange.is_empty() && m.field("_msg_id") == msg_id)
+        .count();
+    assert_eq!(replies, 1, "a duplicate call is not answered twice");
+    bus.expect_quiet(Duration::from_millis(100));
+}
+
+#[test]
+fn a_notification_listener_drops_notifications_whose_unique_id_it_has_seen() {
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+        let _ = seen_tx.send(n.event_type.clone());
+        NotificationResult::Handled
+    });
+    let listener = NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+        .endpoint(endpoint)
+        .workers(1)
+        .build()
+        .unwrap();
+    listener.start().unwrap();
+    let notifier = Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str()]);
+    let key = format!("{}.info", bus.topic);
+
+    notifier.info(&ctx(), "first", &json!({})).unwrap();
+    let sent = next(&tap, "notification", |m| m.routing_key == key);
+    assert_eq!(seen.recv_timeout(WAIT).as_deref(), Ok("first"));
+    assert_eq!(tap.publish(&sent), 1, "the same bytes again");
+    assert_eq!(tap.publish(&with_new_unique_id(&sent)), 1);
+    notifier.info(&ctx(), "second", &json!({})).unwrap();
+    let next_two: Vec<String> = (0..2)
+        .map(|_| seen.recv_timeout(WAIT).expect("a notification"))
+        .collect();
+    assert_eq!(
+        next_two,
+        ["first", "second"],
+        "the duplicate notification was handled again (or the renamed copy was not)"
+    );
+    assert!(seen.recv_timeout(Duration::from_millis(100)).is_err());
+    listener.stop();
+    listener.wait();
+}
+
+#[test]
+fn notifications_carry_oslo_upper_case_priorities_on_the_wire() {
+    // oslo's names on the wire, written out here rather than taken from the code.
+    let wire_names = [
+        (Priority::Audit, "AUDIT"),
+        (Priority::Debug, "DEBUG"),
+        (Priority::Info, "INFO"),
+        (Priority::Warn, "WARN"),
+        (Priority::Error, "ERROR"),
+        (Priority::Critical, "CRITICAL"),
+        (Priority::Sample, "SAMPLE"),
+    ];
+    assert_eq!(wire_names.len(), Priority::ALL.len());
+    assert!(Priority::ALL
+        .iter()
+        .all(|p| wire_names.iter().any(|(q, _)| q == p)));
+
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let transport = bus.transport(Codec::MsgPack);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let mut endpoint = NotificationEndpoint::new();
+    for priority in Priority::ALL {
+        let seen_tx = seen_tx.clone();
+        endpoint = endpoint.on(priority, move |n: &Notification| {
+            let _ = seen_tx.send((n.priority, n.event_type.clone()));
+            NotificationResult::Handled
+        });
+    }
+    let listener = NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+        .endpoint(endpoint)
+        .workers(1)
+        .build()
+        .unwrap();
+    listener.start().unwrap();
+    let notifier = Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str()]);
+    for format in [NotificationFormat::V2, NotificationFormat::V1] {
+        for (priority, wire) in wire_names {
+            let event_type = format!("compute.instance.{wire}");
+            notifier
+                .prepare()
+                .format(format)
+                .notify(&ctx(), priority, &event_type, &json!({"n": 1}))
+                .unwrap();
+            let sent = next(&tap, "notification", |m| !m.exchange.is_empty());
+            assert_eq!(sent.exchange, bus.exchange);
+            assert_eq!(
+                sent.routing_key,
+                format!("{}.{}", bus.topic, wire.to_lowercase())
+            );
+            assert_eq!(
+                sent.content_type, "application/json",
+                "notifications are oslo's JSON whatever the transport's codec"
+            );
+            let enveloped = sent.body.starts_with(br#"{"oslo.version": "2.0""#);
+            assert_eq!(enveloped, format == NotificationFormat::V2, "{format:?}");
+            assert_eq!(
+                sent.field("priority").as_deref(),
+                Some(wire),
+                "{format:?} {priority:?}"
+            );
+            assert_eq!(sent.field("event_type"), Some(event_type.clone()));
+            assert_eq!(seen.recv_timeout(WAIT), Ok((priority, event_type)));
+        }
+    }
+    listener.stop();
+    listener.wait();
+}
+
+#[test]
+fn remote_error_args_and_kwargs_reach_the_caller() {
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let kwargs: Map<String, Value> =
+        json!({"instance_id": "vm-9", "code": 404, "nested": {"l": [1, 2]}})
+            .as_object()
+            .cloned()
+            .unwrap();
+    let sent = kwargs.clone();
+    let endpoint = Endpoint::new().method(
+        "refuse",
+        move |_: &RequestContext, _: Value| -> Result<(), Failure> {
+            Err(Failure::new(
+                "InstanceNotFound",
+                "nova.exception",
+                "Instance vm-9 could not be found.",
+            )
+            .with_args(vec![json!("vm-9"), json!(2)])
+            .with_kwargs(sent.clone())
+            .expected())
+        },
+    );
+    let transport = bus.transport(Codec::MsgPack);
+    let server = RpcServer::builder(
+        &transport,
+        Target::new(bus.topic.as_str()).with_server("s1"),
+    )
+    .endpoint(endpoint)
+    .workers(1)
+    .build()
+    .unwrap();
+    server.start().unwrap();
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let result: Result<(), Error> = bus.client(codec).call(&ctx(), "refuse", &json!({}));
+        let reply = next(&tap, "reply", |m| m.exchange.is_empty());
+        let failure: Value =
+            serde_json::from_str(reply.field("failure").as_deref().expect("a failure string"))
+                .unwrap();
+        assert_eq!(failure["kwargs"], Value::Object(kwargs.clone()), "sent");
+        match result {
+            Err(Error::Remote {
+                class,
+                module,
+                message,
+                details,
+                ..
+            }) => {
+                assert_eq!(
+                    (class.as_str(), module.as_str(), message.as_str()),
+                    (
+                        "InstanceNotFound",
+                        "nova.exception",
+                        "Instance vm-9 could not be found."
+                    )
+                );
+                assert_eq!(details.args, [json!("vm-9"), json!(2)], "{codec}");
+                assert_eq!(details.kwargs, kwargs, "{codec}");
+            }
+            other => panic!("{codec}: expected a remote error, got {other:?}"),
+        }
+    }
+    server.stop();
+    server.wait();
+}
+
+#[test]
+fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let server = bus.start_server_with("s1", |b| {
+        b.workers(1)
+            .ack_mode(AckMode::AfterHandling { requeue_limit: 2 })
+    });
+    let dlq = server
+        .dead_letter_queue()
+        .expect("a dead-letter queue")
+        .to_string();
+    assert_eq!(dlq, format!("{}_dlq", bus.topic));
+    let client = bus.client(Codec::Json);
+    let failing = json!({"class": "ValueError", "module": "builtins", "message": "no way"});
+    client.cast(&ctx(), "fail", &failing).unwrap();
+
+    // Every re-send goes through the default exchange, its attempts counted.
+    let mut requeued = Vec::new();
+    let dead = loop {
+        let sent = next(&tap, "re-sent cast", |m| m.exchange.is_empty());
+        let attempts = sent.headers.get("x-warren-attempts").cloned();
+        if sent.routing_key == dlq {
+            break sent;
+        }
+        assert_eq!(sent.routing_key, bus.topic, "requeued to its own queue");
+        requeued.push(attempts);
+    };
+    assert_eq!(requeued, [Some(json!(1)), Some(json!(2))]);
+    assert_eq!(dead.headers.get("x-warren-attempts"), Some(&json!(3)));
+    assert_eq!(
+        dead.headers.get("x-warren-failure"),
+        Some(&json!("builtins.ValueError: no way"))
+    );
+    assert_eq!(field(&dead, "method"), "fail");
+    let after = tap.drain();
+    assert!(after.is_empty(), "nothing after the dead letter: {after:?}");
+    assert_eq!(
+        tap.queue_len(&dlq),
+        Some(1),
+        "it waits in the dead-letter queue"
+    );
+    client
+        .cast(&ctx(), "record", &json!({"after": true}))
+        .unwrap();
+    let methods: Vec<String> = bus
+        .expect_events(4, WAIT)
+        .into_iter()
+        .map(|e| e.method)
+        .collect();
+    assert_eq!(
+        methods,
+        ["fail", "fail", "fail", "record"],
+        "requeue_limit 2: three attempts, then the dead-letter queue"
+    );
+}
+
+/// Two servers of one topic whose `work` cast reports `(server, n)`; `s1`'s waits at `gate`.
+fn competing_servers(
+    bus: &Bus,
+    prefetch: Option<u16>,
+    gate: &Arc<Gate>,
+) -> (Vec<RpcServer>, Receiver<(String, i64)>) {
+    let (done_tx, done) = crossbeam_channel::unbounded();
+    let servers = ["s1", "s2"]
+        .into_iter()
+        .map(|name| {
+            let mut builder = Transport::builder(&bus.url).control_exchange(bus.exchange.as_str());
+            if let Some(prefetch) = prefetch {
+                builder = builder.prefetch_count(prefetch);
+            }
+            let transport = builder.build().unwrap();
+            let (done_tx, gate) = (done_tx.clone(), gate.clone());
+            let gated = name == "s1";
+            let server_name = name.to_string();
+            let endpoint = Endpoint::new().method("work", move |_: &RequestContext, n: i64| {
+                let _ = done_tx.send((server_name.clone(), n));
+                if gated {
+                    gate.pass();
+                }
+                Ok::<_, Failure>(())
+            });
+            let server = RpcServer::builder(
+                &transport,
+                Target::new(bus.topic.as_str()).with_server(name),
+            )
+            .endpoint(endpoint)
+            .workers(1)
+            .build()
+            .unwrap();
+            server.start().unwrap();
+            server
+        })
+        .collect();
+    (servers, done)
+}
+
+fn taken_by(done: &Receiver<(String, i64)>, count: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut by = (Vec::new(), Vec::new());
+    for _ in 0..count {
+        let (server, n) = done
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("{count} casts were not all handled: {by:?}"));
+        match server.as_str() {
+            "s1" => by.0.push(n),
+            _ => by.1.push(n),
+        }
+    }
+    by.0.sort_unstable();
+    by.1.sort_unstable();
+    by
+}
+
+#[test]
+fn competing_servers_are_dealt_casts_in_turn() {
+    let bus = Bus::new(&memory_url());
+    let gate = Arc::new(Gate::default());
+    gate.open();
+    let (servers, done) = competing_servers(&bus, None, &gate);
+    let client = bus.client(Codec::MsgPack);
+    for n in 0..10 {
+        client.cast(&ctx(), "work", &json!(n)).unwrap();
+    }
+    assert_eq!(
+        taken_by(&done, 10),
+        (vec![0, 2, 4, 6, 8], vec![1, 3, 5, 7, 9])
+    );
+    drop(servers);
+}
+
+#[test]
+fn prefetch_bounds_what_a_busy_server_is_dealt() {
+    let bus = Bus::new(&memory_url());
+    let gate = Arc::new(Gate::default());
+    let (servers, done) = competing_servers(&bus, Some(1), &gate);
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus.client(Codec::MsgPack);
+    client.cast(&ctx(), "work", &json!(0)).unwrap();
+    assert_eq!(
+        done.recv_timeout(WAIT),
+        Ok(("s1".to_string(), 0)),
+        "s1 is first in turn"
+    );
+    // s1's only worker is held. In turn, s1 is dealt one more (taken by its poll thread,
+    // unacknowledged: its prefetch is then full) and s2 everything else.
+    for n in 1..7 {
+        client.cast(&ctx(), "work", &json!(n)).unwrap();
+    }
+    assert_eq!(taken_by(&done, 5), (vec![], vec![1, 3, 4, 5, 6]));
+    gate.open();
+    assert_eq!(done.recv_timeout(WAIT), Ok(("s1".to_string(), 2)));
+    drop(servers);
+}
+
+#[test]
+fn the_default_prefetch_of_64_bounds_what_one_consumer_is_dealt() {
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let gate = Arc::new(Gate::default());
+    let transport = bus.transport(Codec::MsgPack);
+    assert_eq!(transport.options().prefetch_count, 64);
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let held = gate.clone();
+    let endpoint = Endpoint::new().method("work", move |_: &RequestContext, n: i64| {
+        let _ = started_tx.send(n);
+        held.pass();
+        Ok::<_, Failure>(())
+    });
+    let server = RpcServer::builder(
+        &transport,
+        Target::new(bus.topic.as_str()).with_server("s1"),
+    )
+    .endpoint(endpoint)
+    .workers(1)
+    .build()
+    .unwrap();
+    server.start().unwrap();
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus.client(Codec::MsgPack);
+    client.cast(&ctx(), "work", &json!(0)).unwrap();
+    assert_eq!(started.recv_timeout(WAIT), Ok(0));
+    for n in 1..100 {
+        client.cast(&ctx(), "work", &json!(n)).unwrap();
+    }
+    // The worker holds #0 (acknowledged); 64 unacknowledged are dealt; 35 wait.
+    assert_eq!(tap.queue_len(&bus.topic), Some(35));
+    gate.open();
+    for n in 1..100 {
+        assert_eq!(started.recv_timeout(WAIT), Ok(n), "in order");
+    }
+    assert_eq!(tap.queue_len(&bus.topic), Some(0));
+    server.stop();
+    server.wait();
+}
+
+#[test]
+fn a_stopped_server_hands_over_what_it_was_dealt_and_the_rest_waits() {
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let gate = Arc::new(Gate::default());
+    let (servers, done) = competing_servers(&bus, Some(3), &gate);
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus.client(Codec::MsgPack);
+    client.cast(&ctx(), "work", &json!(0)).unwrap();
+    assert_eq!(done.recv_timeout(WAIT), Ok(("s1".to_string(), 0)));
+    let s2 = &servers[1];
+    s2.stop();
+    s2.wait();
+    // Only s1 consumes: it is dealt 3 (its prefetch), the rest waits in the queue.
+    for n in 1..10 {
+        client.cast(&ctx(), "work", &json!(n)).unwrap();
+    }
+    assert_eq!(tap.queue_len(&bus.topic), Some(6));
+    // Stopped, s1 still runs what it was dealt; nothing more.
+    let s1 = &servers[0];
+    s1.stop();
+    gate.open();
+    s1.wait();
+    assert_eq!(taken_by(&done, 3), (vec![1, 2, 3], vec![]));
+    assert!(done.try_recv().is_err());
+    assert_eq!(tap.queue_len(&bus.topic), Some(6));
+    // The rest goes to whoever consumes next.
+    s2.start().unwrap();
+    assert_eq!(taken_by(&done, 6), (vec![], vec![4, 5, 6, 7, 8, 9]));
+    drop(servers);
+}

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::context::RequestContext;
 use crate::driver::{Outgoing, Route, SendOptions};
 use crate::error::{Error, Result};
+use crate::observe::{ClientRequest, Event, Hook, Outcome};
 use crate::target::Target;
 use crate::transport::Transport;
 use crate::version::Version;
@@ -247,6 +248,53 @@ impl RpcClient {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
+        let hook = self.transport.hook();
+        let Some(started) = hook.start() else {
+            return self.send_call(ctx, method, args);
+        };
+        match self.send_call(ctx, method, args) {
+            Ok(mut pending) => {
+                pending.observed = Some(Box::new(Observed {
+                    hook: hook.clone(),
+                    started,
+                    topic: self.target.topic.clone().unwrap_or_default(),
+                    server: self.target.server.clone(),
+                    namespace: self.target.namespace.clone(),
+                }));
+                Ok(pending)
+            }
+            Err(error) => {
+                hook.emit(|| Event::CallFinished {
+                    call: self.observed_request(method),
+                    outcome: Outcome::of_error(&error),
+                    duration: started.elapsed(),
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// What an observer is told about a call or cast of `method`.
+    fn observed_request<'a>(&'a self, method: &'a str) -> ClientRequest<'a> {
+        ClientRequest {
+            topic: self.target.topic.as_deref().unwrap_or_default(),
+            server: self.target.server.as_deref(),
+            namespace: self.target.namespace.as_deref(),
+            method,
+            fanout: self.target.fanout,
+        }
+    }
+
+    fn send_call<A, R>(
+        &self,
+        ctx: &RequestContext,
+        method: &str,
+        args: &A,
+    ) -> Result<PendingCall<R>>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
         if self.target.fanout {
             return Err(Error::invalid_target("a call cannot be used with fanout"));
         }
@@ -307,6 +355,7 @@ impl RpcClient {
             timeout,
             deadline,
             monitor: self.call_monitor_timeout,
+            observed: None,
             result: PhantomData,
         })
     }
@@ -314,6 +363,23 @@ impl RpcClient {
     /// Sends `method` with `args` without waiting for it to run; returns once the broker has
     /// the message. With `fanout(true)`, every server of the topic gets it.
     pub fn cast<A>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let hook = self.transport.hook();
+        let Some(started) = hook.start() else {
+            return self.send_cast(ctx, method, args);
+        };
+        let result = self.send_cast(ctx, method, args);
+        hook.emit(|| Event::CastSent {
+            cast: self.observed_request(method),
+            outcome: Outcome::of_client(&result),
+            duration: started.elapsed(),
+        });
+        result
+    }
+
+    fn send_cast<A>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<()>
     where
         A: Serialize + ?Sized,
     {
@@ -419,7 +485,18 @@ pub struct PendingCall<R> {
     timeout: Duration,
     deadline: Instant,
     monitor: Option<Duration>,
+    /// Set when the transport has an observer: what to tell it when the call ends.
+    observed: Option<Box<Observed>>,
     result: PhantomData<fn() -> R>,
+}
+
+/// A pending call's start and target, for the transport's observer.
+struct Observed {
+    hook: Hook,
+    started: Instant,
+    topic: String,
+    server: Option<String>,
+    namespace: Option<String>,
 }
 
 impl<R> fmt::Debug for PendingCall<R> {
@@ -440,7 +517,26 @@ impl<R: DeserializeOwned> PendingCall<R> {
 
     /// Waits for the result, until the call's deadline (its timeout counted from
     /// [`RpcClient::start_call`]). Errors as [`RpcClient::call`].
-    pub fn wait(self) -> Result<R> {
+    pub fn wait(mut self) -> Result<R> {
+        let Some(observed) = self.observed.take() else {
+            return self.receive();
+        };
+        let result = self.receive();
+        observed.hook.emit(|| Event::CallFinished {
+            call: ClientRequest {
+                topic: &observed.topic,
+                server: observed.server.as_deref(),
+                namespace: observed.namespace.as_deref(),
+                method: &self.method,
+                fanout: false,
+            },
+            outcome: Outcome::of_client(&result),
+            duration: observed.started.elapsed(),
+        });
+        result
+    }
+
+    fn receive(&self) -> Result<R> {
         let timed_out = || Error::Timeout {
             msg_id: self.msg_id.clone(),
             method: self.method.clone(),

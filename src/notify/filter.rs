@@ -73,7 +73,7 @@ impl NotificationFilter {
     /// Whether `notification` passes.
     pub fn matches(&self, notification: &Notification) -> bool {
         let field = |pattern: &Option<Regex>, value: &str| {
-            pattern.as_ref().map_or(true, |p| p.is_match(value))
+            pattern.as_ref().is_none_or(|p| p.is_match(value))
         };
         field(&self.event_type, &notification.event_type)
             && field(&self.publisher_id, &notification.publisher_id)

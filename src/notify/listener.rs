@@ -78,6 +78,38 @@ impl NotificationEndpoint {
 }
 
 /// Builds a [`NotificationListener`].
+///
+/// ```
+/// use warren::{
+///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Priority, Target,
+///     Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-notification-listener-builder/")?;
+/// let handled = |_: &Notification| NotificationResult::Handled;
+/// let endpoint = NotificationEndpoint::new()
+///     .on(Priority::Info, handled)
+///     .on(Priority::Error, handled);
+///
+/// // By default, oslo's shared `<topic>.<priority>` queues, one per priority handled.
+/// let shared = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint.clone())
+///     .build()?;
+/// assert_eq!(shared.queues(), ["notifications.info", "notifications.error"]);
+///
+/// // A pool gets its own copy of every notification, in one queue.
+/// let billing = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint)
+///     .pool("billing")
+///     .workers(2)
+///     .build()?;
+/// assert_eq!(billing.queues(), ["billing"]);
+///
+/// // A listener needs some handler.
+/// let idle = NotificationListener::builder(&transport, vec![Target::new("notifications")]);
+/// assert!(idle.build().is_err());
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct NotificationListenerBuilder {
     transport: Transport,
@@ -216,6 +248,37 @@ impl NotificationListenerBuilder {
 /// [`allow_requeue`](NotificationListenerBuilder::allow_requeue), one a handler asked to requeue
 /// (or that made it panic) goes back to its queue instead. `start`, `stop` and `wait` work as
 /// on [`RpcServer`](crate::RpcServer).
+///
+/// Wire-compatible with oslo's `messagingv2` (enveloped) and `messaging` (bare) notifications.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+/// use serde_json::json;
+/// use warren::{
+///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+///     Priority, RequestContext, Target, Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-notification-listener/")?;
+/// let (seen_tx, seen) = mpsc::channel();
+/// let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+///     seen_tx.send(n.event_type.clone()).unwrap();
+///     NotificationResult::Handled
+/// });
+/// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint)
+///     .build()?;
+/// listener.start()?;
+///
+/// let notifier = Notifier::new(&transport, "compute.host-1");
+/// notifier.info(&RequestContext::new(), "compute.instance.create.end", &json!({"id": 1}))?;
+/// assert_eq!(seen.recv_timeout(Duration::from_secs(5)).unwrap(), "compute.instance.create.end");
+///
+/// listener.stop();
+/// listener.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 pub struct NotificationListener {
     lifecycle: Lifecycle,
     spec: ListenSpec,
@@ -250,6 +313,36 @@ impl NotificationListener {
     }
 
     /// Declares the queues and starts consuming (see [`RpcServer::start`](crate::RpcServer::start)).
+    ///
+    /// A notifier declares the queue it sends to, so notifications sent before the listener
+    /// starts wait for it:
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{
+    ///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+    ///     Priority, RequestContext, Target, Transport,
+    /// };
+    ///
+    /// let transport = Transport::new("memory://doc-notification-listener-start/")?;
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.info(&RequestContext::new(), "compute.instance.exists", &json!({"id": 1}))?;
+    ///
+    /// let (seen_tx, seen) = mpsc::channel();
+    /// let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+    ///     seen_tx.send(n.event_type.clone()).unwrap();
+    ///     NotificationResult::Handled
+    /// });
+    /// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// listener.start()?;
+    /// assert!(listener.is_running());
+    /// assert_eq!(seen.recv_timeout(Duration::from_secs(5)).unwrap(), "compute.instance.exists");
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn start(&self) -> Result<()> {
         let dispatch = self.dispatch.clone();
         self.lifecycle
@@ -259,11 +352,62 @@ impl NotificationListener {
     }
 
     /// Stops consuming; notifications already taken are still handled.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use warren::{
+    ///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+    ///     Priority, RequestContext, Target, Transport,
+    /// };
+    ///
+    /// let transport = Transport::new("memory://doc-notification-listener-stop/")?;
+    /// let handled = |_: &Notification| NotificationResult::Handled;
+    /// let endpoint = NotificationEndpoint::new().on(Priority::Info, handled);
+    /// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// listener.start()?;
+    /// listener.stop();
+    /// assert!(!listener.is_running());
+    ///
+    /// // What is sent now waits in the queue for the next listener.
+    /// let tap = transport.memory_tap().unwrap();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.info(&RequestContext::new(), "compute.instance.exists", &json!({"id": 1}))?;
+    /// assert_eq!(tap.queue_len("notifications.info"), Some(1));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn stop(&self) {
         self.lifecycle.stop();
     }
 
     /// Waits for `stop()` and the handlers, then closes the listener.
+    ///
+    /// `stop` may come from another thread:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use warren::{
+    ///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Priority, Target,
+    ///     Transport,
+    /// };
+    ///
+    /// let transport = Transport::new("memory://doc-notification-listener-wait/")?;
+    /// let handled = |_: &Notification| NotificationResult::Handled;
+    /// let endpoint = NotificationEndpoint::new().on(Priority::Info, handled);
+    /// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// listener.start()?;
+    ///
+    /// let listener = Arc::new(listener);
+    /// let stopper = Arc::clone(&listener);
+    /// let stopping = std::thread::spawn(move || stopper.stop());
+    /// listener.wait(); // returns once stopped and every handler is done
+    /// assert!(!listener.is_consuming());
+    /// stopping.join().unwrap();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn wait(&self) {
         self.lifecycle.wait();
     }
@@ -374,7 +518,7 @@ impl Dispatch {
             if !endpoint
                 .filter
                 .as_ref()
-                .map_or(true, |f| f.matches(notification))
+                .is_none_or(|f| f.matches(notification))
             {
                 continue;
             }

@@ -4,28 +4,7 @@
 //! that priority. Wire-compatible with oslo's `messagingv2` (enveloped) and `messaging` (bare)
 //! drivers.
 //!
-//! ```
-//! use serde_json::json;
-//! use warren::{Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier, Priority, RequestContext, Target, Transport};
-//!
-//! let transport = Transport::new("memory://notify-doc/")?;
-//! let (seen_tx, seen) = crossbeam_channel::unbounded();
-//! let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
-//!     let _ = seen_tx.send(n.event_type.clone());
-//!     NotificationResult::Handled
-//! });
-//! let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
-//!     .endpoint(endpoint)
-//!     .build()?;
-//! listener.start()?;
-//!
-//! let notifier = Notifier::new(&transport, "compute.host-1");
-//! notifier.info(&RequestContext::new(), "compute.instance.create.end", &json!({"id": 1}))?;
-//! assert_eq!(seen.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), "compute.instance.create.end");
-//! listener.stop();
-//! listener.wait();
-//! # Ok::<(), warren::Error>(())
-//! ```
+//! [`NotificationListener`] has an example of both.
 
 use std::fmt;
 use std::str::FromStr;
@@ -45,6 +24,17 @@ pub use listener::{NotificationEndpoint, NotificationListener, NotificationListe
 pub use notifier::{NotificationFormat, Notifier};
 
 /// oslo's notification priorities.
+///
+/// ```
+/// use warren::Priority;
+///
+/// let priority: Priority = "WARNING".parse()?; // any case; `warning` is `warn`
+/// assert_eq!(priority, Priority::Warn);
+/// assert_eq!(priority.as_str(), "warn"); // in routing keys: `notifications.warn`
+/// assert_eq!(priority.wire_name(), "WARN"); // in the message
+/// assert!("verbose".parse::<Priority>().is_err());
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Priority {
@@ -122,6 +112,44 @@ impl FromStr for Priority {
 
 /// A notification as a listener's handlers see it (oslo's
 /// `(ctxt, publisher_id, event_type, payload, metadata)`).
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+/// use serde::Deserialize;
+/// use serde_json::json;
+/// use warren::{
+///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+///     Priority, RequestContext, Target, Transport,
+/// };
+///
+/// #[derive(Deserialize)]
+/// struct Created { instance_id: String }
+///
+/// let transport = Transport::new("memory://doc-notification/")?;
+/// let (seen_tx, seen) = mpsc::channel();
+/// let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+///     seen_tx.send(n.clone()).unwrap();
+///     NotificationResult::Handled
+/// });
+/// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint)
+///     .build()?;
+/// listener.start()?;
+///
+/// let ctx = RequestContext::new().with("user_id", "alice");
+/// Notifier::new(&transport, "compute.host-1")
+///     .info(&ctx, "compute.instance.create.end", &json!({"instance_id": "vm-1"}))?;
+///
+/// let n = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+/// assert_eq!(n.priority, Priority::Info);
+/// assert_eq!(n.publisher_id, "compute.host-1");
+/// assert_eq!(n.event_type, "compute.instance.create.end");
+/// assert_eq!(n.ctxt.get_str("user_id"), Some("alice"));
+/// assert_eq!(n.payload["instance_id"], "vm-1");
+/// assert_eq!(n.payload_as::<Created>()?.instance_id, "vm-1");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Notification {
@@ -140,6 +168,34 @@ pub struct Notification {
 }
 
 /// oslo's notification metadata.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+/// use serde_json::json;
+/// use warren::{
+///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+///     Priority, RequestContext, Target, Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-notification-metadata/")?;
+/// let (seen_tx, seen) = mpsc::channel();
+/// let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+///     seen_tx.send(n.metadata.clone()).unwrap();
+///     NotificationResult::Handled
+/// });
+/// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint)
+///     .build()?;
+/// listener.start()?;
+/// let notifier = Notifier::new(&transport, "compute.host-1");
+/// notifier.info(&RequestContext::new(), "compute.instance.exists", &json!({}))?;
+///
+/// let metadata = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+/// assert_eq!(metadata.message_id.len(), 36); // e.g. 6486382a-903e-4921-a07f-666e0f0f3687
+/// assert_eq!(metadata.timestamp.len(), "2026-11-25 12:37:22.404495".len());
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NotificationMetadata {
     /// uuid4 with dashes, set by the notifier.
@@ -157,6 +213,42 @@ impl Notification {
 }
 
 /// What a handler tells the listener (oslo's `NotificationResult`).
+///
+/// A handler that cannot deal with a notification yet asks for it again:
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+/// use serde_json::json;
+/// use warren::{
+///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+///     Priority, RequestContext, Target, Transport,
+/// };
+///
+/// let transport = Transport::new("memory://doc-notification-result/")?;
+/// let (done_tx, done) = mpsc::channel();
+/// let deliveries = AtomicUsize::new(0);
+/// let endpoint = NotificationEndpoint::new().on(Priority::Error, move |_: &Notification| {
+///     let delivery = deliveries.fetch_add(1, Ordering::SeqCst) + 1;
+///     if delivery == 1 {
+///         return NotificationResult::Requeue; // say, the database is not reachable yet
+///     }
+///     done_tx.send(delivery).unwrap();
+///     NotificationResult::Handled
+/// });
+/// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+///     .endpoint(endpoint)
+///     .allow_requeue(true)
+///     .build()?;
+/// listener.start()?;
+///
+/// let notifier = Notifier::new(&transport, "compute.host-1");
+/// notifier.error(&RequestContext::new(), "compute.instance.delete.error", &json!({}))?;
+/// // Handled on its second delivery:
+/// assert_eq!(done.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NotificationResult {

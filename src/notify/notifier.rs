@@ -14,6 +14,30 @@ use crate::wire::notification::{utc_timestamp, NotificationOut};
 use crate::wire::{oslo_json, Codec};
 
 /// oslo's notification drivers.
+///
+/// A [`NotificationListener`](crate::NotificationListener) reads both.
+///
+/// ```
+/// use std::time::Duration;
+/// use serde_json::{json, Value};
+/// use warren::{NotificationFormat, Notifier, RequestContext, Transport};
+///
+/// let transport = Transport::new("memory://doc-notification-format/")?;
+/// let tap = transport.memory_tap().unwrap(); // sees what is published
+/// let notifier = Notifier::new(&transport, "compute.host-1");
+/// let body = |notifier: &Notifier| -> warren::Result<Value> {
+///     notifier.info(&RequestContext::new(), "compute.instance.exists", &json!({}))?;
+///     let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+///     Ok(serde_json::from_slice(&sent.body).unwrap())
+/// };
+///
+/// // messagingv2 (the default): the message is a JSON string inside oslo's envelope.
+/// assert_eq!(body(&notifier)?["oslo.version"], "2.0");
+/// // messaging: the bare message.
+/// let bare = notifier.prepare().format(NotificationFormat::V1);
+/// assert_eq!(body(&bare)?["event_type"], "compute.instance.exists");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NotificationFormat {
@@ -114,6 +138,34 @@ impl Notifier {
     }
 
     /// Sends `event_type` with `payload` at `priority` to every topic.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{
+    ///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+    ///     Priority, RequestContext, Target, Transport,
+    /// };
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-notify/")?;
+    /// let (seen_tx, seen) = mpsc::channel();
+    /// let endpoint = NotificationEndpoint::new().on(Priority::Critical, move |n: &Notification| {
+    ///     seen_tx.send(n.payload.clone()).unwrap();
+    ///     NotificationResult::Handled
+    /// });
+    /// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// listener.start()?;
+    ///
+    /// let priority: Priority = "critical".parse()?; // say, from a configuration file
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "volume.host-1");
+    /// notifier.notify(&ctx, priority, "volume.disk.failed", &json!({"disk": "sdb"}))?;
+    /// assert_eq!(seen.recv_timeout(Duration::from_secs(5)).unwrap(), json!({"disk": "sdb"}));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn notify<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -188,6 +240,23 @@ impl Notifier {
     }
 
     /// `audit` priority.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-audit/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.audit(&ctx, "identity.authenticate.success", &json!({"user_id": "alice"}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.audit");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("AUDIT"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn audit<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -198,6 +267,23 @@ impl Notifier {
     }
 
     /// `debug` priority.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-debug/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.debug(&ctx, "compute.instance.poll", &json!({"instance_id": "vm-1"}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.debug");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("DEBUG"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn debug<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -208,6 +294,34 @@ impl Notifier {
     }
 
     /// `info` priority.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{
+    ///     Notification, NotificationEndpoint, NotificationListener, NotificationResult, Notifier,
+    ///     Priority, RequestContext, Target, Transport,
+    /// };
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-info/")?;
+    /// let (seen_tx, seen) = mpsc::channel();
+    /// let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+    ///     seen_tx.send(n.event_type.clone()).unwrap();
+    ///     NotificationResult::Handled
+    /// });
+    /// let listener = NotificationListener::builder(&transport, vec![Target::new("notifications")])
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// listener.start()?;
+    ///
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.info(&ctx, "compute.instance.create.end", &json!({"instance_id": "vm-1"}))?;
+    /// let event_type = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(event_type, "compute.instance.create.end");
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn info<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -218,6 +332,23 @@ impl Notifier {
     }
 
     /// `warn` priority (oslo's `warn` and `warning`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-warn/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.warn(&ctx, "compute.instance.slow_boot", &json!({"seconds": 120}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.warn");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("WARN"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn warn<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -228,6 +359,23 @@ impl Notifier {
     }
 
     /// `error` priority.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-error/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.error(&ctx, "compute.instance.create.error", &json!({"instance_id": "vm-1"}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.error");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("ERROR"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn error<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -238,6 +386,23 @@ impl Notifier {
     }
 
     /// `critical` priority.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-critical/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.critical(&ctx, "compute.host.disk_failed", &json!({"disk": "sdb"}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.critical");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("CRITICAL"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn critical<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,
@@ -248,6 +413,23 @@ impl Notifier {
     }
 
     /// `sample` priority.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use warren::{Notifier, RequestContext, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-notifier-sample/")?;
+    /// let tap = transport.memory_tap().unwrap(); // sees what is published
+    /// let ctx = RequestContext::new();
+    /// let notifier = Notifier::new(&transport, "compute.host-1");
+    /// notifier.sample(&ctx, "compute.instance.cpu", &json!({"cpu_util": 12.5}))?;
+    ///
+    /// let sent = tap.recv_timeout(Duration::from_secs(5)).unwrap();
+    /// assert_eq!(sent.routing_key, "notifications.sample");
+    /// assert_eq!(sent.field("priority").as_deref(), Some("SAMPLE"));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn sample<P: Serialize + ?Sized>(
         &self,
         ctx: &RequestContext,

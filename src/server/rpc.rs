@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use crate::dispatcher::{Dispatcher, HandlerResult};
 use crate::driver::{Acker, Incoming, Outgoing, RawMessage, Redelivery, Route, SendOptions};
 use crate::error::{Error, Result};
+use crate::observe::{Event, Outcome, RequestKind, ServerRequest};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
 use crate::server::dedup::RecentIds;
 use crate::server::reply_retry::{GoneQueues, PendingReply, ReplyRetry};
@@ -86,6 +87,17 @@ impl WorkerContext {
 
     fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// How a request ended, for the transport's observer.
+fn server_outcome(outcome: &HandlerResult) -> Outcome<'_> {
+    match outcome {
+        Ok(_) => Outcome::Ok,
+        Err(failure) => Outcome::Failed {
+            class: failure.class(),
+            expected: failure.is_expected(),
+        },
     }
 }
 
@@ -165,23 +177,37 @@ impl WorkerContext {
                 return;
             }
         }
+        let hook = self.transport.hook();
         let max_size = self.transport.options().max_message_size;
         if size > max_size {
+            let started = hook.start();
+            let request = started.map(|_| self.observed(&header));
+            if let Some(request) = request {
+                hook.emit(|| Event::RequestStarted { request });
+            }
             let failure = Failure::new(
                 "MessageTooLarge",
                 "warren",
                 format!("the request is {size} bytes, over the server's max_message_size ({max_size} bytes)"),
             );
             warn!("refusing {} on {routing_key:?}: {failure}", header.method);
+            let outcome = Err(failure);
             match (&header.msg_id, &header.reply_q) {
                 (Some(msg_id), Some(reply_q)) => {
-                    self.reply(doc.codec, msg_id, reply_q, Err(failure), &threads.retry)
+                    self.reply(doc.codec, msg_id, reply_q, &outcome, &threads.retry)
                 }
                 _ => {
                     if let Some(acker) = acker {
                         acker.reject(false);
                     }
                 }
+            }
+            if let (Some(started), Some(request)) = (started, request) {
+                hook.emit(|| Event::RequestFinished {
+                    request,
+                    outcome: server_outcome(&outcome),
+                    duration: started.elapsed(),
+                });
             }
             return;
         }
@@ -221,6 +247,11 @@ impl WorkerContext {
             }
             _ => None,
         };
+        let started = hook.start();
+        let request = started.map(|_| self.observed(&header));
+        if let Some(request) = request {
+            hook.emit(|| Event::RequestStarted { request });
+        }
         let outcome = self.dispatcher.dispatch(&header, &context, &doc);
         drop(keep_alives);
         if let Err(failure) = &outcome {
@@ -237,16 +268,39 @@ impl WorkerContext {
             }
         }
         if let (Some(msg_id), Some(reply_q)) = (&header.msg_id, &header.reply_q) {
-            self.reply(doc.codec, msg_id, reply_q, outcome, &threads.retry);
+            self.reply(doc.codec, msg_id, reply_q, &outcome, &threads.retry);
         } else if let Some(acker) = acker {
             self.settle_cast(
                 acker,
                 &doc,
                 &header,
-                outcome.err(),
+                outcome.as_ref().err(),
                 &message.queue,
                 message.attempts,
             );
+        }
+        if let (Some(started), Some(request)) = (started, request) {
+            hook.emit(|| Event::RequestFinished {
+                request,
+                outcome: server_outcome(&outcome),
+                duration: started.elapsed(),
+            });
+        }
+    }
+
+    /// What the transport's observer is told about a request (built only when there is one).
+    fn observed<'a>(&'a self, header: &'a RequestHeader) -> ServerRequest<'a> {
+        let namespace = header.namespace.as_deref();
+        ServerRequest {
+            topic: &self.topic,
+            namespace,
+            method: &header.method,
+            kind: if header.msg_id.is_some() {
+                RequestKind::Call
+            } else {
+                RequestKind::Cast
+            },
+            known: self.dispatcher.serves(namespace, &header.method),
         }
     }
 
@@ -258,7 +312,7 @@ impl WorkerContext {
         acker: Acker,
         doc: &Document,
         header: &RequestHeader,
-        failure: Option<Failure>,
+        failure: Option<&Failure>,
         queue: &str,
         attempts: u32,
     ) {
@@ -341,7 +395,7 @@ impl WorkerContext {
         codec: Codec,
         msg_id: &str,
         reply_q: &str,
-        outcome: HandlerResult,
+        outcome: &HandlerResult,
         retry: &ReplyRetry,
     ) {
         if self.gone.contains(reply_q) {
@@ -360,7 +414,7 @@ impl WorkerContext {
                 unique_id: &unique_id,
             })
         };
-        let body = match &outcome {
+        let body = match outcome {
             Ok(result) => encode(Some(result.as_ref()), None).or_else(|e| {
                 let failure = Failure::new(
                     "TypeError",

@@ -73,6 +73,15 @@ impl Failure {
     /// A failure describing any Rust error: the class is the error type's name, the module its
     /// Rust path with `.` separators, the message its `Display`, and the traceback its chain of
     /// sources.
+    ///
+    /// ```
+    /// use warren::Failure;
+    ///
+    /// let err = "ten".parse::<u32>().unwrap_err();
+    /// let failure = Failure::from_error(&err);
+    /// assert_eq!(failure.class(), "ParseIntError");
+    /// assert_eq!(failure.message(), "invalid digit found in string");
+    /// ```
     pub fn from_error<E: std::error::Error + ?Sized>(error: &E) -> Failure {
         let type_name = std::any::type_name::<E>();
         let (module, class) = split_type_name(type_name);

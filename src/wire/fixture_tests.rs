@@ -22,6 +22,8 @@ pub(crate) struct Captured {
     pub properties: Map<String, Value>,
     pub body: String,
     pub inner: Map<String, Value>,
+    /// What the case sent (`target`, `topics`...), from the case file's `options`.
+    pub options: Value,
 }
 
 /// Every message of every case file.
@@ -63,6 +65,7 @@ pub(crate) fn captured_messages() -> Vec<Captured> {
                 properties: m["properties"].as_object().expect("properties").clone(),
                 body,
                 inner,
+                options: case["options"].clone(),
             });
         }
     }
@@ -248,6 +251,8 @@ fn failures_map_to_remote_errors() {
 
 #[test]
 fn notifications_open_with_and_without_envelope() {
+    let control_exchange = crate::options::TransportOptions::default().control_exchange;
+    let mut seen = 0;
     for c in captured_messages()
         .iter()
         .filter(|c| c.role == "notification")
@@ -256,25 +261,70 @@ fn notifications_open_with_and_without_envelope() {
         let message: Map<String, Value> =
             doc.decode().unwrap_or_else(|e| panic!("{}: {e}", c.file));
         assert_eq!(message, c.inner, "{}", c.file);
-        assert_eq!(c.exchange, "openstack");
-        assert_eq!(c.routing_key, "notifications.info");
+        // oslo sends the priority in upper case, and routes by its lower-case name.
+        let priority = str_field(&message, "priority").expect("a priority");
+        assert_eq!(priority, "INFO", "{}", c.file);
+        assert_eq!(Some(priority), c.options["priority"].as_str(), "{}", c.file);
+        let parsed: crate::notify::Priority = priority.parse().expect("a known priority");
+        let topic = c.options["topics"][0].as_str().expect("a topic");
+        assert_eq!(
+            c.routing_key,
+            format!("{topic}.{}", parsed.as_str()),
+            "{}",
+            c.file
+        );
+        assert_eq!(c.exchange, control_exchange, "{}", c.file);
+        seen += 1;
     }
+    assert_eq!(seen, 3);
 }
 
+/// Where warren would publish what oslo did, from what each case asked for (its target), and
+/// for replies the `_reply_q` of the case's request: the same exchange and routing key.
 #[test]
 fn routes_match_the_captures() {
     use crate::driver::Route;
-    for c in captured_messages() {
+    use crate::target::Target;
+    let control_exchange = crate::options::TransportOptions::default().control_exchange;
+    let messages = captured_messages();
+    let mut checked = 0;
+    for c in &messages {
+        let asked = &c.options["target"];
+        let mut target = Target::new(asked["topic"].as_str().unwrap_or_default());
+        if let Some(server) = asked["server"].as_str() {
+            target = target.with_server(server);
+        }
+        let routing_key = target.routing_key();
+        let request = || {
+            messages
+                .iter()
+                .find(|r| r.file == c.file && r.role == "rpc_call_request")
+                .unwrap_or_else(|| panic!("{}: no request for the reply", c.file))
+        };
         let route = match c.role.as_str() {
-            "rpc_cast_fanout" => Route::Fanout {
-                topic: "oslo_wire_topic",
-            },
-            "rpc_reply" | "rpc_reply_heartbeat" => Route::Direct {
-                queue: &c.routing_key,
-            },
+            "rpc_cast_fanout" => {
+                assert_eq!(asked["fanout"], true, "{}", c.file);
+                Route::Fanout {
+                    topic: target.topic.as_deref().unwrap_or_default(),
+                }
+            }
+            "rpc_reply" | "rpc_reply_heartbeat" => {
+                let request = request();
+                assert_eq!(
+                    str_field(&c.inner, "_msg_id"),
+                    str_field(&request.inner, "_msg_id"),
+                    "{}",
+                    c.file
+                );
+                Route::Direct {
+                    queue: str_field(&request.inner, "_reply_q").expect("a _reply_q"),
+                }
+            }
             "rpc_call_request" | "rpc_cast" => Route::Topic {
-                exchange: "openstack",
-                routing_key: &c.routing_key,
+                exchange: &control_exchange,
+                routing_key: routing_key
+                    .as_deref()
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.file)),
             },
             _ => continue,
         };
@@ -284,7 +334,9 @@ fn routes_match_the_captures() {
             "{}",
             c.file
         );
+        checked += 1;
     }
+    assert_eq!(checked, 17, "9 requests, 6 replies, 2 keep-alives");
 }
 
 #[test]

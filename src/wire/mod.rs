@@ -25,6 +25,19 @@ pub(crate) mod oslo_json;
 ///
 /// Servers read both codecs (detected by `content_type`) and reply in the request's codec;
 /// a transport's codec only decides what it sends.
+///
+/// ```
+/// use warren::{Codec, Transport};
+///
+/// // oslo's JSON, to talk to Python services (the `codec` URL option, or the builder's).
+/// let transport = Transport::new("memory://doc-codec/?codec=json")?;
+/// assert_eq!(transport.options().codec, Codec::Json);
+///
+/// assert_eq!("msgpack".parse::<Codec>()?, Codec::MsgPack);
+/// assert_eq!(Codec::MsgPack.content_type(), "application/msgpack");
+/// assert_eq!(Codec::from_content_type("application/json; charset=utf-8"), Some(Codec::Json));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Codec {

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warren::{
-    Codec, Error, Notification, NotificationEndpoint, NotificationFilter, NotificationFormat,
-    NotificationListener, NotificationResult, Notifier, Priority, RequestContext, RpcClient,
-    RpcServer, Target,
+    Codec, Endpoint, Error, Failure, Notification, NotificationEndpoint, NotificationFilter,
+    NotificationFormat, NotificationListener, NotificationResult, Notifier, Priority,
+    RequestContext, RpcClient, RpcServer, Target,
 };
 
+use super::gate::{Gate, OpenOnDrop};
 use super::{unique, Bus};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -165,6 +166,12 @@ pub fn calls_round_robin_across_servers(url: &str) {
     }
     assert_eq!(served.len(), 2, "{served:?}");
     assert!(served.values().all(|&n| n >= 10), "{served:?}");
+    if !bus.is_rabbit() {
+        // The in-process broker deals a queue's messages to its consumers in turn, as
+        // RabbitMQ does, whatever the threads' scheduling.
+        assert_eq!(served["s1"], 20, "{served:?}");
+        assert_eq!(served["s2"], 20, "{served:?}");
+    }
 }
 
 pub fn server_routing_reaches_only_that_server(url: &str) {
@@ -206,7 +213,17 @@ pub fn many_client_threads_share_one_client(url: &str) {
 
 pub fn one_thread_keeps_many_calls_outstanding(url: &str) {
     let mut bus = Bus::new(url);
-    bus.start_server("s1", 4);
+    let gate = std::sync::Arc::new(Gate::default());
+    let (gated_tx, gated_calls) = crossbeam_channel::unbounded();
+    let held = gate.clone();
+    let gated = Endpoint::new().method("gated", move |_: &RequestContext, args: Value| {
+        let _ = gated_tx.send(args["n"].as_i64().unwrap_or_default());
+        held.pass();
+        Ok::<_, Failure>(args["n"].clone())
+    });
+    bus.start_server_with("s1", |b| b.workers(4).endpoint(gated));
+    // Declared after the bus: dropped first, so a failing test never leaves a worker waiting.
+    let _open = OpenOnDrop(gate.clone());
     let transport = bus.transport(Codec::MsgPack);
     let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
     let pending: Vec<_> = (0..40_i64)
@@ -221,19 +238,34 @@ pub fn one_thread_keeps_many_calls_outstanding(url: &str) {
     for (i, call) in pending.into_iter().enumerate().rev() {
         assert_eq!(call.wait().unwrap(), i as i64 + 1000);
     }
-    // A pending call keeps its own deadline, counted from when it was sent.
+    // A pending call keeps its own deadline, counted from when it was sent: once it has
+    // passed, wait() fails at once, while the handler (held at a gate) still runs.
+    let timeout = Duration::from_millis(500);
+    let sent = Instant::now();
     let slow = client
         .prepare()
-        .timeout(Duration::from_millis(300))
-        .start_call::<_, u64>(&ctx(), "sleep", &json!({"ms": 1200}))
+        .timeout(timeout)
+        .start_call::<_, u64>(&ctx(), "gated", &json!({"n": 1}))
         .unwrap();
-    thread::sleep(Duration::from_millis(400));
-    let started = Instant::now();
-    assert!(matches!(slow.wait(), Err(Error::Timeout { .. })));
-    assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "already past its deadline"
+    assert_eq!(
+        gated_calls.recv_timeout(WAIT),
+        Ok(1),
+        "the gated handler never started"
     );
+    let deadline = sent + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        thread::sleep(left);
+    }
+    let waited = Instant::now();
+    let outcome = slow.wait();
+    let took = waited.elapsed();
+    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+    // Counted from wait() instead of from the send, it would block for the whole timeout.
+    assert!(
+        took < timeout,
+        "wait() blocked {took:?} past the call's deadline"
+    );
+    gate.open();
     // An abandoned call leaves nothing registered.
     let abandoned = client.start_call::<_, i64>(&ctx(), "add", &json!({"a": 1, "b": 1}));
     drop(abandoned);

@@ -11,7 +11,7 @@ use warren::{
 };
 
 use crate::input::Inputs;
-use crate::{bounded, term, Doing, Failure};
+use crate::{bounded, Doing, Failure, Output};
 
 /// `warren notify`.
 #[derive(Args)]
@@ -94,7 +94,7 @@ pub fn notify(url: &str, args: NotifyArgs) -> Result<(), Failure> {
     })
 }
 
-pub fn listen(url: &str, args: ListenArgs) -> Result<(), Failure> {
+pub fn listen(url: &str, args: ListenArgs, output: Output) -> Result<(), Failure> {
     let priorities: Vec<Priority> = if args.priority.is_empty() {
         Priority::ALL.to_vec()
     } else {
@@ -138,7 +138,7 @@ pub fn listen(url: &str, args: ListenArgs) -> Result<(), Failure> {
     listener.start()?;
     let mut printed = 0;
     let stdout = std::io::stdout();
-    while args.count.map_or(true, |count| printed < count) {
+    while !matches!(args.count, Some(count) if printed >= count) {
         let Ok(n) = rx.recv_timeout(Duration::from_secs(3600)) else {
             continue;
         };
@@ -151,8 +151,9 @@ pub fn listen(url: &str, args: ListenArgs) -> Result<(), Failure> {
             "metadata": {"message_id": n.metadata.message_id, "timestamp": n.metadata.timestamp},
         });
         let mut out = stdout.lock();
-        // Whatever a publisher put in it, escaped for the terminal (and still the same JSON).
-        if writeln!(out, "{}", term::json(&line))
+        // Whatever a publisher put in it, escaped for the terminal (and still the same JSON):
+        // one line (json), or one indented document per notification (pretty).
+        if writeln!(out, "{}", output.render(&line))
             .and_then(|()| out.flush())
             .is_err()
         {

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use warren::{Codec, RequestContext, RpcClient, Target, Transport};
 
 use crate::input::Inputs;
-use crate::{bounded, term, Doing, Failure};
+use crate::{bounded, Doing, Failure, Output};
 
 /// Where and how to send.
 #[derive(Args)]
@@ -62,7 +62,7 @@ pub struct CastArgs {
     fanout: bool,
 }
 
-pub fn call(url: &str, args: CallArgs) -> Result<(), Failure> {
+pub fn call(url: &str, args: CallArgs, output: Output) -> Result<(), Failure> {
     let prepared = prepare(url, &args.send, false)?;
     let method = args.send.method.as_str();
     let result: Value = bounded(prepared.timeout, Doing::Call(method), || {
@@ -70,7 +70,8 @@ pub fn call(url: &str, args: CallArgs) -> Result<(), Failure> {
             .client
             .call(&prepared.context, method, &prepared.args)
     })?;
-    println!("{}", term::json(&result));
+    // Whatever the server put in it, escaped for the terminal (and still the same JSON).
+    println!("{}", output.render(&result));
     Ok(())
 }
 

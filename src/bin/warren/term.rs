@@ -39,17 +39,31 @@ pub fn line(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Compact JSON for a terminal. serde_json already escapes C0 controls; this escapes the other
-/// unsafe characters as `\uXXXX` too (they can only occur inside JSON strings, all lie in the
-/// BMP, so the JSON stays valid and means the same).
+/// Compact JSON for a terminal, on one line. serde_json already escapes C0 controls; this
+/// escapes the other unsafe characters as `\uXXXX` too (they can only occur inside JSON
+/// strings, all lie in the BMP, so the JSON stays valid and means the same).
 pub fn json(value: &serde_json::Value) -> String {
-    let text = value.to_string();
-    if !text.chars().any(is_unsafe) {
+    escape_json(value.to_string(), false)
+}
+
+/// Indented JSON for a terminal, escaped as [`json`] is. Its newlines are the layout's own:
+/// serde_json writes a newline inside a string as `\n`, so every raw one lies between tokens.
+pub fn json_pretty(value: &serde_json::Value) -> String {
+    // Serializing a `Value` cannot fail (its map keys are strings).
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    escape_json(text, true)
+}
+
+/// `text`, serde_json's output, with each unsafe character as `\uXXXX` (but the layout's
+/// newlines when `layout_newlines`).
+fn escape_json(text: String, layout_newlines: bool) -> String {
+    let escaped = |c: char| is_unsafe(c) && !(layout_newlines && c == '\n');
+    if !text.chars().any(escaped) {
         return text;
     }
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if is_unsafe(c) {
+        if escaped(c) {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
@@ -81,5 +95,27 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&text).unwrap(),
             value
         );
+    }
+
+    #[test]
+    fn pretty_json_keeps_only_its_layout_newlines() {
+        let value = json!({
+            "k\u{9b}": ["\x1b[2J\u{7f}\u{85}\u{202e}\u{2028}\n ok\r\t", {"n": 1}],
+            "empty": {},
+        });
+        let text = json_pretty(&value);
+        assert!(text.lines().count() > 3, "{text}");
+        assert!(
+            text.split('\n').all(|l| !l.chars().any(is_unsafe)),
+            "{text}"
+        );
+        assert!(!text.ends_with('\n'), "{text:?}");
+        assert!(text.contains("\n  \"k\\u009b\": [\n"), "{text}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            value
+        );
+        assert_eq!(json_pretty(&json!(42)), "42");
+        assert_eq!(json_pretty(&json!("a\nb")), r#""a\nb""#);
     }
 }

@@ -24,6 +24,7 @@ use crossbeam_channel::Receiver;
 use log::{debug, info, warn};
 
 use crate::error::{BoxError, Error, Result};
+use crate::observe::{ConnectionRole, ConnectionState, Event, Hook};
 use crate::options::{FailoverStrategy, LoginMethod, TransportOptions};
 use crate::url::{Host, TransportUrl};
 
@@ -51,6 +52,11 @@ pub(crate) struct HostCycle {
     /// Set with TLS: one connector for every host (each host's name is checked as it is
     /// connected to).
     tls: Option<native_tls::TlsConnector>,
+    /// The transport's observer, told when a connection opens, is lost or closes.
+    hook: Hook,
+    /// Per [`ConnectionRole`]: connections lost and not re-established yet, so that the next
+    /// connection of that role is reported as a reconnection.
+    lost: [AtomicUsize; 3],
 }
 
 impl std::fmt::Debug for HostCycle {
@@ -70,7 +76,52 @@ impl HostCycle {
             strategy,
             next: AtomicUsize::new(0),
             tls: None,
+            hook: Hook::default(),
+            lost: Default::default(),
         }
+    }
+
+    /// Reports connection events to `hook`.
+    pub fn with_hook(mut self, hook: Hook) -> HostCycle {
+        self.hook = hook;
+        self
+    }
+
+    /// A connection of `role` opened: reports it as a reconnection if one of that role was
+    /// lost and not re-established yet.
+    fn opened(&self, role: &'static str, address: &str) {
+        if !self.hook.is_on() {
+            return;
+        }
+        let role = ConnectionRole::from_name(role);
+        let lost = &self.lost[role.index()];
+        let reconnected = lost
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        let state = if reconnected {
+            ConnectionState::Reconnected
+        } else {
+            ConnectionState::Connected
+        };
+        self.hook.emit(|| Event::Connection {
+            role,
+            state,
+            address,
+        });
+    }
+
+    /// A connection of `role` was lost.
+    fn lost(&self, role: &'static str, address: &str) {
+        if !self.hook.is_on() {
+            return;
+        }
+        let role = ConnectionRole::from_name(role);
+        self.lost[role.index()].fetch_add(1, Ordering::AcqRel);
+        self.hook.emit(|| Event::Connection {
+            role,
+            state: ConnectionState::Lost,
+            address,
+        });
     }
 
     /// Connects with TLS through `connector`.
@@ -167,6 +218,8 @@ pub(crate) struct Connection {
     host: usize,
     role: &'static str,
     liveness: Option<Receiver<ConnectionBlockedNotification>>,
+    /// The transport's observer, told when this connection closes.
+    hook: Hook,
 }
 
 impl Connection {
@@ -216,12 +269,15 @@ impl Connection {
                             info!("connected to AMQP server on {} ({role})", host.address());
                         }
                         let liveness = inner.listen_for_connection_blocked().ok();
+                        let address = host.address();
+                        hosts.opened(role, &address);
                         return Ok(Connection {
                             inner,
-                            address: host.address(),
+                            address,
                             host: index,
                             role,
                             liveness,
+                            hook: hosts.hook.clone(),
                         });
                     }
                     Err(e) => {
@@ -319,11 +375,22 @@ impl Connection {
     /// host (kombu's `maybe_switch_next`): a host that just died is the last one to retry.
     pub fn abandon(self, hosts: &HostCycle) {
         hosts.failed(self.host);
-        self.close();
+        hosts.lost(self.role, &self.address);
+        self.shut();
     }
 
     /// Closes the connection and joins amiquip's I/O thread.
     pub fn close(self) {
+        self.hook.emit(|| Event::Connection {
+            role: ConnectionRole::from_name(self.role),
+            state: ConnectionState::Closed,
+            address: &self.address,
+        });
+        self.shut();
+    }
+
+    /// Closes the connection (lost or closed: already reported).
+    fn shut(self) {
         let Connection {
             inner,
             address,

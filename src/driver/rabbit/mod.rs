@@ -71,10 +71,13 @@ impl RabbitDriver {
         url: TransportUrl,
         options: TransportOptions,
         sink: ReplySink,
+        hook: crate::observe::Hook,
     ) -> Result<RabbitDriver> {
         let url = Arc::new(url);
         let hosts = Arc::new(
-            HostCycle::new(&url, options.failover_strategy).with_tls(tls::connector(&options.tls)?),
+            HostCycle::new(&url, options.failover_strategy)
+                .with_tls(tls::connector(&options.tls)?)
+                .with_hook(hook),
         );
         let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
         let publisher = Arc::new(Publisher::new(

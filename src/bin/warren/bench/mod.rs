@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use warren::observe::Stats as Observed;
 use warren::{
     Codec, Endpoint, Error, Failure as RemoteFailure, RequestContext, RpcClient, RpcServer, Target,
-    Transport,
+    Transport, TransportBuilder,
 };
 
 use crate::Failure;
@@ -101,6 +102,11 @@ pub struct BenchArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Record what the servers and clients do through an observer on their transports
+    /// (`warren::observe::Stats`) and print its per-method table after the summary (before
+    /// the JSON line): calls, failures, in-flight, latency at each side, connections.
+    #[arg(long)]
+    stats: bool,
 }
 
 /// The codec flag.
@@ -146,6 +152,7 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
             .map_err(|e| Failure::usage(format!("cannot handle signals: {e}")))?;
     }
     let stats = Stats::new();
+    let observed = args.stats.then(|| Arc::new(Observed::new()));
     let started = Instant::now();
     let limit = Limit::new(duration, args.count, stop);
 
@@ -165,6 +172,7 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
                     &topic,
                     &name,
                     count_handled.then(|| stats.clone()),
+                    observed.as_ref(),
                 )?);
             }
         }
@@ -175,7 +183,15 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
                 serve(&stats, &limit, args.count);
                 Ok(())
             }
-            _ => run_clients(url, &args, timeout, &topic, &stats, &limit),
+            _ => run_clients(
+                url,
+                &args,
+                timeout,
+                &topic,
+                &stats,
+                &limit,
+                observed.as_ref(),
+            ),
         };
         ticker_stop.store(true, Ordering::Release);
         let _ = ticker.join();
@@ -206,6 +222,9 @@ pub fn run(url: &str, args: BenchArgs) -> Result<(), Failure> {
         started.elapsed().as_secs_f64(),
     );
     println!("{}", stats::summary(&report));
+    if let Some(observed) = &observed {
+        print!("{}", observed.snapshot());
+    }
     if args.json {
         println!("{report}");
     }
@@ -255,8 +274,11 @@ fn start_server(
     topic: &str,
     name: &str,
     counter: Option<Arc<Stats>>,
+    observed: Option<&Arc<Observed>>,
 ) -> Result<(RpcServer, Transport), Failure> {
-    let transport = Transport::builder(url).codec(args.codec.codec()).build()?;
+    let transport = observe(Transport::builder(url), observed)
+        .codec(args.codec.codec())
+        .build()?;
     let echo_counter = counter.clone();
     let endpoint = Endpoint::new()
         .method("echo", move |_: &RequestContext, args: Payload<'static>| {
@@ -283,9 +305,17 @@ fn start_server(
     Ok((server, transport))
 }
 
+/// With `--stats`, the transport reports to `observed`.
+fn observe(builder: TransportBuilder, observed: Option<&Arc<Observed>>) -> TransportBuilder {
+    match observed {
+        Some(observed) => builder.observer(observed.clone()),
+        None => builder,
+    }
+}
+
 /// `--role server`: waits until the duration, `count` handled messages or a signal end the run.
 fn serve(stats: &Stats, limit: &Limit, count: Option<u64>) {
-    while !limit.over() && count.map_or(true, |n| stats.ok.load(Ordering::Relaxed) < n) {
+    while !limit.over() && count.is_none_or(|n| stats.ok.load(Ordering::Relaxed) < n) {
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -297,8 +327,11 @@ fn run_clients(
     topic: &str,
     stats: &Arc<Stats>,
     limit: &Limit,
+    observed: Option<&Arc<Observed>>,
 ) -> Result<(), Failure> {
-    let transport = Transport::builder(url).codec(args.codec.codec()).build()?;
+    let transport = observe(Transport::builder(url), observed)
+        .codec(args.codec.codec())
+        .build()?;
     let client = RpcClient::new(&transport, Target::new(topic))
         .timeout(timeout)
         .confirm(args.confirm == Switch::On)

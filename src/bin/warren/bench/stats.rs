@@ -287,7 +287,7 @@ impl Limit {
     /// Claims the next operation; `false` when the run is over.
     pub fn claim(&self) -> bool {
         !self.over()
-            && self.remaining.as_ref().map_or(true, |remaining| {
+            && self.remaining.as_ref().is_none_or(|remaining| {
                 remaining
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
                     .is_ok()
