@@ -438,13 +438,25 @@ mod tests {
         b: i64,
     }
 
+    /// The server name `whoami` answers.
+    const SERVER: &str = "unit";
+
+    /// The standard endpoints of the tests (`tests/common/mod.rs`, `endpoints()`) as far as
+    /// the case table of `tests/fixtures/dispatch-rules.json` reaches them, plus methods that
+    /// panic and fail: null namespace 1.3, and namespace `admin` (legacy `old_admin`) 2.1.
     fn dispatcher() -> Dispatcher {
         let v1 = Endpoint::new()
             .version(Version::new(1, 3))
+            .method("echo", |_: &RequestContext, args: Value| {
+                Ok::<_, Failure>(args)
+            })
+            .method("whoami", |_: &RequestContext, _: NoArgs| {
+                Ok::<_, Failure>(SERVER)
+            })
             .method("add", |_: &RequestContext, x: Add| {
                 Ok::<_, Failure>(x.a + x.b)
             })
-            .method("_secret", |_: &RequestContext, _: NoArgs| {
+            .method("_private", |_: &RequestContext, _: NoArgs| {
                 Ok::<_, Failure>(1)
             })
             .method(
@@ -460,84 +472,65 @@ mod tests {
         let admin = Endpoint::new()
             .namespace("admin")
             .legacy_namespace("old_admin")
-            .version(Version::new(2, 0))
+            .version(Version::new(2, 1))
             .method("reset", |_: &RequestContext, _: NoArgs| {
-                Ok::<_, Failure>("done")
+                Ok::<_, Failure>(format!("reset by {SERVER}"))
             });
         Dispatcher::new(vec![v1, admin], AccessPolicy::Default)
     }
 
-    fn class(r: Result<Value, Failure>) -> String {
-        r.unwrap_err().class().to_string()
-    }
-
-    #[test]
-    fn calls_the_compatible_endpoint() {
-        let d = dispatcher();
-        assert_eq!(
-            run(&d, "add", json!({"a": 2, "b": 3}), None, None).unwrap(),
-            json!(5)
-        );
-        assert_eq!(
-            run(&d, "add", json!({"a": 2, "b": 3}), None, Some("1.3")).unwrap(),
-            json!(5)
-        );
-        assert_eq!(
-            run(&d, "reset", json!({}), Some("admin"), Some("2.0")).unwrap(),
-            json!("done")
-        );
-        assert_eq!(
-            run(&d, "reset", json!({}), Some("old_admin"), Some("2.0")).unwrap(),
-            json!("done")
-        );
-    }
-
+    /// oslo's dispatch rules, as the case table of `tests/fixtures/dispatch-rules.json` (shared
+    /// with the memory, RabbitMQ and interop tests) lists them: namespaces, versions,
+    /// `NoSuchMethod` versus `UnsupportedVersion`, private methods. Results, and failures'
+    /// class, module and message, exactly, in both codecs.
     #[test]
     fn no_such_method_versus_unsupported_version() {
+        let table: Value =
+            serde_json::from_str(include_str!("../tests/fixtures/dispatch-rules.json")).unwrap();
+        let cases = table["cases"].as_array().unwrap();
+        assert!(!cases.is_empty());
         let d = dispatcher();
-        let missing = run(&d, "nope", json!({}), None, None).unwrap_err();
-        assert_eq!(missing.class(), "NoSuchMethod");
-        assert_eq!(missing.module(), "oslo_messaging.rpc.dispatcher");
-        assert_eq!(
-            missing.message(),
-            "Endpoint does not support RPC method nope"
-        );
-        let newer = run(&d, "add", json!({"a": 1, "b": 1}), None, Some("1.4")).unwrap_err();
-        assert_eq!(newer.class(), "UnsupportedVersion");
-        assert_eq!(
-            newer.message(),
-            "Endpoint does not support RPC version 1.4. Attempted method: add"
-        );
-        assert_eq!(
-            class(run(&d, "add", json!({}), None, Some("2.0"))),
-            "UnsupportedVersion"
-        );
-        // A namespace nobody serves is a version problem, as in oslo.
-        assert_eq!(
-            class(run(&d, "add", json!({}), Some("other"), None)),
-            "UnsupportedVersion"
-        );
-        // Compatible namespace and version, but the method lives elsewhere.
-        assert_eq!(
-            class(run(&d, "add", json!({}), Some("admin"), Some("2.0"))),
-            "NoSuchMethod"
-        );
-        assert_eq!(
-            class(run(&d, "add", json!({}), None, Some("one"))),
-            "ValueError"
-        );
+        for case in cases {
+            let (namespace, version) = (case["namespace"].as_str(), case["version"].as_str());
+            let method = case["method"].as_str().unwrap();
+            let got = run(&d, method, json!({}), namespace, version);
+            let expect = &case["expect"];
+            match (got, expect.get("result")) {
+                (Ok(value), Some(result)) => {
+                    let result = match result {
+                        Value::String(text) => json!(text.replace("{server}", SERVER)),
+                        other => other.clone(),
+                    };
+                    assert_eq!(value, result, "{case}");
+                }
+                (Err(failure), None) => {
+                    let module = expect["module"]
+                        .as_str()
+                        .unwrap_or("oslo_messaging.rpc.dispatcher");
+                    assert_eq!(
+                        (failure.class(), failure.module(), failure.message()),
+                        (
+                            expect["error"].as_str().unwrap(),
+                            module,
+                            expect["message"].as_str().unwrap()
+                        ),
+                        "{case}"
+                    );
+                }
+                (got, _) => panic!("{case}: got {got:?}"),
+            }
+        }
     }
 
     #[test]
     fn private_methods_are_refused_by_default() {
-        assert_eq!(
-            class(run(&dispatcher(), "_secret", json!({}), None, None)),
-            "NoSuchMethod"
-        );
+        // As in the case table, and served under the legacy policy.
+        let refused = run(&dispatcher(), "_private", json!({}), None, None).unwrap_err();
+        assert_eq!(refused.class(), "NoSuchMethod");
         let mut legacy = dispatcher();
         legacy.policy = AccessPolicy::Legacy;
         assert_eq!(
-            run(&legacy, "_secret", json!({}), None, None).unwrap(),
+            run(&legacy, "_private", json!({}), None, None).unwrap(),
             json!(1)
         );
     }
@@ -570,6 +563,36 @@ mod tests {
         assert_eq!(
             (failed.class(), failed.message()),
             ("ValueError", "bad value")
+        );
+    }
+
+    #[test]
+    fn which_methods_a_dispatcher_serves() {
+        let d = dispatcher();
+        assert!(d.serves(None, "add"));
+        assert!(!d.serves(None, "nope"), "an unknown method");
+        assert!(!d.serves(None, "_private"), "a private one");
+        assert!(!d.serves(None, "reset"), "in another namespace");
+        assert!(d.serves(Some("admin"), "reset"));
+        assert!(d.serves(Some("old_admin"), "reset"), "a legacy namespace");
+        assert!(!d.serves(Some("admin"), "add"));
+        let legacy = Dispatcher::new(d.endpoints.clone(), AccessPolicy::Legacy);
+        assert!(legacy.serves(None, "_private"));
+    }
+
+    #[test]
+    fn endpoints_know_their_methods_and_describe_themselves() {
+        let d = dispatcher();
+        let [v1, admin] = [&d.endpoints[0], &d.endpoints[1]];
+        assert!(v1.has_method("add") && v1.has_method("_private"));
+        assert!(!v1.has_method("reset") && admin.has_method("reset"));
+        assert_eq!(
+            format!("{v1:?}"),
+            r#"Endpoint { namespace: None, version: "1.3", methods: ["_private", "add", "boom", "echo", "fail", "whoami"] }"#
+        );
+        assert_eq!(
+            format!("{admin:?}"),
+            r#"Endpoint { namespace: Some("admin"), version: "2.1", methods: ["reset"] }"#
         );
     }
 }

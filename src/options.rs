@@ -1015,4 +1015,106 @@ mod tests {
             "failed applies change nothing"
         );
     }
+
+    #[test]
+    fn ssl_version_names_map_to_minimum_tls_versions() {
+        let min = |value: &str| {
+            let mut options = TransportOptions::default();
+            options
+                .apply("ssl_version", value)
+                .map(|_| options.tls.min_version)
+        };
+        for any in ["", "SSLv23", "TLS", " TLS "] {
+            assert_eq!(min(any).unwrap(), None, "{any:?}");
+        }
+        assert_eq!(min("TLSv1").unwrap(), Some(TlsVersion::Tls10));
+        assert_eq!(min("TLSv1_1").unwrap(), Some(TlsVersion::Tls11));
+        assert_eq!(min("TLSv1_2").unwrap(), Some(TlsVersion::Tls12));
+        assert_eq!(min("TLSv1_3").unwrap(), Some(TlsVersion::Tls13));
+        for broken in ["SSLv2", "SSLv3"] {
+            match min(broken) {
+                Err(Error::InvalidOption { name, reason }) => {
+                    assert_eq!(name, "ssl_version");
+                    assert!(reason.contains("broken and not supported"), "{reason}");
+                }
+                other => panic!("{broken} accepted: {other:?}"),
+            }
+        }
+        match min("TLSv9") {
+            Err(Error::InvalidOption { reason, .. }) => {
+                assert!(!reason.contains("broken"), "{reason}")
+            }
+            other => panic!("TLSv9 accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validation_bounds_are_inclusive_where_amqp_allows_it() {
+        let valid = |change: &dyn Fn(&mut TransportOptions)| {
+            let mut options = TransportOptions::default();
+            change(&mut options);
+            options.validate()
+        };
+        // The AMQP heartbeat is a u16 of seconds.
+        assert!(valid(&|o| o.heartbeat = Duration::from_secs(65_535)).is_ok());
+        assert!(valid(&|o| o.heartbeat = Duration::from_secs(65_536)).is_err());
+        // x-expires is a signed 32-bit count of milliseconds.
+        let most = Duration::from_millis(i32::MAX as u64);
+        assert!(valid(&|o| o.transient_queues_ttl = most).is_ok());
+        assert!(valid(&|o| o.transient_queues_ttl = most + Duration::from_millis(1)).is_err());
+        // EXTERNAL needs TLS *and* a client certificate.
+        let external = |tls: bool, cert: bool| {
+            valid(&move |o: &mut TransportOptions| {
+                o.login_method = LoginMethod::External;
+                o.tls.enabled = tls;
+                o.tls.cert_file = cert.then(|| PathBuf::from("/client.pem"));
+                o.tls.key_file = cert.then(|| PathBuf::from("/client.key"));
+            })
+        };
+        assert!(external(true, true).is_ok());
+        assert!(external(true, false).is_err());
+        assert!(external(false, true).is_err());
+        assert!(external(false, false).is_err());
+    }
+
+    #[test]
+    fn seconds_are_bounded_below_a_billion() {
+        assert!(parse_seconds("t", "999999999").is_ok());
+        assert!(parse_seconds("t", "1000000000").is_err());
+        assert!(parse_seconds("t", "0").is_err());
+        assert!(parse_seconds_or_zero("t", "0").is_ok());
+        assert!(parse_seconds_or_zero("t", "1000000000").is_err());
+    }
+
+    #[test]
+    fn ignored_options_are_still_type_checked_as_oslo_types_them() {
+        let mut options = TransportOptions::default();
+        assert!(options.apply("kombu_reconnect_delay", "1.5").is_ok());
+        assert!(options.apply("kombu_reconnect_delay", "soon").is_err());
+        assert!(options.apply("kombu_reconnect_delay", "-1").is_err());
+        for flag in [
+            "ssl_enforce_hostname_verification",
+            "ssl_enforce_fips_mode",
+            "direct_mandatory_flag",
+            "enable_cancel_on_failover",
+        ] {
+            assert!(options.apply(flag, "true").is_ok(), "{flag}");
+            assert!(options.apply(flag, "maybe").is_err(), "{flag}");
+        }
+        assert_eq!(
+            options,
+            TransportOptions::default(),
+            "ignored: nothing changed"
+        );
+    }
+
+    #[test]
+    fn host_and_process_names_are_this_machine_and_program() {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(local_hostname(), kernel.trim());
+        // The unit-test binary is `warren-<hash>`; "warren" alone would be the fallback.
+        let program = process_name();
+        assert!(program.starts_with("warren-"), "{program}");
+        assert!(!program.contains('/'), "{program}");
+    }
 }

@@ -764,4 +764,30 @@ mod tests {
             assert!(Version::parse(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn argument_names_are_read_from_strings_or_bytes_only() {
+        use super::__private::ArgumentName;
+        use serde::de::value::{BytesDeserializer, Error as ValueError, StrDeserializer};
+        use serde::de::DeserializeSeed;
+
+        let names = ArgumentName(&["instance_id", "host"]);
+        let from_bytes = |bytes: &[u8]| {
+            ArgumentName(names.0).deserialize(BytesDeserializer::<ValueError>::new(bytes))
+        };
+        assert_eq!(from_bytes(b"host"), Ok("host"));
+        assert!(from_bytes(b"flavor").is_err());
+        assert!(from_bytes(&[0xff, 0xfe]).is_err(), "not UTF-8");
+        let from_str =
+            ArgumentName(names.0).deserialize(StrDeserializer::<ValueError>::new("instance_id"));
+        assert_eq!(from_str, Ok("instance_id"));
+        let not_a_name = ArgumentName(names.0)
+            .deserialize(serde_json::json!(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            not_a_name.contains("a keyword argument's name"),
+            "{not_a_name}"
+        );
+    }
 }

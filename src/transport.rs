@@ -59,12 +59,42 @@ impl fmt::Debug for Transport {
 
 impl Transport {
     /// A transport for `url` with default options (overridable by the URL's query).
+    ///
+    /// Fails with [`Error::InvalidUrl`] or [`Error::InvalidOption`]; opens no connection.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use warren::{Error, Scheme, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-transport-new/?rpc_response_timeout=5")?;
+    /// assert_eq!(transport.url().scheme(), Scheme::Memory);
+    /// assert_eq!(transport.options().rpc_response_timeout, Duration::from_secs(5));
+    ///
+    /// assert!(matches!(Transport::new("http://localhost/"), Err(Error::InvalidUrl { .. })));
+    /// assert!(matches!(
+    ///     Transport::new("memory://doc-transport-new/?rabbit_qos_prefetch_count=lots"),
+    ///     Err(Error::InvalidOption { .. })
+    /// ));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn new(url: &str) -> Result<Transport> {
         Transport::builder(url).build()
     }
 
     /// A builder to set options in code. Precedence: builder setters, then the URL's query,
     /// then the defaults given to [`TransportBuilder::options`], then warren's defaults.
+    ///
+    /// ```
+    /// use warren::Transport;
+    ///
+    /// let transport = Transport::builder("memory://doc-transport-builder/?executor_thread_pool_size=8")
+    ///     .control_exchange("nova")
+    ///     .workers(4) // wins over the URL's query
+    ///     .build()?;
+    /// assert_eq!(transport.options().control_exchange, "nova");
+    /// assert_eq!(transport.options().workers, 4);
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn builder(url: &str) -> TransportBuilder {
         TransportBuilder {
             url: url.to_string(),
@@ -87,6 +117,17 @@ impl Transport {
     /// Closes the reply consumer and every connection of the transport now (also done when the
     /// last clone is dropped). Servers should be stopped first; later sends fail with
     /// [`Error::Closed`](crate::Error::Closed).
+    ///
+    /// ```
+    /// use warren::{Error, RequestContext, RpcClient, Target, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-transport-close/")?;
+    /// let client = RpcClient::new(&transport, Target::new("t"));
+    /// client.cast(&RequestContext::new(), "ping", &())?;
+    /// transport.close();
+    /// assert!(matches!(client.cast(&RequestContext::new(), "ping", &()), Err(Error::Closed)));
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn close(&self) {
         self.inner.driver.close();
     }

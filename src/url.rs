@@ -866,4 +866,53 @@ mod tests {
             Scheme::Memory
         );
     }
+
+    #[test]
+    fn guest_is_the_login_only_when_the_url_names_nobody() {
+        let host = |url: &str| TransportUrl::parse(url).unwrap().hosts()[0].clone();
+        let nobody = host("rabbit://h:5672/");
+        assert_eq!(
+            (nobody.login_username(), nobody.login_password()),
+            ("guest", "guest")
+        );
+        let no_password = host("rabbit://bob@h:5672/");
+        assert_eq!(
+            (no_password.login_username(), no_password.login_password()),
+            ("bob", "")
+        );
+        let no_user = host("rabbit://:secret@h:5672/");
+        assert_eq!(
+            (no_user.login_username(), no_user.login_password()),
+            ("guest", "secret")
+        );
+    }
+
+    #[test]
+    fn urls_and_hosts_show_every_host_and_no_password() {
+        let url = TransportUrl::parse(
+            "rabbit://a:pa@h1:5672,b:pb@h2:5673/vh?heartbeat_timeout_threshold=10",
+        )
+        .unwrap();
+        assert_eq!(
+            url.to_string(),
+            "rabbit://a:***@h1:5672,b:***@h2:5673/vh?heartbeat_timeout_threshold=10"
+        );
+        assert_eq!(
+            format!("{url:?}"),
+            "TransportUrl(rabbit://a:***@h1:5672,b:***@h2:5673/vh?heartbeat_timeout_threshold=10)"
+        );
+        assert_eq!(format!("{:?}", url.hosts()[1]), "Host(b:***@h2:5673)");
+    }
+
+    #[test]
+    fn a_url_without_a_scheme_says_so() {
+        for input in ["://h:5672/", "+ssl://h/"] {
+            match TransportUrl::parse(input) {
+                Err(Error::InvalidUrl { reason, .. }) => {
+                    assert!(reason.starts_with("no scheme"), "{input}: {reason}")
+                }
+                other => panic!("{input}: {other:?}"),
+            }
+        }
+    }
 }

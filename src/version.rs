@@ -116,11 +116,24 @@ mod tests {
 
     #[test]
     fn invalid_versions() {
-        for bad in ["", "1", "1.", "a.b", "1.2.3.4", "-1.0", "1.x", " 1.0"] {
+        // "1.+2" and "1.2.+3": Rust's integer parser would take "+2", Python's oslo would not.
+        for bad in [
+            "", "1", "1.", "a.b", "1.2.3.4", "-1.0", "1.x", " 1.0", "1.+2", "1.2.+3", "+1.0",
+        ] {
             assert!(
                 matches!(Version::parse(bad), Err(Error::InvalidVersion { .. })),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_version_reads_as_it_was_written() {
+        for text in ["1.3", "2.0.1", "10.02"] {
+            assert_eq!(v(text).as_str(), text);
+            assert_eq!(v(text).to_string(), text);
+        }
+        assert_eq!(Version::new(4, 2).as_str(), "4.2");
+        assert_eq!(Version::one().as_str(), "1.0");
     }
 }

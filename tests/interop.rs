@@ -7,20 +7,13 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::dispatch::{check_oslo_client, check_warren_client, Server};
 use common::python::Peer;
-use common::{broker_url, Bus};
+use common::{broker_url, oslo_ctx, remote, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn ctx() -> RequestContext {
-    RequestContext::new()
-        .with("user_id", "interop-user")
-        .with("project_id", "interop-project")
-        .with("roles", json!(["member"]))
-        .with("is_admin", false)
-}
 
 /// A bus whose Python server `name` is running; its queue is cleaned up with the bus.
 fn python_server(bus: &mut Bus, name: &str) -> Peer {
@@ -38,25 +31,12 @@ fn json_client(bus: &Bus) -> RpcClient {
     bus.client(Codec::Json).timeout(Duration::from_secs(20))
 }
 
-fn remote(result: Result<Value, Error>) -> (String, String, String, warren::RemoteDetails) {
-    match result {
-        Err(Error::Remote {
-            class,
-            module,
-            message,
-            details,
-            ..
-        }) => (class, module, message, *details),
-        other => panic!("expected a remote error, got {other:?}"),
-    }
-}
-
 #[test]
 fn rust_calls_a_python_server_and_gets_every_json_type() {
     let mut bus = Bus::new(&broker_url());
     let _python = python_server(&mut bus, "py1");
     let client = json_client(&bus);
-    let types: Value = client.call(&ctx(), "types", &()).unwrap();
+    let types: Value = client.call(&oslo_ctx(), "types", &()).unwrap();
     assert_eq!(
         types,
         json!({
@@ -67,17 +47,17 @@ fn rust_calls_a_python_server_and_gets_every_json_type() {
         })
     );
     let args = json!({"s": "\u{e9}\u{1F680}\"\\\n", "f": 0.1, "n": null, "l": [true, false, {"k": [1.25e100]}]});
-    let echoed: Value = client.call(&ctx(), "echo", &args).unwrap();
+    let echoed: Value = client.call(&oslo_ctx(), "echo", &args).unwrap();
     assert_eq!(echoed, args);
     let big: String = client
-        .call(&ctx(), "big", &json!({"size": 1 << 20}))
+        .call(&oslo_ctx(), "big", &json!({"size": 1 << 20}))
         .unwrap();
     assert_eq!(big.len(), 1 << 20);
     // oslo servers hand the context to the endpoint, plus client_timeout.
-    let seen: Value = client.call(&ctx(), "context", &()).unwrap();
+    let seen: Value = client.call(&oslo_ctx(), "context", &()).unwrap();
     assert_eq!(
         seen,
-        json!({"user_id": "interop-user", "project_id": "interop-project", "roles": ["member"], "is_admin": false, "client_timeout": null})
+        json!({"user_id": "alice", "project_id": "demo", "roles": ["member", "reader"], "is_admin": false, "client_timeout": null})
     );
 }
 
@@ -86,93 +66,59 @@ fn python_exceptions_arrive_as_remote_errors() {
     let mut bus = Bus::new(&broker_url());
     let _python = python_server(&mut bus, "py1");
     let client = json_client(&bus);
-    let (class, module, message, details) =
-        remote(client.call(&ctx(), "fail", &json!({"message": "bad value"})));
+    let failure =
+        remote(client.call::<_, Value>(&oslo_ctx(), "fail", &json!({"message": "bad value"})));
     assert_eq!(
-        (class.as_str(), module.as_str(), message.as_str()),
+        (
+            failure.class.as_str(),
+            failure.module.as_str(),
+            failure.message.as_str()
+        ),
         ("ValueError", "builtins", "bad value")
     );
-    assert_eq!(details.args, vec![json!("bad value")]);
-    let (class, module, message, details) =
-        remote(client.call(&ctx(), "not_found", &json!({"instance_id": "vm-9"})));
+    assert_eq!(failure.details.args, vec![json!("bad value")]);
+    let failure =
+        remote(client.call::<_, Value>(&oslo_ctx(), "not_found", &json!({"instance_id": "vm-9"})));
     assert_eq!(
-        (class.as_str(), module.as_str()),
+        (failure.class.as_str(), failure.module.as_str()),
         ("InstanceNotFound", "__main__")
     );
-    assert_eq!(message, "Instance vm-9 could not be found.");
-    assert_eq!(details.kwargs.get("instance_id"), Some(&json!("vm-9")));
-    // An expected exception is logged differently on the server; the caller sees the original.
-    let (class, module, message, _) =
-        remote(client.call(&ctx(), "expected", &json!({"key": "k1"})));
+    assert_eq!(failure.message, "Instance vm-9 could not be found.");
     assert_eq!(
-        (class.as_str(), module.as_str(), message.as_str()),
+        failure.details.kwargs.get("instance_id"),
+        Some(&json!("vm-9"))
+    );
+    // An expected exception is logged differently on the server; the caller sees the original.
+    let failure = remote(client.call::<_, Value>(&oslo_ctx(), "expected", &json!({"key": "k1"})));
+    assert_eq!(
+        (
+            failure.class.as_str(),
+            failure.module.as_str(),
+            failure.message.as_str()
+        ),
         ("KeyError", "builtins", "'k1'")
     );
     // Typed matching on the class name.
     let error = client
-        .call::<_, Value>(&ctx(), "fail", &json!({"message": "x"}))
+        .call::<_, Value>(&oslo_ctx(), "fail", &json!({"message": "x"}))
         .unwrap_err();
     assert!(error.is_remote("ValueError"));
 }
 
+/// The case table of `tests/fixtures/dispatch-rules.json`: a warren client against oslo's
+/// dispatcher.
 #[test]
 fn python_dispatch_rules_reach_rust_callers() {
     let mut bus = Bus::new(&broker_url());
     let _python = python_server(&mut bus, "py1");
     let client = json_client(&bus);
-    let call = |c: RpcClient, method: &str| c.call::<_, Value>(&ctx(), method, &json!({}));
-    let (class, module, message, _) = remote(call(client.prepare(), "no_such_method"));
-    assert_eq!(
-        (class.as_str(), module.as_str()),
-        ("NoSuchMethod", "oslo_messaging.rpc.dispatcher")
-    );
-    assert_eq!(
-        message,
-        "Endpoint does not support RPC method no_such_method"
-    );
-    let (class, _, message, _) = remote(call(client.prepare().version("2.0"), "whoami"));
-    assert_eq!(class, "UnsupportedVersion");
-    assert_eq!(
-        message,
-        "Endpoint does not support RPC version 2.0. Attempted method: whoami"
-    );
-    assert_eq!(
-        remote(call(client.prepare().version("1.4"), "whoami")).0,
-        "UnsupportedVersion"
-    );
-    assert_eq!(
-        call(client.prepare().version("1.2"), "whoami").unwrap(),
-        json!("py1")
-    );
-    assert_eq!(
-        call(client.prepare().namespace("admin").version("2.1"), "reset").unwrap(),
-        json!("reset by py1")
-    );
-    assert_eq!(
-        remote(call(
-            client.prepare().namespace("admin").version("2.2"),
-            "reset"
-        ))
-        .0,
-        "UnsupportedVersion"
-    );
-    // A request without a version asks for 1.0, which the 2.1 admin endpoint cannot serve.
-    assert_eq!(
-        remote(call(client.prepare().namespace("admin"), "whoami")).0,
-        "UnsupportedVersion"
-    );
-    assert_eq!(
-        remote(call(
-            client.prepare().namespace("admin").version("2.0"),
-            "whoami"
-        ))
-        .0,
-        "NoSuchMethod"
-    );
-    assert_eq!(
-        call(client.prepare().server("py1"), "whoami").unwrap(),
-        json!("py1")
-    );
+    check_warren_client(&client, Server::Python, "py1");
+    let who: Value = client
+        .prepare()
+        .server("py1")
+        .call(&oslo_ctx(), "whoami", &())
+        .unwrap();
+    assert_eq!(who, json!("py1"));
 }
 
 #[test]
@@ -181,7 +127,7 @@ fn a_rust_call_to_a_slow_python_method_times_out() {
     let _python = python_server(&mut bus, "py1");
     let client = json_client(&bus).timeout(Duration::from_millis(800));
     let started = Instant::now();
-    let result: Result<Value, Error> = client.call(&ctx(), "sleep", &json!({"seconds": 2}));
+    let result: Result<Value, Error> = client.call(&oslo_ctx(), "sleep", &json!({"seconds": 2}));
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
     assert!(
         started.elapsed() < Duration::from_millis(1800),
@@ -200,7 +146,7 @@ fn rust_casts_are_counted_by_python_and_fanout_reaches_both_python_servers() {
         client
             .prepare()
             .server("py1")
-            .cast(&ctx(), "count", &json!({"n": n}))
+            .cast(&oslo_ctx(), "count", &json!({"n": n}))
             .unwrap();
     }
     let mut seen: Vec<i64> = first
@@ -214,7 +160,7 @@ fn rust_casts_are_counted_by_python_and_fanout_reaches_both_python_servers() {
     client
         .prepare()
         .fanout(true)
-        .cast(&ctx(), "count", &json!({"n": 1000}))
+        .cast(&oslo_ctx(), "count", &json!({"n": 1000}))
         .unwrap();
     assert_eq!(first.events("cast", 1, WAIT)[0]["n"], 1000);
     assert_eq!(second.events("cast", 1, WAIT)[0]["n"], 1000);
@@ -310,26 +256,16 @@ fn python_gets_its_own_exception_types_from_rust() {
     assert_eq!(error["type"], "RemoteError", "{foreign}");
     assert_eq!(error["exc_type"], "InstanceNotFound");
     assert_eq!(error["value"], "Instance vm-1 could not be found.");
-    let missing = py_call(&mut python, "nope", json!({}), json!({}));
-    assert_eq!(
-        (
-            missing["error"]["type"].as_str(),
-            missing["error"]["exc_type"].as_str()
-        ),
-        (Some("RemoteError"), Some("NoSuchMethod"))
-    );
-    let unsupported = py_call(&mut python, "whoami", json!({}), json!({"version": "3.0"}));
-    assert_eq!(
-        unsupported["error"]["exc_type"], "UnsupportedVersion",
-        "{unsupported}"
-    );
     let bad_args = py_call(&mut python, "add", json!({"a": "one", "b": 2}), json!({}));
     assert_eq!(bad_args["error"]["type"], "TypeError", "{bad_args}");
+    // oslo's dispatcher failures from warren's dispatcher (the case table of
+    // tests/fixtures/dispatch-rules.json): a `RemoteError` for this client...
+    check_oslo_client(&mut python, "rs1", false, WAIT);
     drop(python);
-    // A client that allows oslo's dispatcher module rebuilds NoSuchMethod itself.
-    let mut allowing = python_client(&bus, &["oslo_messaging.rpc.dispatcher"]);
-    let missing = py_call(&mut allowing, "nope", json!({}), json!({}));
-    assert_eq!(missing["error"]["type"], "NoSuchMethod_Remote", "{missing}");
+    // ...while a client that allows oslo's dispatcher module rebuilds them
+    // (`NoSuchMethod_Remote`...).
+    let mut allowing = python_client(&bus, &[common::dispatch::DISPATCHER_MODULE]);
+    check_oslo_client(&mut allowing, "rs1", true, WAIT);
 }
 
 #[test]
@@ -388,7 +324,7 @@ fn a_mixed_fleet_of_python_and_rust_servers_shares_a_topic() {
     let client = json_client(&bus);
     let mut served: HashMap<String, usize> = HashMap::new();
     for _ in 0..40 {
-        let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+        let who: String = client.call(&oslo_ctx(), "whoami", &()).unwrap();
         *served.entry(who).or_default() += 1;
     }
     assert_eq!(served.len(), 2, "{served:?}");
@@ -416,7 +352,7 @@ fn call_monitoring_keep_alives_work_both_ways() {
     let slept: i64 = monitored
         .prepare()
         .server("py1")
-        .call(&ctx(), "sleep", &json!({"seconds": 3}))
+        .call(&oslo_ctx(), "sleep", &json!({"seconds": 3}))
         .unwrap();
     assert_eq!(slept, 3);
     // Python → Rust: the same, on warren's keep-alives.
@@ -574,7 +510,7 @@ fn rust_notifications_reach_python_listeners() {
     let notifier = Notifier::new(&transport, "compute.rust-host").topics([bus.topic.as_str()]);
     notifier
         .info(
-            &ctx(),
+            &oslo_ctx(),
             "compute.instance.create.end",
             &json!({"instance_id": "vm-1", "memory_mb": 512}),
         )
@@ -582,9 +518,15 @@ fn rust_notifications_reach_python_listeners() {
     notifier
         .prepare()
         .format(NotificationFormat::V1)
-        .warn(&ctx(), "compute.instance.slow", &json!({"seconds": 9.5}))
+        .warn(
+            &oslo_ctx(),
+            "compute.instance.slow",
+            &json!({"seconds": 9.5}),
+        )
         .unwrap();
-    notifier.sample(&ctx(), "requeue.me", &json!({})).unwrap();
+    notifier
+        .sample(&oslo_ctx(), "requeue.me", &json!({}))
+        .unwrap();
 
     for peer in [&mut plain, &mut pooled] {
         let mut got = peer.events("notification", 3, WAIT);
@@ -597,7 +539,7 @@ fn rust_notifications_reach_python_listeners() {
             created["payload"],
             json!({"instance_id": "vm-1", "memory_mb": 512})
         );
-        assert_eq!(created["ctxt"]["user_id"], "interop-user");
+        assert_eq!(created["ctxt"]["user_id"], "alice");
         assert_eq!(
             created["metadata"]["message_id"].as_str().map(str::len),
             Some(36)
@@ -717,45 +659,42 @@ mod typed {
 
         // Python's echo(**kwargs) returns the keyword arguments it was called with.
         let kwargs = main
-            .echo(&ctx(), "vm-1", 512u32, Some("host-1".to_string()))
+            .echo(&oslo_ctx(), "vm-1", 512u32, Some("host-1".to_string()))
             .unwrap();
         assert_eq!(
             kwargs,
             json!({"instance_id": "vm-1", "memory_mb": 512, "host": "host-1"})
         );
-        assert_eq!(main.whoami(&ctx()).unwrap(), "py1");
-        assert_eq!(main.big(&ctx(), 70_000usize).unwrap().len(), 70_000);
+        assert_eq!(main.whoami(&oslo_ctx()).unwrap(), "py1");
+        assert_eq!(main.big(&oslo_ctx(), 70_000usize).unwrap().len(), 70_000);
 
-        match main.fail(&ctx(), "typed failure") {
-            Err(Error::Remote { class, message, .. }) => {
-                assert_eq!(class, "ValueError");
-                assert_eq!(message, "typed failure");
-            }
-            other => panic!("expected ValueError, got {other:?}"),
-        }
-        match main.not_found(&ctx(), "vm-404") {
-            Err(Error::Remote { class, details, .. }) => {
-                assert_eq!(class, "InstanceNotFound");
-                assert_eq!(details.kwargs.get("instance_id"), Some(&json!("vm-404")));
-            }
-            other => panic!("expected InstanceNotFound, got {other:?}"),
-        }
+        let failure = remote(main.fail(&oslo_ctx(), "typed failure"));
+        assert_eq!(
+            (failure.class.as_str(), failure.message.as_str()),
+            ("ValueError", "typed failure")
+        );
+        let failure = remote(main.not_found(&oslo_ctx(), "vm-404"));
+        assert_eq!(failure.class, "InstanceNotFound");
+        assert_eq!(
+            failure.details.kwargs.get("instance_id"),
+            Some(&json!("vm-404"))
+        );
 
         main.prepare()
             .server("py1")
             .cast()
-            .count(&ctx(), 7i64)
+            .count(&oslo_ctx(), 7i64)
             .unwrap();
         assert_eq!(python.events("cast", 1, WAIT)[0]["n"], 7);
 
         let admin = PyAdminClient::new(&transport, Target::new(bus.topic.as_str()))
             .timeout(Duration::from_secs(20));
-        assert_eq!(admin.reset(&ctx()).unwrap(), "reset by py1");
+        assert_eq!(admin.reset(&oslo_ctx()).unwrap(), "reset by py1");
         // The Python server is at 1.3: asking the main endpoint for 1.4 is refused by oslo.
-        match main.prepare().version("1.4").whoami(&ctx()) {
-            Err(Error::Remote { class, .. }) => assert_eq!(class, "UnsupportedVersion"),
-            other => panic!("expected UnsupportedVersion, got {other:?}"),
-        }
+        assert_eq!(
+            remote(main.prepare().version("1.4").whoami(&oslo_ctx())).class,
+            "UnsupportedVersion"
+        );
     }
 
     #[test]

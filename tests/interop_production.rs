@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::python::Peer;
-use common::{broker_url, rabbitmqctl, rabbitmqctl_json, Event};
+use common::{broker_url, oslo_ctx, rabbitmqctl, rabbitmqctl_json, remote, Event};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::{json, Value};
 use warren::{
@@ -34,12 +34,6 @@ const WAIT: Duration = Duration::from_secs(20);
 /// The recommended production options (oslo's admin guide), as a `transport_url` query.
 const PRODUCTION: &str = "rabbit_quorum_queue=true&rabbit_transient_quorum_queue=true\
 &rabbit_stream_fanout=true&rabbit_qos_prefetch_count=10&use_queue_manager=true";
-
-fn ctx() -> RequestContext {
-    RequestContext::new()
-        .with("user_id", "interop-user")
-        .with("project_id", "interop-project")
-}
 
 /// This machine's host name: the default `hostname` of oslo (`socket.gethostname()`) and of
 /// warren.
@@ -382,19 +376,6 @@ impl Drop for Site {
     }
 }
 
-fn remote(result: Result<Value, Error>) -> (String, String, String, warren::RemoteDetails) {
-    match result {
-        Err(Error::Remote {
-            class,
-            module,
-            message,
-            details,
-            ..
-        }) => (class, module, message, *details),
-        other => panic!("expected a remote error, got {other:?}"),
-    }
-}
-
 fn py_request(peer: &mut Peer, request: Value) -> Value {
     peer.request(request, WAIT)
 }
@@ -422,14 +403,14 @@ fn rust_client_and_python_server_under_the_production_set() {
 
     // Calls: through the shared topic queue and the server's own queue.
     let args = json!({"s": "h\u{e9}llo \u{1F680}", "n": [1, 2.5, null], "nested": {"a": true}});
-    let echoed: Value = client.call(&ctx(), "echo", &args).unwrap();
+    let echoed: Value = client.call(&oslo_ctx(), "echo", &args).unwrap();
     assert_eq!(echoed, args);
-    let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+    let who: String = client.call(&oslo_ctx(), "whoami", &()).unwrap();
     assert_eq!(who, "py1");
     let who: String = client
         .prepare()
         .server("py1")
-        .call(&ctx(), "whoami", &())
+        .call(&oslo_ctx(), "whoami", &())
         .unwrap();
     assert_eq!(who, "py1");
     assert_eq!(
@@ -440,7 +421,7 @@ fn rust_client_and_python_server_under_the_production_set() {
 
     // Casts: each handled once.
     for n in 0..20 {
-        client.cast(&ctx(), "count", &json!({"n": n})).unwrap();
+        client.cast(&oslo_ctx(), "count", &json!({"n": n})).unwrap();
     }
     assert_eq!(
         cast_numbers(&python.events("cast", 20, WAIT)),
@@ -453,7 +434,7 @@ fn rust_client_and_python_server_under_the_production_set() {
     client
         .prepare()
         .fanout(true)
-        .cast(&ctx(), "count", &json!({"n": 1000}))
+        .cast(&oslo_ctx(), "count", &json!({"n": 1000}))
         .unwrap();
     let fanned = python.events("cast", 1, WAIT);
     assert_eq!(fanned[0]["n"], 1000);
@@ -461,26 +442,33 @@ fn rust_client_and_python_server_under_the_production_set() {
     python.quiet("cast", Duration::from_millis(300));
 
     // A Python exception arrives as a remote error with its class.
-    let (class, module, message, details) =
-        remote(client.call(&ctx(), "fail", &json!({"message": "bad value"})));
+    let failure =
+        remote(client.call::<_, Value>(&oslo_ctx(), "fail", &json!({"message": "bad value"})));
     assert_eq!(
-        (class.as_str(), module.as_str(), message.as_str()),
+        (
+            failure.class.as_str(),
+            failure.module.as_str(),
+            failure.message.as_str()
+        ),
         ("ValueError", "builtins", "bad value")
     );
-    assert_eq!(details.args, vec![json!("bad value")]);
-    let (class, module, message, details) =
-        remote(client.call(&ctx(), "not_found", &json!({"instance_id": "vm-9"})));
+    assert_eq!(failure.details.args, vec![json!("bad value")]);
+    let failure =
+        remote(client.call::<_, Value>(&oslo_ctx(), "not_found", &json!({"instance_id": "vm-9"})));
     assert_eq!(
-        (class.as_str(), module.as_str()),
+        (failure.class.as_str(), failure.module.as_str()),
         ("InstanceNotFound", "__main__")
     );
-    assert_eq!(message, "Instance vm-9 could not be found.");
-    assert_eq!(details.kwargs.get("instance_id"), Some(&json!("vm-9")));
+    assert_eq!(failure.message, "Instance vm-9 could not be found.");
+    assert_eq!(
+        failure.details.kwargs.get("instance_id"),
+        Some(&json!("vm-9"))
+    );
 
     // A slow method: the call times out within its bound.
     let started = Instant::now();
     let slow: Result<Value, Error> = client.prepare().timeout(Duration::from_millis(800)).call(
-        &ctx(),
+        &oslo_ctx(),
         "sleep",
         &json!({"seconds": 2}),
     );
@@ -492,7 +480,7 @@ fn rust_client_and_python_server_under_the_production_set() {
     );
     // The late reply is dropped; the next call gets its own answer.
     let after: Value = client
-        .call(&ctx(), "echo", &json!({"after": "timeout"}))
+        .call(&oslo_ctx(), "echo", &json!({"after": "timeout"}))
         .unwrap();
     assert_eq!(after, json!({"after": "timeout"}));
 
@@ -504,7 +492,7 @@ fn rust_client_and_python_server_under_the_production_set() {
     let who: String = client
         .prepare()
         .server("rslate")
-        .call(&ctx(), "whoami", &())
+        .call(&oslo_ctx(), "whoami", &())
         .unwrap();
     assert_eq!(who, "rslate");
     site.assert_production_declarations(&["py1", "rslate"], &[site.reply_queue("rsclient", 1)]);
@@ -609,7 +597,7 @@ fn a_mixed_python_and_rust_fleet_shares_quorum_queues_and_the_fanout_stream() {
     // Calls from a Rust client go round the shared quorum queue to both servers.
     let mut served: HashMap<String, usize> = HashMap::new();
     for _ in 0..40 {
-        let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+        let who: String = client.call(&oslo_ctx(), "whoami", &()).unwrap();
         *served.entry(who).or_default() += 1;
     }
     assert_eq!(
@@ -623,7 +611,7 @@ fn a_mixed_python_and_rust_fleet_shares_quorum_queues_and_the_fanout_stream() {
     client
         .prepare()
         .fanout(true)
-        .cast(&ctx(), "count", &json!({"n": 7}))
+        .cast(&oslo_ctx(), "count", &json!({"n": 7}))
         .unwrap();
     assert_eq!(py_server.events("cast", 1, WAIT)[0]["n"], 7);
     let from_rust = site.rust_events(1);

@@ -8,14 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{broker_url, delete_on_broker, eventually, unique, Bus};
+use common::{broker_url, ctx, delete_on_broker, eventually, unique, Bus};
 use crossbeam_channel::Receiver;
 use serde_json::{json, Value};
 use warren::{Codec, Error, Launcher, RpcServer, Shutdown, Target, Transport};
-
-fn ctx() -> warren::RequestContext {
-    warren::RequestContext::new()
-}
 
 /// A server of `bus` (standard endpoints) not yet started, for a launcher to run, and what its
 /// handlers report.
@@ -97,11 +93,14 @@ fn a_drain_past_its_deadline_is_reported_and_a_second_request_forces() {
         } else {
             Duration::from_millis(300)
         };
+        // Removed when the shutdown begins: what the second request waits for.
+        let ready_file = std::env::temp_dir().join(unique("ready"));
         let launcher = Launcher::new()
             .service(server)
             .transport(&transport)
             .handle_signals(false)
             .drain_timeout(timeout)
+            .ready_file(&ready_file)
             .on_ready(move || {
                 let _ = ready_tx.send(());
             });
@@ -115,7 +114,10 @@ fn a_drain_past_its_deadline_is_reported_and_a_second_request_forces() {
         let started = Instant::now();
         stop.shutdown();
         if second_request {
-            thread::sleep(Duration::from_millis(100));
+            // The second request comes during the drain, once the shutdown began.
+            eventually("the shutdown begins", Duration::from_secs(10), || {
+                !ready_file.exists()
+            });
             stop.shutdown();
         }
         assert_eq!(run.join().unwrap().unwrap(), expected);

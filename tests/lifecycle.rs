@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    broker_url, delete_on_broker, eventually, memory_url, rabbitmqctl_json, thread_count, unique,
+    broker_url, ctx, delete_on_broker, eventually, memory_url, rabbitmqctl_json,
+    settled_thread_count, thread_count, threads_back_to, unique,
 };
 use serde_json::{json, Value};
 use warren::{Endpoint, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
@@ -19,22 +20,6 @@ fn our_connections() -> usize {
         .iter()
         .filter(|c| c.to_string().contains(&marker))
         .count()
-}
-
-/// Every amiquip connection has a detached timer thread (mio-extras) that exits shortly after
-/// the connection is closed; nothing can join it, so wait until no such thread is left.
-/// They carry the name of the thread that opened the connection; ours are all "warren-*" or
-/// "amiquip-io", so an unnamed straggler shows up under a borrowed name.
-fn settle_threads() {
-    let mut last = thread_count();
-    let mut stable = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while stable < 5 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = thread_count();
-        stable = if now == last { stable + 1 } else { 0 };
-        last = now;
-    }
 }
 
 /// A started server whose `echo` returns its arguments.
@@ -62,13 +47,10 @@ fn exercise(url: &str, rabbit: bool) -> String {
         let client = RpcClient::new(&transport, Target::new(topic.as_str()));
         // Warm the client side (reply consumer, send connection) so only the server is counted.
         let server_for_warmup = echo_server(&transport, &topic, "warm", 1);
-        let _: Value = client
-            .call(&RequestContext::new(), "echo", &json!({}))
-            .unwrap();
+        let _: Value = client.call(&ctx(), "echo", &json!({})).unwrap();
         server_for_warmup.stop();
         server_for_warmup.wait();
-        settle_threads();
-        let baseline = thread_count();
+        let baseline = settled_thread_count();
 
         for round in 0..3 {
             let server = echo_server(&transport, &topic, "s1", 8);
@@ -77,22 +59,15 @@ fn exercise(url: &str, rabbit: bool) -> String {
                 "listener + 8 workers running"
             );
             for i in 0..20 {
-                let echoed: Value = client
-                    .call(&RequestContext::new(), "echo", &json!({"i": i}))
-                    .unwrap();
+                let echoed: Value = client.call(&ctx(), "echo", &json!({"i": i})).unwrap();
                 assert_eq!(echoed, json!({"i": i}));
-                client
-                    .cast(&RequestContext::new(), "echo", &json!({"i": i}))
-                    .unwrap();
+                client.cast(&ctx(), "echo", &json!({"i": i})).unwrap();
             }
             server.stop();
             server.wait();
-            settle_threads();
-            assert_eq!(
-                thread_count(),
+            threads_back_to(
                 baseline,
-                "round {round}: server threads gone after wait(): {:?}",
-                common::thread_names()
+                &format!("round {round}: server threads gone after wait()"),
             );
             drop(server);
         }
@@ -105,13 +80,7 @@ fn exercise(url: &str, rabbit: bool) -> String {
         }
     }
     // Dropping the transport (and every clone) closes its connections and joins their threads.
-    settle_threads();
-    assert_eq!(
-        thread_count(),
-        before_transport,
-        "transport threads joined on drop: {:?}",
-        common::thread_names()
-    );
+    threads_back_to(before_transport, "transport threads joined on drop");
     if rabbit {
         // The broker lists a closed connection for a moment longer.
         eventually(

@@ -19,7 +19,7 @@ use warren::{
 };
 
 use common::proxy::Proxy;
-use common::{broker_url, memory_url, unique};
+use common::{broker_url, ctx, memory_url, unique};
 
 /// What the tests wait for, without sleeping: the events a [`Stats`] also records.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +80,6 @@ fn expect_all(events: &Receiver<Seen>, want: &[Seen], within: Duration) {
             Err(_) => panic!("no {missing:?} within {within:?}"),
         }
     }
-}
-
-fn ctx() -> RequestContext {
-    RequestContext::new().with("user_id", "observe")
 }
 
 #[derive(Deserialize)]

@@ -8,16 +8,12 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{broker_url, rabbitmqctl, rabbitmqctl_cleanup, unique, Bus};
+use common::{broker_url, ctx, rabbitmqctl, rabbitmqctl_cleanup, unique, Bus};
 use serde_json::{json, Value};
-use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
+use warren::{Codec, Error, RpcClient, RpcServer, Target, Transport};
 
 /// oslo's recommended production set (its admin guide), with a stable process name.
 const PRODUCTION: &str = "rabbit_quorum_queue=true&rabbit_transient_quorum_queue=true&rabbit_stream_fanout=true&rabbit_qos_prefetch_count=10&use_queue_manager=true&rabbit_quorum_delivery_limit=5";
-
-fn ctx() -> RequestContext {
-    RequestContext::new()
-}
 
 /// A vhost of the test's own, deleted (with everything in it) when dropped, and a process
 /// name for the queue manager, whose counter files are removed then too.

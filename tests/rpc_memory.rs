@@ -17,15 +17,11 @@ use warren::{
 };
 
 use common::gate::{Gate, OpenOnDrop};
-use common::{memory_url, Bus, Event};
+use common::{ctx, memory_url, remote, Bus, Event};
 
 scenario_tests!(common::memory_url());
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn ctx() -> RequestContext {
-    RequestContext::new().with("user_id", "alice")
-}
 
 /// A tap on the bus's in-process broker (it keeps the broker alive while it exists).
 fn tap(bus: &Bus) -> MemoryTap {
@@ -378,27 +374,22 @@ fn remote_error_args_and_kwargs_reach_the_caller() {
             serde_json::from_str(reply.field("failure").as_deref().expect("a failure string"))
                 .unwrap();
         assert_eq!(failure["kwargs"], Value::Object(kwargs.clone()), "sent");
-        match result {
-            Err(Error::Remote {
-                class,
-                module,
-                message,
-                details,
-                ..
-            }) => {
-                assert_eq!(
-                    (class.as_str(), module.as_str(), message.as_str()),
-                    (
-                        "InstanceNotFound",
-                        "nova.exception",
-                        "Instance vm-9 could not be found."
-                    )
-                );
-                assert_eq!(details.args, [json!("vm-9"), json!(2)], "{codec}");
-                assert_eq!(details.kwargs, kwargs, "{codec}");
-            }
-            other => panic!("{codec}: expected a remote error, got {other:?}"),
-        }
+        let failure = remote(result);
+        assert_eq!(
+            (
+                failure.class.as_str(),
+                failure.module.as_str(),
+                failure.message.as_str()
+            ),
+            (
+                "InstanceNotFound",
+                "nova.exception",
+                "Instance vm-9 could not be found."
+            ),
+            "{codec}"
+        );
+        assert_eq!(failure.details.args, [json!("vm-9"), json!(2)], "{codec}");
+        assert_eq!(failure.details.kwargs, kwargs, "{codec}");
     }
     server.stop();
     server.wait();
@@ -629,4 +620,42 @@ fn a_stopped_server_hands_over_what_it_was_dealt_and_the_rest_waits() {
     s2.start().unwrap();
     assert_eq!(taken_by(&done, 6), (vec![], vec![4, 5, 6, 7, 8, 9]));
     drop(servers);
+}
+
+/// oslo.messaging before 2014 replied in two messages: the result without `ending`, then an
+/// `ending` message with a null result. The caller must keep the first message's result.
+#[test]
+fn a_two_message_reply_gives_the_result_of_the_first() {
+    let url = memory_url();
+    let transport = Transport::builder(&url)
+        .codec(Codec::Json)
+        .build()
+        .expect("transport");
+    let tap = transport.memory_tap().expect("a tap");
+    let topic = common::unique("old-oslo");
+    let client = warren::RpcClient::new(&transport, Target::new(topic.as_str())).timeout(WAIT);
+    let pending = client
+        .start_call::<_, i64>(&ctx(), "old_style", &json!({}))
+        .expect("sent");
+    let request = next(&tap, "the request", |m| m.routing_key == topic);
+    let msg_id = field(&request, "_msg_id");
+    let reply_q = field(&request, "_reply_q");
+    let reply_q = reply_q.as_str().expect("a reply queue");
+
+    let reply = |fields: Value| {
+        let mut message = request.clone();
+        message.exchange = String::new();
+        message.routing_key = reply_q.to_string();
+        message.expiration = None;
+        let envelope = json!({"oslo.version": "2.0", "oslo.message": fields.to_string()});
+        message.body = envelope.to_string().into_bytes();
+        assert_eq!(
+            tap.publish(&message),
+            1,
+            "the reply reached the reply queue"
+        );
+    };
+    reply(json!({"result": 42, "failure": null, "_msg_id": msg_id}));
+    reply(json!({"result": null, "failure": null, "ending": true, "_msg_id": msg_id}));
+    assert_eq!(pending.wait().expect("the result"), 42);
 }

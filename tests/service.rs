@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{ctx, remote, Remote};
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -176,23 +177,12 @@ impl Drop for Fixture {
     }
 }
 
-fn alice() -> RequestContext {
-    RequestContext::new().with("user_id", "alice")
-}
-
-fn remote_class(result: Result<Value, Error>) -> (String, String) {
-    match result {
-        Err(Error::Remote { class, message, .. }) => (class, message),
-        other => panic!("expected a remote error, got {other:?}"),
-    }
-}
-
 #[test]
 fn a_typed_client_calls_a_typed_server() {
     let fixture = Fixture::new(&["host-1"]);
     let compute = fixture.compute();
     let vm = compute
-        .start_instance(&alice(), "vm-1", 512u32, None)
+        .start_instance(&ctx(), "vm-1", 512u32, None)
         .unwrap();
     assert_eq!(
         vm,
@@ -203,15 +193,15 @@ fn a_typed_client_calls_a_typed_server() {
         }
     );
     let vm = compute
-        .start_instance(&alice(), "vm-2", 1024u32, Some("host-1".to_string()))
+        .start_instance(&ctx(), "vm-2", 1024u32, Some("host-1".to_string()))
         .unwrap();
     assert_eq!(vm.host.as_deref(), Some("host-1"));
     assert_eq!(
-        compute.list_instances(&alice()).unwrap(),
+        compute.list_instances(&ctx()).unwrap(),
         vec!["vm-1".to_string(), "vm-2".to_string()]
     );
     let ping = PingClient::new(&fixture.transport, Target::new(fixture.topic.as_str()));
-    assert_eq!(ping.ping(&alice()).unwrap(), "host-1");
+    assert_eq!(ping.ping(&ctx()).unwrap(), "host-1");
 }
 
 #[test]
@@ -238,16 +228,14 @@ fn the_typed_client_sends_the_arguments_as_oslo_kwargs() {
     server.start().unwrap();
     let compute = ComputeClient::new(&transport, Target::new(topic.as_str()));
     let echoed = compute
-        .start_instance(&alice(), "vm-9", 64u32, Some("h".to_string()))
+        .start_instance(&ctx(), "vm-9", 64u32, Some("h".to_string()))
         .unwrap();
     assert_eq!(
         echoed.host.as_deref(),
         Some(r#"{"instance_id":"vm-9","memory_mb":64,"host":"h"}"#)
     );
     assert_eq!(echoed.memory_mb, 5, "the context travelled");
-    let echoed = compute
-        .start_instance(&alice(), "vm-9", 64u32, None)
-        .unwrap();
+    let echoed = compute.start_instance(&ctx(), "vm-9", 64u32, None).unwrap();
     assert_eq!(
         echoed.host.as_deref(),
         Some(r#"{"instance_id":"vm-9","memory_mb":64,"host":null}"#),
@@ -263,7 +251,7 @@ fn untyped_callers_reach_the_typed_server_with_keyword_arguments() {
     let client = fixture.untyped().namespace("compute").version("4.0");
     let vm: Instance = client
         .call(
-            &alice(),
+            &ctx(),
             "start_instance",
             &json!({"memory_mb": 256, "instance_id": "vm-3"}),
         )
@@ -283,16 +271,16 @@ fn untyped_callers_reach_the_typed_server_with_keyword_arguments() {
 fn bad_keyword_arguments_are_type_errors_naming_the_argument() {
     let fixture = Fixture::new(&["host-1"]);
     let client = fixture.untyped().namespace("compute").version("4.2");
-    let call = |args: Value| client.call::<_, Value>(&alice(), "start_instance", &args);
+    let call = |args: Value| client.call::<_, Value>(&ctx(), "start_instance", &args);
 
-    let (class, message) = remote_class(call(json!({"memory_mb": 1})));
+    let Remote { class, message, .. } = remote(call(json!({"memory_mb": 1})));
     assert_eq!(class, "TypeError");
     assert!(
         message.contains("missing required argument 'instance_id'"),
         "{message}"
     );
 
-    let (class, message) = remote_class(call(
+    let Remote { class, message, .. } = remote(call(
         json!({"instance_id": "vm", "memory_mb": 1, "flavor": "m1.small"}),
     ));
     assert_eq!(class, "TypeError");
@@ -301,15 +289,17 @@ fn bad_keyword_arguments_are_type_errors_naming_the_argument() {
         "{message}"
     );
 
-    let (class, message) = remote_class(call(json!({"instance_id": "vm", "memory_mb": "lots"})));
+    let Remote { class, message, .. } =
+        remote(call(json!({"instance_id": "vm", "memory_mb": "lots"})));
     assert_eq!(class, "TypeError");
     assert!(message.contains("memory_mb"), "{message}");
 
-    let (class, message) = remote_class(call(json!({"instance_id": "vm", "memory_mb": -1})));
+    let Remote { class, message, .. } = remote(call(json!({"instance_id": "vm", "memory_mb": -1})));
     assert_eq!(class, "TypeError", "a negative number does not fit a u32");
     assert!(message.contains("memory_mb"), "{message}");
 
-    let (class, _) = remote_class(client.call(&alice(), "list_instances", &json!({"x": 1})));
+    let Remote { class, .. } =
+        remote(client.call::<_, Value>(&ctx(), "list_instances", &json!({"x": 1})));
     assert_eq!(class, "TypeError", "a method without arguments refuses one");
 }
 
@@ -318,41 +308,32 @@ fn namespace_and_version_declared_on_the_trait_are_enforced() {
     let fixture = Fixture::new(&["host-1"]);
     // Without the namespace, the compute methods are not reachable: Ping, in the null
     // namespace, is the compatible endpoint and lacks the method.
-    let (class, _) = remote_class(
-        fixture
-            .untyped()
-            .call(&alice(), "list_instances", &json!({})),
-    );
+    let Remote { class, .. } = remote(fixture.untyped().call::<_, Value>(
+        &ctx(),
+        "list_instances",
+        &json!({}),
+    ));
     assert_eq!(class, "NoSuchMethod");
-    let (class, _) = remote_class(fixture.untyped().namespace("storage").call(
-        &alice(),
+    let Remote { class, .. } = remote(fixture.untyped().namespace("storage").call::<_, Value>(
+        &ctx(),
         "list_instances",
         &json!({}),
     ));
     assert_eq!(class, "UnsupportedVersion", "no endpoint in that namespace");
     // A version above the service's is refused, a lower minor accepted.
-    let (class, _) = remote_class(
-        fixture
-            .compute()
-            .version("4.3")
-            .list_instances(&alice())
-            .map(|v| json!(v)),
-    );
+    let Remote { class, .. } = remote(fixture.compute().version("4.3").list_instances(&ctx()));
     assert_eq!(class, "UnsupportedVersion");
     assert_eq!(
         fixture
             .compute()
             .version("4.1")
-            .list_instances(&alice())
+            .list_instances(&ctx())
             .unwrap()
             .len(),
         2
     );
     // version_cap is checked before sending.
-    let capped = fixture
-        .compute()
-        .version_cap("4.1")
-        .list_instances(&alice());
+    let capped = fixture.compute().version_cap("4.1").list_instances(&ctx());
     assert!(
         matches!(capped, Err(Error::VersionCap { .. })),
         "{capped:?}"
@@ -364,28 +345,22 @@ fn namespace_and_version_declared_on_the_trait_are_enforced() {
 #[test]
 fn remote_failures_keep_class_and_kwargs() {
     let fixture = Fixture::new(&["host-1"]);
-    match fixture.compute().destroy(&alice(), "vm-7") {
-        Err(Error::Remote {
-            class,
-            module,
-            details,
-            ..
-        }) => {
-            assert_eq!(
-                (class.as_str(), module.as_str()),
-                ("InstanceNotFound", "nova.exception")
-            );
-            assert_eq!(details.kwargs.get("instance_id"), Some(&json!("vm-7")));
-        }
-        other => panic!("expected a remote error, got {other:?}"),
-    }
+    let failure = remote(fixture.compute().destroy(&ctx(), "vm-7"));
+    assert_eq!(
+        (failure.class.as_str(), failure.module.as_str()),
+        ("InstanceNotFound", "nova.exception")
+    );
+    assert_eq!(
+        failure.details.kwargs.get("instance_id"),
+        Some(&json!("vm-7"))
+    );
 }
 
 #[test]
 fn cast_and_fanout_modes_reach_the_servers() {
     let fixture = Fixture::new(&["host-1", "host-2"]);
     let compute = fixture.compute();
-    compute.cast().refresh(&alice(), 1u64).unwrap();
+    compute.cast().refresh(&ctx(), 1u64).unwrap();
     let (_, generation) = fixture
         .refreshes
         .recv_timeout(Duration::from_secs(10))
@@ -396,7 +371,7 @@ fn cast_and_fanout_modes_reach_the_servers() {
         .prepare()
         .fanout(true)
         .cast()
-        .refresh(&alice(), 2u64)
+        .refresh(&ctx(), 2u64)
         .unwrap();
     let mut hosts: Vec<String> = (0..2)
         .map(|_| {
@@ -412,7 +387,7 @@ fn cast_and_fanout_modes_reach_the_servers() {
     assert_eq!(hosts, ["host-1", "host-2"]);
     assert_eq!(fixture.refreshed.load(Ordering::SeqCst), 3);
 
-    let fanout_call = compute.prepare().fanout(true).list_instances(&alice());
+    let fanout_call = compute.prepare().fanout(true).list_instances(&ctx());
     assert!(
         matches!(fanout_call, Err(Error::InvalidTarget { .. })),
         "{fanout_call:?}"
@@ -423,8 +398,8 @@ fn cast_and_fanout_modes_reach_the_servers() {
 fn start_call_mode_keeps_calls_outstanding_and_server_pins_one_host() {
     let fixture = Fixture::new(&["host-1", "host-2"]);
     let on_host_2 = fixture.compute().server("host-2");
-    let pending = on_host_2.start_call().block(&alice(), "k1").unwrap();
-    let second = on_host_2.start_call().block(&alice(), "k2").unwrap();
+    let pending = on_host_2.start_call().block(&ctx(), "k1").unwrap();
+    let second = on_host_2.start_call().block(&ctx(), "k2").unwrap();
     assert_ne!(pending.msg_id(), second.msg_id());
     fixture.release.send(()).unwrap();
     fixture.release.send(()).unwrap();
@@ -434,7 +409,7 @@ fn start_call_mode_keeps_calls_outstanding_and_server_pins_one_host() {
     let ping =
         PingClient::new(&fixture.transport, Target::new(fixture.topic.as_str())).server("host-2");
     for _ in 0..5 {
-        assert_eq!(ping.ping(&alice()).unwrap(), "host-2");
+        assert_eq!(ping.ping(&ctx()).unwrap(), "host-2");
     }
 }
 
@@ -443,8 +418,16 @@ fn a_typed_call_times_out_like_an_untyped_one() {
     let transport = Transport::new(&common::memory_url()).unwrap();
     let nobody = ComputeClient::new(&transport, Target::new(common::unique("nobody")))
         .timeout(Duration::from_millis(200));
-    match nobody.list_instances(&alice()) {
-        Err(Error::Timeout { method, .. }) => assert_eq!(method, "list_instances"),
+    let started = std::time::Instant::now();
+    match nobody.list_instances(&ctx()) {
+        Err(Error::Timeout {
+            method, timeout, ..
+        }) => {
+            assert_eq!(method, "list_instances");
+            assert_eq!(timeout, Duration::from_millis(200));
+        }
         other => panic!("expected a timeout, got {other:?}"),
     }
+    // Never before the deadline; the exact arithmetic is unit-tested in client/deadline.rs.
+    assert!(started.elapsed() >= Duration::from_millis(200));
 }

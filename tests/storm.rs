@@ -250,10 +250,13 @@ fn storm(splay: &'static str, n: usize) -> Figures {
     proxy.refuse(true);
     let cut = Instant::now();
     proxy.cut_all();
+    // Fault duration, not synchronisation: the "node" stays down this long.
     thread::sleep(OUTAGE.saturating_sub(cut.elapsed()));
     let (consuming_at_end_of_outage, _) = fleet.consuming();
     proxy.refuse(false);
 
+    // Each server's recovery time, polled every 10 ms (a server that never recovers stays
+    // `None`, which `assert_recovered_cleanly` reports).
     let mut recoveries: Vec<Option<Duration>> = vec![None; n];
     while recoveries.iter().any(Option::is_none) && cut.elapsed() < RECOVERY_BOUND {
         let now = cut.elapsed();
@@ -271,6 +274,8 @@ fn storm(splay: &'static str, n: usize) -> Figures {
             .max()
             .copied()
             .unwrap_or(RECOVERY_BOUND);
+    // An observation window, not synchronisation: attempts arriving in it are counted as
+    // late (none may).
     thread::sleep(SETTLE);
 
     let attempts = proxy.attempts();

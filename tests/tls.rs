@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::node::{free_port, NodeConfig, RabbitNode};
 use common::tls::Pki;
-use common::{unique, Bus};
+use common::{ctx, unique, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient, Target, Transport};
 
@@ -197,10 +197,6 @@ fn shared_node() -> Arc<TlsNode> {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-fn ctx() -> RequestContext {
-    RequestContext::new().with("user_id", "tls")
-}
 
 fn with_query(url: &str, query: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };

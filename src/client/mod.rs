@@ -18,7 +18,10 @@ use crate::version::Version;
 use crate::wire::envelope::{CallFields, Request, ResultOf};
 use crate::wire::failure::Failure;
 
+mod deadline;
 pub(crate) mod reply_waiter;
+
+use deadline::{CallDeadlines, Expired};
 
 use reply_waiter::Waiting;
 
@@ -210,6 +213,39 @@ impl RpcClient {
     /// method failed remotely, [`Error::VersionCap`] / [`Error::InvalidTarget`] /
     /// [`Error::InvalidVersion`] before sending, [`Error::Connection`] when the broker is
     /// unreachable, [`Error::Decode`] when the result does not fit `R`.
+    ///
+    /// ```
+    /// use serde::Deserialize;
+    /// use serde_json::json;
+    /// use warren::{Endpoint, Error, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Divide { a: i64, b: i64 }
+    ///
+    /// let transport = Transport::new("memory://doc-client-call/")?;
+    /// let endpoint = Endpoint::new().method("divide", |_: &RequestContext, x: Divide| match x.b {
+    ///     0 => Err(Failure::new("ZeroDivisionError", "builtins", "division by zero")),
+    ///     b => Ok(x.a / b),
+    /// });
+    /// let server = RpcServer::builder(&transport, Target::new("calc").with_server("calc-1"))
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// server.start()?;
+    ///
+    /// let client = RpcClient::new(&transport, Target::new("calc"));
+    /// let ctx = RequestContext::new();
+    /// let quotient: i64 = client.call(&ctx, "divide", &json!({"a": 7, "b": 2}))?;
+    /// assert_eq!(quotient, 3);
+    /// match client.call::<_, i64>(&ctx, "divide", &json!({"a": 7, "b": 0})) {
+    ///     Err(Error::Remote { class, message, .. }) => {
+    ///         assert_eq!((class.as_str(), message.as_str()), ("ZeroDivisionError", "division by zero"))
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # server.stop();
+    /// # server.wait();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn call<A, R>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<R>
     where
         A: Serialize + ?Sized,
@@ -301,7 +337,7 @@ impl RpcClient {
         let routing_key = self.target.routing_key()?;
         self.check_version()?;
         let timeout = self.effective_timeout();
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline::deadline_of(timeout, Instant::now());
         let transport = &self.transport;
         let msg_id = crate::id::new_id();
         let unique_id = crate::id::new_id();
@@ -339,7 +375,7 @@ impl RpcClient {
             codec,
             // The request expires in its queue when the caller stops waiting for it, so a
             // server that comes up late never runs a call nobody waits for.
-            expiration: Some(deadline.saturating_duration_since(Instant::now())),
+            expiration: Some(deadline::expiration(deadline, Instant::now())),
             mandatory: self.at_least_once,
             redelivery: None,
             declare_queue: None,
@@ -362,6 +398,38 @@ impl RpcClient {
 
     /// Sends `method` with `args` without waiting for it to run; returns once the broker has
     /// the message. With `fanout(true)`, every server of the topic gets it.
+    ///
+    /// Errors: those of [`call`](Self::call) before sending, and [`Error::Timeout`] when the
+    /// broker did not confirm the message in time.
+    ///
+    /// ```
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    /// use serde::Deserialize;
+    /// use serde_json::json;
+    /// use warren::{Endpoint, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
+    ///
+    /// #[derive(Deserialize)]
+    /// struct Log { line: String }
+    ///
+    /// let transport = Transport::new("memory://doc-client-cast/")?;
+    /// let (tx, logged) = mpsc::channel();
+    /// let endpoint = Endpoint::new().method("log", move |_: &RequestContext, args: Log| {
+    ///     let _ = tx.send(args.line);
+    ///     Ok::<_, Failure>(())
+    /// });
+    /// let server = RpcServer::builder(&transport, Target::new("logger").with_server("l-1"))
+    ///     .endpoint(endpoint)
+    ///     .build()?;
+    /// server.start()?;
+    ///
+    /// let client = RpcClient::new(&transport, Target::new("logger"));
+    /// client.cast(&RequestContext::new(), "log", &json!({"line": "disk 91% full"}))?; // returns at once
+    /// assert_eq!(logged.recv_timeout(Duration::from_secs(5)).as_deref(), Ok("disk 91% full"));
+    /// # server.stop();
+    /// # server.wait();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn cast<A>(&self, ctx: &RequestContext, method: &str, args: &A) -> Result<()>
     where
         A: Serialize + ?Sized,
@@ -387,7 +455,7 @@ impl RpcClient {
         let routing_key = self.target.routing_key()?;
         self.check_version()?;
         let timeout = self.effective_timeout();
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline::deadline_of(timeout, Instant::now());
         let unique_id = crate::id::new_id();
         let codec = self.transport.options().codec;
         let body = codec.encode(&Request {
@@ -477,6 +545,36 @@ impl RpcClient {
 
 /// A call sent by [`RpcClient::start_call`] whose result has not been taken yet. Dropping it
 /// abandons the call (a late reply is then dropped).
+///
+/// Several calls in flight from one thread, their results taken in any order:
+///
+/// ```
+/// use serde::Deserialize;
+/// use serde_json::json;
+/// use warren::{Endpoint, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// #[derive(Deserialize)]
+/// struct Square { x: i64 }
+///
+/// let transport = Transport::new("memory://doc-pending-call/")?;
+/// let square = |_: &RequestContext, args: Square| Ok::<_, Failure>(args.x * args.x);
+/// let server = RpcServer::builder(&transport, Target::new("calc").with_server("calc-1"))
+///     .endpoint(Endpoint::new().method("square", square))
+///     .build()?;
+/// server.start()?;
+///
+/// let client = RpcClient::new(&transport, Target::new("calc"));
+/// let ctx = RequestContext::new();
+/// let pending = (1..=3)
+///     .map(|x| client.start_call::<_, i64>(&ctx, "square", &json!({"x": x})))
+///     .collect::<Result<Vec<_>, _>>()?;
+/// assert_eq!(pending[0].msg_id().len(), 32); // a uuid4 in hex, as oslo's
+/// let squares = pending.into_iter().rev().map(|call| call.wait()).collect::<Result<Vec<_>, _>>()?;
+/// assert_eq!(squares, [9, 4, 1]);
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[must_use = "a call's result (or its failure) is only seen through wait()"]
 pub struct PendingCall<R> {
     waiting: Waiting,
@@ -547,20 +645,19 @@ impl<R: DeserializeOwned> PendingCall<R> {
         let mut early_result = None;
         // With call monitoring, any message from the server (a keep-alive or the reply) must
         // come within the monitor timeout; the overall deadline holds regardless.
-        let mut monitor_deadline = self.monitor.map(|m| Instant::now() + m);
+        let mut deadlines = CallDeadlines::new(self.deadline, self.monitor, Instant::now());
         loop {
-            let wait_until = monitor_deadline.map_or(self.deadline, |m| m.min(self.deadline));
-            let Ok(event) = self.waiting.replies.recv_deadline(wait_until) else {
-                return Err(match (self.monitor, Instant::now() < self.deadline) {
-                    (Some(monitor), true) => Error::Timeout {
+            let Ok(event) = self.waiting.replies.recv_deadline(deadlines.wait_until()) else {
+                return Err(match deadlines.expired(Instant::now()) {
+                    Expired::Monitor(monitor) => Error::Timeout {
                         msg_id: self.msg_id.clone(),
                         method: self.method.clone(),
                         timeout: monitor,
                     },
-                    _ => timed_out(),
+                    Expired::Overall => timed_out(),
                 });
             };
-            monitor_deadline = self.monitor.map(|m| Instant::now() + m);
+            deadlines.heard_from_server(Instant::now());
             if let Some(failure) = &event.header.failure {
                 return Err(Failure::from_wire(failure)
                     .map_err(Error::decode)?
@@ -582,4 +679,72 @@ impl<R: DeserializeOwned> PendingCall<R> {
             // Otherwise a call-monitor keep-alive: keep waiting.
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monitor_timeout_travels_in_whole_seconds_rounded_up() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(3)), 3);
+        assert_eq!(whole_seconds(Duration::from_millis(3001)), 4);
+        assert_eq!(whole_seconds(Duration::from_millis(4999)), 5);
+    }
+
+    #[test]
+    fn prepare_overrides_reach_the_target_and_the_send_options() {
+        let transport = Transport::new("memory://client-unit/").unwrap();
+        let client = RpcClient::new(&transport, Target::new("compute"));
+        let prepared = client
+            .prepare()
+            .server("host-1")
+            .namespace("ns")
+            .version("1.2")
+            .exchange("nova");
+        let target = prepared.target();
+        assert_eq!(target.topic.as_deref(), Some("compute"));
+        assert_eq!(target.server.as_deref(), Some("host-1"));
+        assert_eq!(target.namespace.as_deref(), Some("ns"));
+        assert_eq!(target.version.as_deref(), Some("1.2"));
+        assert_eq!(prepared.resolved_exchange(), "nova");
+        assert_eq!(client.target().server, None, "the original is unchanged");
+        assert_eq!(client.resolved_exchange(), "openstack");
+
+        let deadline = Instant::now() + Duration::from_secs(7);
+        let defaults = client.send_options(deadline);
+        assert_eq!(defaults.deadline, Some(deadline));
+        assert_eq!(defaults.retry, None);
+        assert!(!defaults.unconfirmed, "confirmed by default, as oslo");
+        let tuned = client
+            .prepare()
+            .retry(2)
+            .confirm(false)
+            .send_options(deadline);
+        assert_eq!(tuned.retry, Some(2));
+        assert!(tuned.unconfirmed);
+    }
+
+    #[test]
+    fn a_pending_call_describes_itself_without_its_result() {
+        let transport = Transport::new("memory://client-unit-debug/").unwrap();
+        let client =
+            RpcClient::new(&transport, Target::new("nobody")).timeout(Duration::from_millis(1500));
+        let pending: PendingCall<u32> = client
+            .start_call(&RequestContext::new(), "ping", &NoArgsMap {})
+            .unwrap();
+        let shown = format!("{pending:?}");
+        assert!(shown.starts_with("PendingCall {"), "{shown}");
+        assert!(
+            shown.contains(&format!("msg_id: {:?}", pending.msg_id())),
+            "{shown}"
+        );
+        assert!(shown.contains("method: \"ping\""), "{shown}");
+        assert!(shown.contains("timeout: 1.5s"), "{shown}");
+    }
+
+    #[derive(Serialize)]
+    struct NoArgsMap {}
 }

@@ -652,6 +652,35 @@ impl Drop for MemoryConsumers {
 /// A message published on an in-process (`memory://`) broker, as a [`MemoryTap`] saw it.
 ///
 /// The properties are the ones the RabbitMQ driver would set on the same message.
+///
+/// A call and its reply, as they go on the wire:
+///
+/// ```
+/// use std::time::Duration;
+/// use warren::{Codec, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let transport = Transport::builder("memory://doc-tapped-message/").codec(Codec::Json).build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong")))
+///     .build()?;
+/// server.start()?;
+/// let tap = transport.memory_tap().expect("memory://");
+/// let _: String = RpcClient::new(&transport, Target::new("t")).call(&RequestContext::new(), "ping", &())?;
+///
+/// let call = tap.recv_timeout(Duration::from_secs(5)).expect("the call");
+/// assert_eq!((call.codec(), call.routing_key.as_str()), (Some(Codec::Json), "t"));
+/// assert!(call.expiration.is_some(), "a call expires with its timeout");
+/// let reply_queue = call.field("_reply_q").expect("a call names its reply queue");
+///
+/// let reply = tap.wait_for(Duration::from_secs(5), |m| m.exchange.is_empty()).expect("the reply");
+/// assert_eq!(reply.queues, [reply_queue]);
+/// let fields = reply.message()?;
+/// assert_eq!(fields["result"], "pong");
+/// assert_eq!(fields["_msg_id"].as_str(), call.field("_msg_id").as_deref());
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct TappedMessage {

@@ -56,7 +56,60 @@ use super::{ClientRequest, ConnectionState, Event, Observer, Outcome, RequestKin
 
 /// An [`Observer`] recording through the `metrics` facade; the metrics and their labels are
 /// listed in the [module documentation](self).
+///
+/// An application installs its exporter's recorder (`metrics::set_global_recorder`, or the
+/// exporter's own `install()`) before creating the observer. Here a recorder of this thread
+/// only counts the calls a client makes:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+/// use warren::observe::MetricsObserver;
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// /// Counts `rpc.client.calls`; drops everything else.
+/// #[derive(Default)]
+/// struct ClientCalls(Arc<AtomicU64>);
+///
+/// impl Recorder for ClientCalls {
+///     fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+///     fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+///     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+///     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+///         match key.name() {
+///             "rpc.client.calls" => Counter::from_arc(self.0.clone()),
+///             _ => Counter::noop(),
+///         }
+///     }
+///     fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+///         Gauge::noop()
+///     }
+///     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+///         Histogram::noop()
+///     }
+/// }
+///
+/// let recorder = ClientCalls::default();
+/// let transport = Transport::builder("memory://doc-metrics-observer/")
+///     .observer(Arc::new(MetricsObserver::new()))
+///     .build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("t"));
+/// // A client's call is recorded on the caller's thread: this one.
+/// metrics::with_local_recorder(&recorder, || {
+///     client.call::<_, ()>(&RequestContext::new(), "ping", &())
+/// })?;
+/// assert_eq!(recorder.0.load(Ordering::Relaxed), 1);
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Default, Clone, Copy)]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub struct MetricsObserver {
     _private: (),
 }

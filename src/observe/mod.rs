@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use crate::error::Error;
 
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 mod stats;
 
@@ -113,6 +114,46 @@ where
 /// What happened; see the [module documentation](self) for when each is reported.
 ///
 /// New events and fields may be added: match with `..` and keep a `_` arm.
+///
+/// One call to a server on the same transport gives three events: two from the server, one
+/// from the client (the server may report `RequestFinished` after the caller has its result):
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::Event;
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let (tx, events) = mpsc::channel();
+/// let observer = move |event: &Event<'_>| {
+///     let name = match event {
+///         Event::RequestStarted { .. } => "request started",
+///         Event::RequestFinished { .. } => "request finished",
+///         Event::CallFinished { .. } => "call finished",
+///         Event::CastSent { .. } => "cast sent",
+///         Event::Connection { .. } => "connection",
+///         _ => "other",
+///     };
+///     let _ = tx.send(name);
+/// };
+/// let transport = Transport::builder("memory://doc-event/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong")))
+///     .build()?;
+/// server.start()?;
+/// let _: String = RpcClient::new(&transport, Target::new("t")).call(&RequestContext::new(), "ping", &())?;
+///
+/// let mut seen: Vec<&str> = (0..3)
+///     .map(|_| events.recv_timeout(Duration::from_secs(5)).expect("an event"))
+///     .collect();
+/// seen.sort();
+/// assert_eq!(seen, ["call finished", "request finished", "request started"]);
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum Event<'a> {
@@ -170,6 +211,52 @@ pub enum Event<'a> {
 }
 
 /// A request as a server sees it.
+///
+/// Its method and namespace come from the caller; label with [`service`](Self::service) and
+/// [`method_label`](Self::method_label), which fold methods the server does not have into one
+/// label:
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::{Event, RequestKind};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let (tx, started) = mpsc::channel();
+/// let observer = move |event: &Event<'_>| {
+///     if let Event::RequestStarted { request, .. } = event {
+///         let labels = (request.service().to_owned(), request.method_label().to_owned());
+///         let _ = tx.send((request.kind, request.method.to_owned(), request.known, labels));
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-server-request/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// let endpoint = Endpoint::new()
+///     .namespace("compute-api")
+///     .method("reboot", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()));
+/// let server = RpcServer::builder(&transport, Target::new("compute").with_server("host-1"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("compute").with_namespace("compute-api"));
+/// let ctx = RequestContext::new();
+/// client.call::<_, ()>(&ctx, "reboot", &())?;
+/// assert!(client.call::<_, ()>(&ctx, "x-7f3a", &()).is_err()); // NoSuchMethod
+///
+/// let next = || started.recv_timeout(Duration::from_secs(5)).expect("a request");
+/// let labels = |service: &str, method: &str| (service.to_owned(), method.to_owned());
+/// let (kind, method, known, reboot) = next();
+/// assert_eq!((kind, method.as_str(), known), (RequestKind::Call, "reboot", true));
+/// assert_eq!(reboot, labels("compute-api", "reboot"));
+/// // A method the server does not have: labelled by topic and `_OTHER`.
+/// let (_, method, known, unknown) = next();
+/// assert_eq!((method.as_str(), known), ("x-7f3a", false));
+/// assert_eq!(unknown, labels("compute", "_OTHER"));
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct ServerRequest<'a> {
@@ -208,6 +295,38 @@ impl<'a> ServerRequest<'a> {
 }
 
 /// A call or cast as its client sends it.
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::Event;
+/// use warren::{RequestContext, RpcClient, Target, Transport};
+///
+/// let (tx, casts) = mpsc::channel();
+/// let observer = move |event: &Event<'_>| {
+///     if let Event::CastSent { cast, .. } = event {
+///         let _ = tx.send(format!(
+///             "{} to {} (server {:?}, fanout {})",
+///             cast.method,
+///             cast.service(),
+///             cast.server,
+///             cast.fanout
+///         ));
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-client-request/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// let client = RpcClient::new(&transport, Target::new("compute"));
+/// let ctx = RequestContext::new();
+/// client.prepare().server("host-1").cast(&ctx, "reboot", &())?;
+/// client.prepare().fanout(true).namespace("cache").cast(&ctx, "refresh", &())?;
+///
+/// let next = || casts.recv_timeout(Duration::from_secs(5)).expect("a cast");
+/// assert_eq!(next(), r#"reboot to compute (server Some("host-1"), fanout false)"#);
+/// assert_eq!(next(), "refresh to cache (server None, fanout true)");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct ClientRequest<'a> {
@@ -231,6 +350,40 @@ impl<'a> ClientRequest<'a> {
 }
 
 /// Whether a request expects a reply.
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::{Event, RequestKind};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let (tx, finished) = mpsc::channel();
+/// let observer = move |event: &Event<'_>| {
+///     if let Event::RequestFinished { request, .. } = event {
+///         let _ = tx.send(request.kind);
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-request-kind/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("touch", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("t"));
+/// client.call::<_, ()>(&RequestContext::new(), "touch", &())?;
+/// client.cast(&RequestContext::new(), "touch", &())?;
+///
+/// let mut kinds: Vec<RequestKind> = (0..2)
+///     .map(|_| finished.recv_timeout(Duration::from_secs(5)).expect("a request"))
+///     .collect();
+/// kinds.sort();
+/// assert_eq!(kinds, [RequestKind::Call, RequestKind::Cast]);
+/// assert_eq!(RequestKind::Cast.to_string(), "cast");
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RequestKind {
     /// A call: the caller waits for a reply.
@@ -256,6 +409,57 @@ impl fmt::Display for RequestKind {
 }
 
 /// How a request ended.
+///
+/// What a client sees, by outcome and [`error_type`](Self::error_type):
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::{Event, Outcome};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let (tx, outcomes) = mpsc::channel();
+/// let observer = move |event: &Event<'_>| {
+///     if let Event::CallFinished { outcome, .. } = event {
+///         let kind = match outcome {
+///             Outcome::Ok => "ok",
+///             Outcome::Remote { .. } => "remote",
+///             Outcome::Timeout => "timeout",
+///             Outcome::Error(_) => "error",
+///             _ => "other",
+///         };
+///         let _ = tx.send((kind, outcome.error_type().map(str::to_owned)));
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-outcome/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// let endpoint = Endpoint::new()
+///     .method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()))
+///     .method("boom", |_: &RequestContext, _: NoArgs| {
+///         Err::<(), _>(Failure::new("ValueError", "builtins", "no"))
+///     });
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("t"));
+/// let ctx = RequestContext::new();
+/// let _ = client.call::<_, ()>(&ctx, "ping", &());
+/// let _ = client.call::<_, ()>(&ctx, "boom", &());
+/// let nobody = client.prepare().topic("nobody").timeout(Duration::from_millis(50));
+/// let _ = nobody.call::<_, ()>(&ctx, "ping", &());
+/// let _ = client.prepare().fanout(true).call::<_, ()>(&ctx, "ping", &()); // not a call target
+///
+/// let mut next = || outcomes.recv_timeout(Duration::from_secs(5)).expect("a call");
+/// assert_eq!(next(), ("ok", None));
+/// assert_eq!(next(), ("remote", Some("ValueError".to_owned())));
+/// assert_eq!(next(), ("timeout", Some("timeout".to_owned())));
+/// assert_eq!(next(), ("error", Some("invalid_target".to_owned())));
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum Outcome<'a> {
@@ -342,6 +546,26 @@ pub fn error_type(error: &Error) -> &str {
 }
 
 /// Which of a transport's RabbitMQ connections.
+///
+/// ```
+/// use std::sync::Arc;
+/// use warren::observe::{ConnectionRole, Event};
+/// use warren::Transport;
+///
+/// // Logs every connection change, by role (RabbitMQ only: `memory://` has no connections).
+/// let log = |event: &Event<'_>| {
+///     if let Event::Connection { role, state, address, .. } = event {
+///         eprintln!("{role} connection to {address}: {state}");
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-connection-role/")
+///     .observer(Arc::new(log))
+///     .build()?;
+/// # let _ = transport;
+/// let roles: Vec<&str> = ConnectionRole::ALL.iter().map(|role| role.as_str()).collect();
+/// assert_eq!(roles, ["send", "reply", "listen"]);
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConnectionRole {
     /// The connection calls, casts and replies are published on (one per transport).
@@ -390,6 +614,31 @@ impl fmt::Display for ConnectionRole {
 }
 
 /// What happened to a connection.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use warren::observe::{ConnectionState, Event};
+/// use warren::Transport;
+///
+/// // Counts lost connections, for an alert (`memory://` has no connections to lose).
+/// let lost = Arc::new(AtomicU64::new(0));
+/// let counter = Arc::clone(&lost);
+/// let observer = move |event: &Event<'_>| {
+///     if let Event::Connection { state: ConnectionState::Lost, .. } = event {
+///         counter.fetch_add(1, Ordering::Relaxed);
+///     }
+/// };
+/// let transport = Transport::builder("memory://doc-connection-state/")
+///     .observer(Arc::new(observer))
+///     .build()?;
+/// # let _ = transport;
+/// assert_eq!(lost.load(Ordering::Relaxed), 0);
+/// assert!(ConnectionState::Reconnected.is_open());
+/// assert!(!ConnectionState::Lost.is_open());
+/// assert_eq!(ConnectionState::Lost.to_string(), "lost");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ConnectionState {

@@ -11,6 +11,31 @@ use parking_lot::{Mutex, RwLock};
 use super::{error_type, ConnectionRole, ConnectionState, Event, Observer, Outcome};
 
 /// Which side of a request a [`MethodStats`] counts.
+///
+/// A process that calls its own server counts each call twice, once per side:
+///
+/// ```
+/// use std::sync::Arc;
+/// use warren::observe::{Side, Stats};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let stats = Arc::new(Stats::new());
+/// let transport = Transport::builder("memory://doc-side/").observer(stats.clone()).build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+///     .build()?;
+/// server.start()?;
+/// RpcClient::new(&transport, Target::new("t")).call::<_, ()>(&RequestContext::new(), "ping", &())?;
+/// server.stop();
+/// server.wait();
+///
+/// let snapshot = stats.snapshot();
+/// let sides: Vec<Side> = snapshot.methods.iter().map(|m| m.side).collect();
+/// assert_eq!(sides, [Side::Server, Side::Client]);
+/// assert_eq!(snapshot.side(Side::Client).methods[0].calls, 1);
+/// assert_eq!(Side::Client.to_string(), "client");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Side {
     /// Requests handled by this process's servers.
@@ -418,6 +443,42 @@ impl ConnectionCell {
 }
 
 /// What a [`Stats`] recorded: see [`Stats::snapshot`]. Its `Display` is a table.
+///
+/// ```
+/// use std::sync::{mpsc, Arc};
+/// use std::time::Duration;
+/// use warren::observe::{Side, Stats};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let stats = Arc::new(Stats::new());
+/// let transport = Transport::builder("memory://doc-stats-snapshot/").observer(stats.clone()).build()?;
+/// let (logged, log_ran) = mpsc::channel();
+/// let endpoint = Endpoint::new()
+///     .method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()))
+///     .method("log", move |_: &RequestContext, _: NoArgs| {
+///         let _ = logged.send(());
+///         Ok::<_, Failure>(())
+///     });
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("t"));
+/// client.call::<_, ()>(&RequestContext::new(), "ping", &())?;
+/// client.cast(&RequestContext::new(), "log", &())?;
+/// log_ran.recv_timeout(Duration::from_secs(5)).expect("the cast is handled");
+/// server.stop();
+/// server.wait(); // every request taken is finished, and counted
+///
+/// let snapshot = stats.snapshot();
+/// assert_eq!(snapshot.methods.len(), 4); // two methods, each seen by both sides
+/// assert_eq!(snapshot.method(Side::Server, "log").map(|m| m.casts), Some(1));
+/// assert!(snapshot.connections.is_empty()); // `memory://` has no connections
+/// assert_eq!(snapshot.reconnects(), 0);
+/// let table = snapshot.side(Side::Server).to_string();
+/// assert!(table.starts_with("side    service  method"), "{table}");
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct StatsSnapshot {
@@ -460,6 +521,43 @@ impl StatsSnapshot {
 }
 
 /// The counts of one method on one side.
+///
+/// ```
+/// use std::sync::Arc;
+/// use serde::Deserialize;
+/// use serde_json::json;
+/// use warren::observe::{Side, Stats};
+/// use warren::{Endpoint, Failure, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// #[derive(Deserialize)]
+/// struct Divide { a: i64, b: i64 }
+///
+/// let stats = Arc::new(Stats::new());
+/// let transport = Transport::builder("memory://doc-method-stats/").observer(stats.clone()).build()?;
+/// let endpoint = Endpoint::new().method("divide", |_: &RequestContext, x: Divide| match x.b {
+///     0 => Err(Failure::new("ZeroDivisionError", "builtins", "division by zero").expected()),
+///     b => Ok(x.a / b),
+/// });
+/// let server = RpcServer::builder(&transport, Target::new("calc").with_server("calc-1"))
+///     .endpoint(endpoint)
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("calc"));
+/// let ctx = RequestContext::new();
+/// for b in [1, 2, 0] {
+///     let _ = client.call::<_, i64>(&ctx, "divide", &json!({"a": 6, "b": b}));
+/// }
+/// server.stop();
+/// server.wait();
+///
+/// let snapshot = stats.snapshot();
+/// let served = snapshot.method(Side::Server, "divide").expect("served");
+/// assert_eq!((served.service.as_str(), served.calls, served.ok), ("calc", 3, 2));
+/// assert_eq!((served.failures(), served.failed("ZeroDivisionError"), served.expected), (1, 1, 1));
+/// let sent = snapshot.method(Side::Client, "divide").expect("sent");
+/// assert_eq!((sent.failed("ZeroDivisionError"), sent.timeouts), (1, 0));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct MethodStats {
@@ -501,6 +599,32 @@ impl MethodStats {
 }
 
 /// A latency summary, from a histogram with about 12% resolution.
+///
+/// ```
+/// use std::sync::Arc;
+/// use warren::observe::{Side, Stats};
+/// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+///
+/// let stats = Arc::new(Stats::new());
+/// let transport = Transport::builder("memory://doc-latency/").observer(stats.clone()).build()?;
+/// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+///     .build()?;
+/// server.start()?;
+/// let client = RpcClient::new(&transport, Target::new("t"));
+/// for _ in 0..5 {
+///     client.call::<_, ()>(&RequestContext::new(), "ping", &())?;
+/// }
+///
+/// let latency = stats.snapshot().method(Side::Client, "ping").expect("called").latency;
+/// assert_eq!(latency.count, 5);
+/// assert!(latency.min <= latency.p50 && latency.p50 <= latency.p99 && latency.p99 <= latency.max);
+/// assert!(latency.min <= latency.mean && latency.mean <= latency.max);
+/// println!("p50 {:?}, p99 {:?}", latency.p50, latency.p99);
+/// # server.stop();
+/// # server.wait();
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Latency {
@@ -521,6 +645,33 @@ pub struct Latency {
 }
 
 /// The connections of one role.
+///
+/// Counted from [`Event::Connection`], which only RabbitMQ transports report.
+///
+/// ```
+/// use std::sync::Arc;
+/// use warren::observe::{ConnectionRole, ConnectionState, Stats};
+/// use warren::Transport;
+///
+/// /// For a health check: `false` while the last thing a server's connection did was to be lost.
+/// fn listening(stats: &Stats) -> bool {
+///     let snapshot = stats.snapshot();
+///     match snapshot.connection(ConnectionRole::Listen) {
+///         Some(listen) => {
+///             println!("{} open, {} lost, {} reconnected", listen.open, listen.losses, listen.reconnects);
+///             listen.state != ConnectionState::Lost
+///         }
+///         None => true, // no connection yet (or `memory://`)
+///     }
+/// }
+///
+/// let stats = Arc::new(Stats::new());
+/// let transport = Transport::builder("memory://doc-connection-stats/").observer(stats.clone()).build()?;
+/// # let _ = transport;
+/// assert!(listening(&stats));
+/// assert!(stats.snapshot().connections.is_empty());
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConnectionStats {

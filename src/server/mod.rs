@@ -55,7 +55,27 @@ pub enum AckMode {
     },
 }
 
-/// Builds an [`RpcServer`].
+/// Builds an [`RpcServer`]; get one with [`RpcServer::builder`].
+///
+/// ```
+/// use warren::{AckMode, Endpoint, Error, Failure, NoArgs, RequestContext, RpcServer, Target, Transport};
+///
+/// let transport = Transport::new("memory://doc-rpc-server-builder/")?;
+/// let endpoint = Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong"));
+/// let server = RpcServer::builder(&transport, Target::new("jobs").with_server("worker-1"))
+///     .endpoint(endpoint)
+///     .workers(4)
+///     .ack_mode(AckMode::AfterHandling { requeue_limit: 3 })
+///     .duplicate_window(1024)
+///     .build()?;
+/// assert_eq!(server.queue_name(), "jobs.worker-1");
+/// assert_eq!(server.dead_letter_queue(), Some("jobs_dlq"));
+///
+/// // A server's target names the server.
+/// let nameless = RpcServer::builder(&transport, Target::new("jobs")).build();
+/// assert!(matches!(nameless, Err(Error::InvalidTarget { .. })));
+/// # Ok::<(), warren::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct RpcServerBuilder {
     transport: Transport,
@@ -260,6 +280,25 @@ impl RpcServer {
     /// [`retry`](RpcServerBuilder::retry) (by default a server whose broker is down starts
     /// anyway and consumes once the broker is reachable). Starting a running server does
     /// nothing.
+    ///
+    /// ```
+    /// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-rpc-server-start/")?;
+    /// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+    ///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>("pong")))
+    ///     .build()?;
+    /// assert!(!server.is_consuming());
+    /// server.start()?;
+    /// assert!(server.is_running() && server.is_consuming());
+    ///
+    /// let client = RpcClient::new(&transport, Target::new("t"));
+    /// let pong: String = client.call(&RequestContext::new(), "ping", &())?;
+    /// assert_eq!(pong, "pong");
+    /// # server.stop();
+    /// # server.wait();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn start(&self) -> Result<()> {
         self.context.set_stopping(false);
         let transport = &self.context.transport;
@@ -277,6 +316,25 @@ impl RpcServer {
     /// Stops consuming: returns once no new message will be taken. Messages already taken are
     /// still processed; [`wait`](Self::wait) waits for them. Stopping a server that is not
     /// running does nothing.
+    ///
+    /// ```
+    /// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-rpc-server-stop/")?;
+    /// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+    ///     .endpoint(Endpoint::new().method("touch", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+    ///     .build()?;
+    /// server.start()?;
+    /// server.stop();
+    /// assert!(!server.is_running());
+    ///
+    /// // What is sent now waits in the topic's queue for the next server.
+    /// let tap = transport.memory_tap().expect("memory://");
+    /// RpcClient::new(&transport, Target::new("t")).cast(&RequestContext::new(), "touch", &())?;
+    /// assert_eq!(tap.queue_len("t"), Some(1));
+    /// # server.wait();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn stop(&self) {
         if self.lifecycle.is_running() {
             self.context.set_stopping(true);
@@ -288,6 +346,27 @@ impl RpcServer {
     /// thread) and every message it took is done; then closes the listener. After it returns
     /// no thread, consumer, channel or connection of this server remains. Returns at once if
     /// the server is not started.
+    ///
+    /// `stop` may come from another thread:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use warren::{Endpoint, Failure, NoArgs, RequestContext, RpcServer, Target, Transport};
+    ///
+    /// let transport = Transport::new("memory://doc-rpc-server-wait/")?;
+    /// let server = RpcServer::builder(&transport, Target::new("t").with_server("s"))
+    ///     .endpoint(Endpoint::new().method("ping", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(())))
+    ///     .build()?;
+    /// server.start()?;
+    ///
+    /// let server = Arc::new(server);
+    /// let stopper = Arc::clone(&server);
+    /// let stopping = std::thread::spawn(move || stopper.stop());
+    /// server.wait(); // returns once stopped and every request taken is finished
+    /// assert!(!server.is_consuming());
+    /// stopping.join().unwrap();
+    /// # Ok::<(), warren::Error>(())
+    /// ```
     pub fn wait(&self) {
         self.lifecycle.wait();
     }
@@ -318,5 +397,129 @@ impl Drop for RpcServer {
     fn drop(&mut self) {
         self.stop();
         self.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::QueueLifetime;
+
+    /// A transport that never connects (building a server does not).
+    fn transport(url: &str) -> Transport {
+        Transport::new(url).expect("a valid URL")
+    }
+
+    fn server(url: &str, ack_mode: AckMode) -> RpcServer {
+        RpcServer::builder(
+            &transport(url),
+            Target::new("compute").with_server("host-1"),
+        )
+        .ack_mode(ack_mode)
+        .workers(3)
+        .build()
+        .expect("a valid server")
+    }
+
+    #[test]
+    fn a_server_needs_a_topic_and_a_non_empty_server_name() {
+        let t = transport("memory://server-unit/");
+        for target in [
+            Target::new("compute").with_server(""),
+            Target::new("compute"),
+            Target::new("").with_server("host-1"),
+        ] {
+            let built = RpcServer::builder(&t, target.clone()).build();
+            assert!(
+                matches!(built, Err(Error::InvalidTarget { .. })),
+                "{target:?}: {built:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_ack_before_dispatch_screens_and_acks_on_hand_off() {
+        let url = "rabbit://guest:guest@127.0.0.1:5672/";
+        assert!(server(url, AckMode::BeforeDispatch)
+            .spec
+            .ack_on_handoff
+            .is_some());
+        assert!(server(url, AckMode::AfterHandling { requeue_limit: 1 })
+            .spec
+            .ack_on_handoff
+            .is_none());
+    }
+
+    #[test]
+    fn stream_fanout_is_a_rabbitmq_topology() {
+        let query = "?rabbit_stream_fanout=true&rabbit_quorum_queue=true&rabbit_transient_quorum_queue=true";
+        let streams = |url: &str| {
+            server(url, AckMode::BeforeDispatch)
+                .spec
+                .queues
+                .iter()
+                .filter(|plan| plan.lifetime == QueueLifetime::Stream)
+                .count()
+        };
+        assert_eq!(
+            streams(&format!("rabbit://guest:guest@127.0.0.1:5672/{query}")),
+            1
+        );
+        assert_eq!(
+            streams(&format!("memory://server-unit-stream/{query}")),
+            0,
+            "the in-process bus has no streams"
+        );
+    }
+
+    #[test]
+    fn a_server_describes_itself() {
+        let shown = format!(
+            "{:?}",
+            server("memory://server-unit-debug/", AckMode::BeforeDispatch)
+        );
+        assert_eq!(
+            shown,
+            r#"RpcServer { exchange: "openstack", topic: "compute", server: "host-1", workers: 3 }"#
+        );
+    }
+
+    #[test]
+    fn a_server_reports_its_state_and_a_dropped_one_stops_consuming() {
+        let url = "memory://server-unit-state/";
+        let t = transport(url);
+        let tap = t.memory_tap().expect("a memory tap");
+        let server = server(url, AckMode::BeforeDispatch);
+        assert_eq!(server.queue_name(), "compute.host-1");
+        assert!(!server.is_running() && !server.is_consuming());
+        server.start().expect("start");
+        assert!(server.is_running());
+        assert!(
+            server.is_consuming(),
+            "a memory server consumes once started"
+        );
+        server.stop();
+        assert!(!server.is_running() && !server.is_consuming());
+        server.wait();
+        server.start().expect("a stopped server starts again");
+        assert!(server.is_consuming());
+        drop(server);
+        let cast = |n: u32| {
+            crate::RpcClient::new(&t, Target::new("compute").with_server("host-1"))
+                .cast(
+                    &crate::RequestContext::new(),
+                    "ping",
+                    &[("n", n)]
+                        .into_iter()
+                        .collect::<std::collections::HashMap<_, _>>(),
+                )
+                .expect("cast")
+        };
+        cast(1);
+        assert_eq!(
+            tap.queue_len("compute.host-1"),
+            Some(1),
+            "nobody consumes the queue of a dropped server"
+        );
     }
 }

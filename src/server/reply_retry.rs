@@ -28,8 +28,11 @@ use crate::wire::Codec;
 
 /// Pause between two tries of a reply whose reply queue is missing (oslo: 0.25 s).
 pub(crate) const RETRY_EVERY: Duration = Duration::from_millis(250);
-/// Replies waiting for their queue at once; beyond this they are dropped.
+/// Replies waiting for their queue at once (handed over or held by the retry thread); beyond
+/// this they are dropped.
 pub(crate) const MAX_PENDING: usize = 1024;
+/// Of those, how many may wait in the hand-off to the retry thread.
+const HANDOFF: usize = 64;
 /// How long, and how many, reply queues are remembered as gone (oslo: 60 s, 200).
 const GONE_FOR: Duration = Duration::from_secs(60);
 const GONE_MAX: usize = 200;
@@ -76,20 +79,25 @@ impl GoneQueues {
 /// The retry thread of a running server; stops (dropping what is pending) when dropped.
 pub(crate) struct ReplyRetry {
     pending: Option<Sender<PendingReply>>,
+    /// Dropped to stop the thread while it holds as many replies as it may (it then takes
+    /// none from `pending`, so it would not see that channel close).
+    stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ReplyRetry {
     pub fn start(transport: Transport, gone: Arc<GoneQueues>) -> Result<ReplyRetry> {
-        let (tx, rx) = crossbeam_channel::bounded(MAX_PENDING);
+        let (tx, rx) = crossbeam_channel::bounded(HANDOFF);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let thread = thread::Builder::new()
             .name("warren-reply-retry".into())
-            .spawn(move || run(&transport, &gone, &rx))
+            .spawn(move || run(&transport, &gone, &rx, &stop_rx))
             .map_err(|e| {
                 Error::server_state(format!("cannot spawn the reply-retry thread: {e}"))
             })?;
         Ok(ReplyRetry {
             pending: Some(tx),
+            stop: Some(stop_tx),
             thread: Some(thread),
         })
     }
@@ -111,6 +119,7 @@ impl ReplyRetry {
 
     fn stop(&mut self) {
         self.pending = None;
+        self.stop = None;
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 error!("the reply-retry thread panicked");
@@ -125,12 +134,24 @@ impl Drop for ReplyRetry {
     }
 }
 
-fn run(transport: &Transport, gone: &GoneQueues, incoming: &Receiver<PendingReply>) {
+fn run(
+    transport: &Transport,
+    gone: &GoneQueues,
+    incoming: &Receiver<PendingReply>,
+    stop: &Receiver<()>,
+) {
     let mut waiting: Vec<PendingReply> = Vec::new();
     let mut next_round = Instant::now() + RETRY_EVERY;
     loop {
         let received = if waiting.is_empty() {
             incoming.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else if waiting.len() >= MAX_PENDING - HANDOFF {
+            // Full: take no more, so the hand-off fills and further replies are dropped by
+            // the workers; only a stop or the next round ends the wait.
+            match stop.recv_deadline(next_round) {
+                Err(RecvTimeoutError::Timeout) => Err(RecvTimeoutError::Timeout),
+                _ => Err(RecvTimeoutError::Disconnected),
+            }
         } else {
             incoming.recv_deadline(next_round)
         };

@@ -20,11 +20,23 @@ impl log::Log for Capture {
 
 /// Installs the capturing logger (the process's only one) at `trace`.
 pub fn capture_logs() {
+    capture_logs_at(log::LevelFilter::Trace);
+}
+
+/// Installs the capturing logger (the process's only one) if it is not yet, keeping records
+/// up to `level` (or the more verbose level an earlier call asked for): for tests that wait
+/// for a log line without paying for `trace` in every other test of the binary.
+pub fn capture_logs_at(level: log::LevelFilter) {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
         log::set_logger(&Capture).expect("the only logger");
-        log::set_max_level(log::LevelFilter::Trace);
     });
+    static LEVEL: Mutex<log::LevelFilter> = Mutex::new(log::LevelFilter::Off);
+    let mut current = LEVEL.lock().unwrap_or_else(|e| e.into_inner());
+    if level > *current {
+        *current = level;
+        log::set_max_level(level);
+    }
 }
 
 /// Every line captured so far.

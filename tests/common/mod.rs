@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod dispatch;
 pub mod gate;
 pub mod logs;
 pub mod node;
@@ -12,6 +13,7 @@ pub mod python;
 pub mod scenarios;
 pub mod tls;
 
+use std::fmt::Debug;
 use std::process::Command;
 use std::sync::Arc;
 use std::thread;
@@ -21,8 +23,8 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren::{
-    Codec, Endpoint, Failure, NoArgs, RequestContext, RpcClient, RpcServer, RpcServerBuilder,
-    Target, Transport, Version,
+    Codec, Endpoint, Error, Failure, NoArgs, RemoteDetails, RequestContext, RpcClient, RpcServer,
+    RpcServerBuilder, Target, Transport, Version,
 };
 
 /// The broker the tests use (never stopped by them).
@@ -46,6 +48,112 @@ pub fn memory_url() -> String {
 pub fn unique(label: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("wt_{label}_{}", &id[..12])
+}
+
+/// The context the tests call with: a plain user.
+pub fn ctx() -> RequestContext {
+    RequestContext::new().with("user_id", "alice")
+}
+
+/// A context as an OpenStack service sends it (user, project, roles, admin flag): for tests
+/// that check how a whole context travels, to warren's handlers and to oslo's.
+pub fn oslo_ctx() -> RequestContext {
+    ctx()
+        .with("project_id", "demo")
+        .with("roles", json!(["member", "reader"]))
+        .with("is_admin", false)
+}
+
+/// The fields of a remote failure ([`Error::Remote`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remote {
+    pub class: String,
+    pub module: String,
+    pub message: String,
+    pub traceback: Vec<String>,
+    pub details: RemoteDetails,
+}
+
+/// The remote failure `result` must be; fails the test with what it was instead.
+#[track_caller]
+pub fn remote<T: Debug>(result: Result<T, Error>) -> Remote {
+    match result {
+        Err(Error::Remote {
+            class,
+            module,
+            message,
+            traceback,
+            details,
+        }) => Remote {
+            class,
+            module,
+            message,
+            traceback,
+            details: *details,
+        },
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+/// Calls `whoami` (700 ms per attempt) until it answers; returns how long that took. Fails
+/// the test, with the last error, if it is not answered `within`.
+#[track_caller]
+pub fn until_served(client: &RpcClient, within: Duration) -> Duration {
+    let started = Instant::now();
+    let probe = client.prepare().timeout(Duration::from_millis(700));
+    loop {
+        let error = match probe.call::<_, String>(&ctx(), "whoami", &()) {
+            Ok(_) => return started.elapsed(),
+            Err(error) => error,
+        };
+        assert!(
+            started.elapsed() < within,
+            "not served again within {within:?}: the last call failed with {error:?}"
+        );
+    }
+}
+
+/// The thread count of this process once it stopped changing for half a second (a
+/// baseline); fails the test if it does not settle within 30 s.
+///
+/// Every amiquip connection has a detached timer thread (mio-extras) that exits shortly after
+/// the connection is closed; nothing can join it, so counts are waited for, not read once.
+/// Such a thread carries the name of the thread that opened the connection.
+#[track_caller]
+pub fn settled_thread_count() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = thread_count();
+    let mut since = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(20));
+        let now = thread_count();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(500) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the thread count never settled within 30 s: {now} threads {:?}",
+            thread_names()
+        );
+    }
+}
+
+/// Waits until no more than `baseline` threads are left (the stragglers of closed connections
+/// exit); fails the test after 30 s with `what`, the count and the threads' names.
+#[track_caller]
+pub fn threads_back_to(baseline: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while thread_count() > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} threads after 30 s, {baseline} expected: {:?}",
+            thread_count(),
+            thread_names()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// What a handler reports.

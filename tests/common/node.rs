@@ -168,15 +168,30 @@ impl RabbitNode {
             .map(|p| p.trim().to_string())
     }
 
-    /// Kills the node's VM with SIGKILL (a crash) and waits until its port is closed.
+    /// Kills the node's VM with SIGKILL (a crash) and waits until its port is closed; fails
+    /// the test if it stays open.
     pub fn kill9(&self) {
+        assert!(
+            self.kill9_quietly(),
+            "node {} still listens on port {} 30 s after SIGKILL",
+            self.name,
+            self.port
+        );
+    }
+
+    /// [`RabbitNode::kill9`] for clean-up: `false` if the port is still open after 30 s.
+    fn kill9_quietly(&self) -> bool {
         if let Some(pid) = self.os_pid() {
             let _ = Command::new("kill").args(["-9", &pid]).status();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while port_open(self.port) && Instant::now() < deadline {
+        while port_open(self.port) {
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        true
     }
 
     /// Starts the node again on the same data (durable queues and persistent messages kept).
@@ -191,8 +206,11 @@ impl Drop for RabbitNode {
             .args(["-q", "-n", &self.name, "stop"])
             .status()
             .is_ok_and(|s| s.success());
-        if !stopped {
-            self.kill9();
+        if !stopped && !self.kill9_quietly() {
+            eprintln!(
+                "clean-up: node {} still listens on port {}",
+                self.name, self.port
+            );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -121,10 +121,19 @@ fn run(publisher: &Publisher, watch: &Receiver<Watch>, stop: &Receiver<()>, back
                     if stop.recv_timeout(pause).is_ok() {
                         return;
                     }
-                    let mut wait = |pause: Duration| stop.recv_timeout(pause).is_err();
+                    // A stop received during the reconnect's pauses ends the reconnect and,
+                    // since it was taken from the channel, the thread too.
+                    let mut stopped = false;
+                    let mut wait = |pause: Duration| {
+                        stopped = stop.recv_timeout(pause).is_ok();
+                        !stopped
+                    };
                     match publisher.connect(RetryPolicy::default(), &mut wait) {
                         Ok(()) | Err(Error::Closed) => {}
                         Err(e) => warn!("could not reconnect the send connection: {e}"),
+                    }
+                    if stopped {
+                        return;
                     }
                 }
             }

@@ -46,6 +46,8 @@ const NACKED: &str = "the broker rejected (nack) the message";
 /// First and longest pause before sending a nacked message again.
 const NACK_PAUSE_FIRST: Duration = Duration::from_millis(50);
 const NACK_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// Under this much time left, a nacked message is not sent again: the nack is the answer.
+const NACK_LAST_TRY: Duration = Duration::from_millis(20);
 
 /// Header counting the failed handling attempts of a re-sent cast.
 pub(crate) const ATTEMPTS_HEADER: &str = "x-warren-attempts";
@@ -180,11 +182,16 @@ impl Publisher {
             match self.publish_once(message, policy, options.unconfirmed) {
                 // A nacked message was never queued (e.g. its queue's leader was moving to
                 // another node): sending it again within the deadline keeps at-most-once.
+                // The pause never runs past half the time left, so the last try comes close to
+                // the deadline instead of up to a whole pause before it.
                 Err(Error::DeliveryFailure { host, reason })
-                    if reason.starts_with(NACKED) && Instant::now() + nack_pause < deadline =>
+                    if reason.starts_with(NACKED)
+                        && deadline.saturating_duration_since(Instant::now()) >= NACK_LAST_TRY =>
                 {
-                    warn!("{reason} (broker {host}); sending it again in {nack_pause:?}");
-                    std::thread::sleep(nack_pause);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let pause = nack_pause.min(left / 2);
+                    warn!("{reason} (broker {host}); sending it again in {pause:?}");
+                    std::thread::sleep(pause);
                     nack_pause = (nack_pause * 2).min(NACK_PAUSE_MAX);
                 }
                 Err(Error::Connection { host, source }) => {
