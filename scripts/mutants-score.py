@@ -39,7 +39,23 @@ for run in runs:
             continue
         mutant = scenario["Mutant"]
         seen.setdefault(mutant["file"], []).append((mutant["name"], outcome["summary"]))
-    by_file.update(seen)
+    if run.parent.parent.name.endswith("-recheck"):
+        # A re-run of some mutants only (scripts/mutants --recheck): its outcomes replace
+        # those of the same mutants, matched by name without position.
+        for f, results in seen.items():
+            new = {key(name): summary for name, summary in results}
+            by_file[f] = [(name, new.get(key(name), summary)) for name, summary in by_file.get(f, [])]
+    else:
+        by_file.update(seen)
+
+if sys.argv[1] == "--survivors":
+    # For scripts/mutants --recheck: a regex matching every unexplained survivor.
+    names = sorted({key(name).split(": ", 1)[1]
+                    for f, results in by_file.items() for name, summary in results
+                    if summary == "MissedMutant" and key(name) not in explained})
+    meta = set("\\.+*?()|[]{}^$")
+    print("|".join("".join("\\" + c if c in meta else c for c in n) for n in names))
+    sys.exit(0)
 
 failed = False
 print(f"{'module':<18} {'viable':>6} {'caught':>6} {'missed':>6} {'unviable':>8} {'score':>6}")

@@ -176,4 +176,20 @@ mod tests {
             .matches(&n));
         assert!(NotificationFilter::new().event_type("(").is_err());
     }
+
+    #[test]
+    fn metadata_filters_read_the_message_id_and_the_timestamp() {
+        let n = notification();
+        let on = |key: &str, pattern: &str| {
+            NotificationFilter::new()
+                .metadata(key, pattern)
+                .unwrap()
+                .matches(&n)
+        };
+        assert!(on("message_id", "6486382a"));
+        assert!(!on("message_id", "ffff"));
+        assert!(on("timestamp", "2026-11-25"));
+        assert!(!on("timestamp", "2025"));
+        assert!(!on("priority", ".*"), "other metadata keys match nothing");
+    }
 }

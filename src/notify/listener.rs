@@ -537,3 +537,67 @@ impl Dispatch {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notify::{NotificationResult, Priority};
+
+    /// Waits (at most 10 s, then fails) until `condition` holds: consuming starts on the poll
+    /// thread, just after `start()` returns.
+    fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not happen within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_listener_reports_its_state_and_a_dropped_one_stops_consuming() {
+        let url = "memory://listener-unit-state/";
+        let transport = Transport::new(url).unwrap();
+        let tap = transport.memory_tap().expect("a memory tap");
+        let endpoint = NotificationEndpoint::new().on(Priority::Info, |_: &Notification| {
+            NotificationResult::Handled
+        });
+        assert_eq!(
+            format!("{endpoint:?}"),
+            "NotificationEndpoint { priorities: {Info}, filter: None }"
+        );
+        let listener = NotificationListener::builder(&transport, vec![Target::new("monitor")])
+            .endpoint(endpoint)
+            .workers(2)
+            .build()
+            .unwrap();
+        assert_eq!(
+            format!("{listener:?}"),
+            r#"NotificationListener { queues: ["monitor.info"], workers: 2 }"#
+        );
+        assert!(!listener.is_running() && !listener.is_consuming());
+        listener.start().unwrap();
+        assert!(listener.is_running());
+        eventually("consuming", || listener.is_consuming());
+        listener.stop();
+        assert!(!listener.is_running() && !listener.is_consuming());
+        listener.wait();
+        listener.start().expect("waited for: starts again");
+        drop(listener);
+        crate::Notifier::new(&transport, "test.host")
+            .topics(["monitor"])
+            .info(
+                &crate::RequestContext::new(),
+                "thing.happened",
+                &serde_json::json!({}),
+            )
+            .unwrap();
+        assert_eq!(
+            tap.queue_len("monitor.info"),
+            Some(1),
+            "nobody consumes the queue of a dropped listener"
+        );
+    }
+}

@@ -405,6 +405,19 @@ mod tests {
     use super::*;
     use crate::driver::QueueLifetime;
 
+    /// Waits (at most 10 s, then fails) until `condition` holds: consuming starts on the poll
+    /// thread, just after `start()` returns.
+    fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not happen within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// A transport that never connects (building a server does not).
     fn transport(url: &str) -> Transport {
         Transport::new(url).expect("a valid URL")
@@ -502,7 +515,7 @@ mod tests {
         assert!(!server.is_running() && !server.is_consuming());
         server.wait();
         server.start().expect("a stopped server starts again");
-        assert!(server.is_consuming());
+        eventually("consuming again", || server.is_consuming());
         drop(server);
         let cast = |n: u32| {
             crate::RpcClient::new(&t, Target::new("compute").with_server("host-1"))

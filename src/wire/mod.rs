@@ -243,3 +243,27 @@ impl<'de> Deserialize<'de> for KeyStr<'de> {
         deserializer.deserialize_str(KeyVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codecs_and_decode_errors_display_as_users_write_them() {
+        assert_eq!(Codec::Json.to_string(), "json");
+        assert_eq!(Codec::MsgPack.to_string(), "msgpack");
+        for codec in [Codec::Json, Codec::MsgPack] {
+            assert_eq!(codec.to_string().parse::<Codec>().unwrap(), codec);
+        }
+        let error = |path: &str| {
+            DecodeError {
+                path: path.into(),
+                message: "invalid type".into(),
+            }
+            .to_string()
+        };
+        assert_eq!(error(""), "invalid type");
+        assert_eq!(error("."), "invalid type");
+        assert_eq!(error("args.count"), "args.count: invalid type");
+    }
+}
