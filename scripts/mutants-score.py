@@ -58,14 +58,14 @@ if sys.argv[1] == "--survivors":
     sys.exit(0)
 
 failed = False
-print(f"{'module':<18} {'viable':>6} {'caught':>6} {'missed':>6} {'unviable':>8} {'score':>6}")
+print(f"{'module':<18} {'viable':>6} {'caught':>6} {'missed':>6} {'explained':>9} {'unviable':>8} {'score':>6}")
 for module in sys.argv[1:]:
     files = [f for f in by_file if f == module or f.startswith(module.rstrip("/") + "/")]
     if not files:
         print(f"{module:<18} (not run yet)")
         failed = True
         continue
-    caught = missed = unviable = 0
+    caught = missed = unviable = n_explained = 0
     unexplained = []
     for f in files:
         for name, summary in by_file[f]:
@@ -73,7 +73,9 @@ for module in sys.argv[1:]:
                 caught += 1
             elif summary == "MissedMutant":
                 missed += 1
-                if key(name) not in explained:
+                if key(name) in explained:
+                    n_explained += 1
+                else:
                     unexplained.append(name)
             else:
                 unviable += 1
@@ -84,7 +86,7 @@ for module in sys.argv[1:]:
         note = "  <-- below 90%"
     if unexplained:
         note += f"  <-- {len(unexplained)} unexplained"
-    print(f"{module:<18} {viable:>6} {caught:>6} {missed:>6} {unviable:>8} {score:>6.0%}{note}")
+    print(f"{module:<18} {viable:>6} {caught:>6} {missed:>6} {n_explained:>9} {unviable:>8} {score:>6.0%}{note}")
     for name in unexplained:
         print(f"    missed: {name}")
     failed |= bool(note)

@@ -915,4 +915,17 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn an_ipv6_host_is_not_taken_for_a_password_when_redacting() {
+        // No `@`: what follows the port's `:` may be a password without a host, so it is
+        // masked; the bracketed address before it is not.
+        match TransportUrl::parse("rabbit://[::]:notaport/") {
+            Err(Error::InvalidUrl { url, .. }) => {
+                assert!(url.starts_with("rabbit://[::]:"), "{url}");
+                assert!(!url.contains("notaport"), "{url}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
