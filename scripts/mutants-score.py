@@ -41,10 +41,17 @@ for run in runs:
         seen.setdefault(mutant["file"], []).append((mutant["name"], outcome["summary"]))
     if run.parent.parent.name.endswith("-recheck"):
         # A re-run of some mutants only (scripts/mutants --recheck): its outcomes replace
-        # those of the same mutants, matched by name without position.
+        # those of the same mutants, matched by name without position and, where a file has
+        # several alike (`replace + with -` in one function), by their order in the file.
         for f, results in seen.items():
-            new = {key(name): summary for name, summary in results}
-            by_file[f] = [(name, new.get(key(name), summary)) for name, summary in by_file.get(f, [])]
+            new = {}
+            for name, summary in results:
+                new.setdefault(key(name), []).append(summary)
+            merged = []
+            for name, summary in by_file.get(f, []):
+                again = new.get(key(name))
+                merged.append((name, again.pop(0) if again else summary))
+            by_file[f] = merged
     else:
         by_file.update(seen)
 

@@ -5,13 +5,15 @@
 
 mod common;
 
+use common::{next_tapped as next, tap};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use serde_json::{json, Map, Value};
 use warren::{
-    AckMode, Codec, Endpoint, Error, Failure, MemoryTap, Notification, NotificationEndpoint,
+    AckMode, Codec, Endpoint, Error, Failure, Notification, NotificationEndpoint,
     NotificationFormat, NotificationListener, NotificationResult, Notifier, Priority,
     RequestContext, RpcServer, TappedMessage, Target, Transport,
 };
@@ -22,20 +24,6 @@ use common::{ctx, memory_url, remote, Bus, Event};
 scenario_tests!(common::memory_url());
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A tap on the bus's in-process broker (it keeps the broker alive while it exists).
-fn tap(bus: &Bus) -> MemoryTap {
-    Transport::new(&bus.url)
-        .expect("transport")
-        .memory_tap()
-        .expect("a memory:// transport has a tap")
-}
-
-/// The next tapped message `what` describes, or a failure naming it.
-fn next(tap: &MemoryTap, what: &str, matches: impl FnMut(&TappedMessage) -> bool) -> TappedMessage {
-    tap.wait_for(WAIT, matches)
-        .unwrap_or_else(|| panic!("no {what} was published within {WAIT:?}"))
-}
 
 fn field(message: &TappedMessage, name: &str) -> Value {
     message

@@ -524,3 +524,22 @@ pub fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 
 /// A shared counter handlers can bump.
 pub type Counter = Arc<std::sync::atomic::AtomicUsize>;
+
+/// A tap on the bus's in-process broker (it keeps the broker alive while it exists).
+pub fn tap(bus: &Bus) -> warren::MemoryTap {
+    Transport::new(&bus.url)
+        .expect("transport")
+        .memory_tap()
+        .expect("a memory:// transport has a tap")
+}
+
+/// The next tapped message `what` describes (within 10 s), or a failure naming it.
+pub fn next_tapped(
+    tap: &warren::MemoryTap,
+    what: &str,
+    matches: impl FnMut(&warren::TappedMessage) -> bool,
+) -> warren::TappedMessage {
+    let wait = Duration::from_secs(10);
+    tap.wait_for(wait, matches)
+        .unwrap_or_else(|| panic!("no {what} was published within {wait:?}"))
+}
