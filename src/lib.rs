@@ -97,6 +97,8 @@ mod options;
 mod server;
 pub mod service;
 mod target;
+#[cfg(test)]
+mod test_support;
 mod transport;
 mod url;
 mod version;

@@ -543,18 +543,7 @@ mod tests {
     use super::*;
     use crate::notify::{NotificationResult, Priority};
 
-    /// Waits (at most 10 s, then fails) until `condition` holds: consuming starts on the poll
-    /// thread, just after `start()` returns.
-    fn eventually(what: &str, condition: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !condition() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what} did not happen within 10 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
+    use crate::test_support::eventually;
 
     #[test]
     fn a_listener_reports_its_state_and_a_dropped_one_stops_consuming() {

@@ -405,18 +405,7 @@ mod tests {
     use super::*;
     use crate::driver::QueueLifetime;
 
-    /// Waits (at most 10 s, then fails) until `condition` holds: consuming starts on the poll
-    /// thread, just after `start()` returns.
-    fn eventually(what: &str, condition: impl Fn() -> bool) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !condition() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what} did not happen within 10 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
+    use crate::test_support::eventually;
 
     /// A transport that never connects (building a server does not).
     fn transport(url: &str) -> Transport {
