@@ -90,14 +90,30 @@ fn minor_version(text: &str) -> (u64, u64) {
     )
 }
 
+/// The host's target triple (`cargo tree`'s default platform), from `rustc -vV`.
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let output = Command::new(rustc).arg("-vV").output().expect("rustc runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .expect("rustc -vV names the host")
+        .to_string()
+}
+
 #[test]
 fn no_dependency_needs_a_newer_rust_than_the_declared_msrv() {
+    // This platform's packages only, as `cargo tree` below: those of other platforms
+    // (Windows console crates, say) are never downloaded here, and the check is offline.
+    let host = host_triple();
     let metadata: Value = serde_json::from_str(&cargo(&[
         "metadata",
         "--offline",
         "--locked",
         "--format-version",
         "1",
+        "--filter-platform",
+        &host,
     ]))
     .expect("cargo metadata is JSON");
     let packages = metadata["packages"].as_array().expect("packages");
