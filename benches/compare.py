@@ -46,7 +46,10 @@ def command(tool, workload, options):
     _, workload_args, _, bare_workers = WORKLOADS[workload]
     common = workload_args + ["--duration", str(options.duration), "--json", "--quiet"]
     if tool == "warren":
-        return (["target/release/warren", "--url", options.url, "bench",
+        url = options.url
+        if options.warren_query:
+            url += ("&" if "?" in url else "?") + options.warren_query
+        return (["target/release/warren", "--url", url, "bench",
                  "--codec", options.codec, "--workers", str(options.workers)] + common)
     if tool == "bare":
         return (["target/release/examples/bare_amiquip", "--url", options.url,
@@ -56,8 +59,40 @@ def command(tool, workload, options):
              "--workers", str(options.workers)] + common)
 
 
+def perf_available():
+    """Whether `perf stat` can count this machine's context switches and task clock."""
+    try:
+        done = subprocess.run(["perf", "stat", "-x,", "-e", "context-switches,task-clock",
+                               "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "context-switches" in done.stderr
+
+
+def perf_counts(path):
+    """(context switches, task-clock ms) from a `perf stat -x,` output file."""
+    counts = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.strip().split(",")
+                if len(fields) > 2 and fields[0].replace(".", "", 1).isdigit():
+                    counts[fields[2]] = float(fields[0])
+    except OSError:
+        return None
+    if "context-switches" not in counts or "task-clock" not in counts:
+        return None
+    return counts["context-switches"], counts["task-clock"]
+
+
 def run(tool, workload, options):
     cmd = command(tool, workload, options)
+    perf_out = None
+    if options.perf:
+        os.makedirs("target/bench", exist_ok=True)
+        perf_out = "target/bench/perf-stat.txt"
+        cmd = ["perf", "stat", "-x,", "-e", "context-switches,task-clock",
+               "-o", perf_out, "--"] + cmd
     try:
         done = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=options.duration * 6 + 60)
@@ -66,11 +101,19 @@ def run(tool, workload, options):
         return None
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     try:
-        return json.loads(lines[-1])
+        result = json.loads(lines[-1])
     except (IndexError, ValueError):
         sys.stderr.write("  %s failed (exit %d): %s\n"
                          % (" ".join(cmd), done.returncode, done.stderr.strip()[-500:]))
         return None
+    # Per operation over the whole process (client and server threads, set-up included):
+    # context switches and CPU time, from perf stat.
+    counts = perf_counts(perf_out) if perf_out else None
+    operations = result.get("ok", 0)
+    if counts and operations:
+        result["perf"] = {"cs_per_op": counts[0] / operations,
+                          "cpu_us_per_op": counts[1] * 1000.0 / operations}
+    return result
 
 
 def machine():
@@ -114,6 +157,20 @@ def cell(results):
     return text
 
 
+def per_op(results, key):
+    """The median of a perf figure per operation over the rounds, or None."""
+    values = [r["perf"][key] for r in results if r and "perf" in r]
+    return statistics.median(values) if values else None
+
+
+def perf_cell(per_tool, key, fmt):
+    """warren's figure / bare amiquip's, and their ratio."""
+    ours, theirs = per_op(per_tool["warren"], key), per_op(per_tool["bare"], key)
+    if ours is None or theirs is None:
+        return "—"
+    return (fmt + " / " + fmt + " (%.2f×)") % (ours, theirs, ours / theirs if theirs else 0)
+
+
 def ratio(results, a, b):
     rounds = []
     for ours, theirs in zip(results[a], results[b]):
@@ -132,6 +189,11 @@ def main():
                         help="codec of warren and bare amiquip (oslo.messaging: always json)")
     parser.add_argument("--workers", type=int, default=16, help="server worker threads")
     parser.add_argument("--only", help="comma-separated workloads: " + ", ".join(WORKLOADS))
+    parser.add_argument("--warren-query", default="",
+                        help="transport options for warren only, as a URL query "
+                             "(e.g. single_connection=true)")
+    parser.add_argument("--no-perf", dest="perf", action="store_false",
+                        help="do not count context switches and CPU time with perf stat")
     parser.add_argument("--url", default=os.environ.get(
         "WARREN_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     options = parser.parse_args()
@@ -140,6 +202,9 @@ def main():
         if name not in WORKLOADS:
             parser.error("unknown workload %r" % name)
 
+    if options.perf and not perf_available():
+        sys.stderr.write("perf stat cannot count here; no per-call columns\n")
+        options.perf = False
     started = datetime.datetime.now(datetime.timezone.utc)
     results = {name: {tool: [] for tool in TOOLS} for name in names}
     for round_index in range(options.rounds):
@@ -159,24 +224,32 @@ def main():
         "Measured %s on %s." % (started.strftime("%Y-%m-%d"), machine()),
         "Command: `%s` (%d interleaved rounds of %gs per tool and workload; warren and bare "
         "amiquip use %s, oslo.messaging its JSON; warren and oslo.messaging servers have %d "
-        "workers, bare amiquip its best thread count). \"Confirmed\" rows confirm every "
+        "workers, bare amiquip its best thread count%s). \"Confirmed\" rows confirm every "
         "publish (requests, casts, replies) in every tool; \"unconfirmed\" rows none."
-        % (invocation.strip(), options.rounds, options.duration, options.codec, options.workers),
+        % (invocation.strip(), options.rounds, options.duration, options.codec, options.workers,
+           "; warren's transports with `%s`" % options.warren_query
+           if options.warren_query else ""),
         "",
-        "| workload | %s | %s | %s | warren ÷ bare (rounds) | warren ÷ oslo (rounds) | warren peak RSS |"
+        "Per call (or cast), over the whole process (`perf stat -e context-switches,task-clock`, "
+        "medians): warren / bare amiquip (ratio).",
+        "",
+        "| workload | %s | %s | %s | warren ÷ bare (rounds) | warren ÷ oslo (rounds) | "
+        "context switches | CPU µs | warren peak RSS |"
         % (TITLES["oslo"], TITLES["bare"], TITLES["warren"]),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         per_tool = results[name]
         rss = [r["rss_kib"] for r in per_tool["warren"] if r]
-        lines.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             WORKLOADS[name][0],
             cell(per_tool["oslo"]) if WORKLOADS[name][2] else "— (always confirms)",
             cell(per_tool["bare"]),
             cell(per_tool["warren"]),
             ratio(per_tool, "warren", "bare"),
             ratio(per_tool, "warren", "oslo"),
+            perf_cell(per_tool, "cs_per_op", "%.1f"),
+            perf_cell(per_tool, "cpu_us_per_op", "%.0f"),
             "%.1f MiB" % (max(rss) / 1024.0) if rss else "—",
         ))
     table = "\n".join(lines)

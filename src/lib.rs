@@ -50,13 +50,17 @@
 //!  RpcClient::call ──publish──▶ send connection      listen connection (amiquip I/O thread)
 //!        │          (pool of confirm channels;              │ deliveries
 //!        │           heartbeat thread revives it)           ▼
-//!        │                                           poll thread: screens, hands over, acks
-//!        │ waits on its own slot                            │ bounded rendezvous
-//!        ▼                                                  ▼
-//!  reply thread ◀──consume── reply_<uuid> queue ◀── N worker threads: dispatch to the endpoint,
-//!  (one per transport; routes                            reply (call-monitor thread: keep-alives,
-//!   each reply by _msg_id)                               reply-retry thread: missing reply queues)
+//!        │                                           poll thread: screens, acks as it hands
+//!        │ waits on its own slot and on the                 │ over to an idle worker
+//!        │ reply consumer (routes by _msg_id)               ▼
+//!        ◀──consume── reply_<uuid> queue ◀────────── N worker threads: dispatch to the endpoint,
+//!  (reply thread: reads it while no caller waits,        reply (call-monitor thread: keep-alives,
+//!   reconnects it)                                       reply-retry thread: missing reply queues)
 //! ```
+//!
+//! With `single_connection`, a transport's listeners and reply consumer share its send
+//! connection; with `direct_reply_to`, a call waits for its reply on the channel it was
+//! published on (RabbitMQ's `amq.rabbitmq.reply-to`), and no reply queue is declared.
 //!
 //! When a connection dies, the one recovery path (`driver/rabbit/connection.rs`) opens a new
 //! one (failing over across the URL's hosts with kombu's backoff), a new channel, and declares
@@ -66,7 +70,7 @@
 //!
 //! The modules follow oslo's layering, transport → driver → listener → server → dispatcher →
 //! endpoints: `wire/` (codecs: oslo's JSON byte for byte, msgpack), `driver/` (`memory.rs`,
-//! and `rabbit/`: connection, heartbeat, listener, publisher, reply, topology), `server/`
+//! and `rabbit/`: connection, link, heartbeat, listener, publisher, reply, topology), `server/`
 //! (poll loop, worker pool, ack, dedup), `client/` (calls, casts, reply waiter), `notify/`,
 //! `dispatcher.rs`, `service.rs` (the typed layer over the last two).
 //!

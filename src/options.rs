@@ -47,6 +47,8 @@ use crate::wire::Codec;
 /// | `rabbit_stream_fanout` | one stream `<topic>_fanout` per topic for fanout (needs prefetch > 0 and transient quorum) | `false` |
 /// | `use_queue_manager` | stable reply / fanout queue names `<hostname>:<processname>:<n>` | `false` |
 /// | `hostname`, `processname` | the queue manager's name parts | this host, `basename(argv[0])` |
+/// | `single_connection` | one connection per transport: servers and the reply consumer share the send connection (warren's own) | `false` |
+/// | `direct_reply_to` | calls get their replies through RabbitMQ's direct reply-to instead of the reply queue (warren servers only) | `false` |
 ///
 /// Every other option of oslo.messaging 18.3.1's `[oslo_messaging_rabbit]` group (connection
 /// pools, `heartbeat_rate`, `kombu_compression`...) is accepted, its value checked, with one
@@ -143,6 +145,19 @@ pub struct TransportOptions {
     pub hostname: String,
     /// The queue manager's process part (`processname`; default: the program's file name).
     pub processname: String,
+    /// Calls ask for their replies through RabbitMQ's direct reply-to
+    /// (`amq.rabbitmq.reply-to`, `direct_reply_to`, warren's own): each call waits on the
+    /// channel it was published on, and no reply queue is declared. Faster, and less work for
+    /// the broker; only warren servers can answer such calls (oslo.messaging's cannot), and a
+    /// reply is lost with the caller's channel (as with a reply queue, calls are at most
+    /// once). Off: oslo's reply queue, one per transport.
+    pub direct_reply_to: bool,
+    /// One connection per transport (`single_connection`, warren's own): its servers'
+    /// listeners and its reply consumer open their channels on the send connection instead of
+    /// a connection each. Fewer connections and I/O threads, and a server's replies leave by
+    /// the connection its requests came in by; but a connection the broker blocks for
+    /// publishing (a resource alarm) then stops consuming too. Off: oslo's layout.
+    pub single_connection: bool,
 }
 
 /// oslo.messaging 18.3.1 `[oslo_messaging_rabbit]` options warren accepts in a URL without
@@ -322,6 +337,8 @@ impl Default for TransportOptions {
             queue_manager: false,
             hostname: local_hostname(),
             processname: process_name(),
+            direct_reply_to: false,
+            single_connection: false,
         }
     }
 }
@@ -358,6 +375,8 @@ pub const OPTION_NAMES: &[&str] = &[
     "rabbit_ha_queues",
     "rabbit_stream_fanout",
     "use_queue_manager",
+    "direct_reply_to",
+    "single_connection",
     "hostname",
     "processname",
 ];
@@ -484,6 +503,8 @@ impl TransportOptions {
             "rabbit_ha_queues" => self.ha_queues = parse_bool(name, value)?,
             "rabbit_stream_fanout" => self.stream_fanout = parse_bool(name, value)?,
             "use_queue_manager" => self.queue_manager = parse_bool(name, value)?,
+            "direct_reply_to" => self.direct_reply_to = parse_bool(name, value)?,
+            "single_connection" => self.single_connection = parse_bool(name, value)?,
             "hostname" | "processname" => {
                 let part = value.trim();
                 if part.is_empty() || part.contains(['/', '\0']) {
@@ -721,6 +742,8 @@ mod tests {
             ("use_queue_manager", "true"),
             ("hostname", "nodeA"),
             ("processname", "nova-compute"),
+            ("direct_reply_to", "yes"),
+            ("single_connection", "on"),
         ];
         assert_eq!(samples.len(), OPTION_NAMES.len());
         let mut o = TransportOptions::default();
@@ -764,6 +787,7 @@ mod tests {
         assert_eq!(o.quorum_max_memory_bytes, 1 << 33);
         assert!(!o.ha_queues);
         assert!(o.queue_manager);
+        assert!(o.direct_reply_to && o.single_connection);
         assert_eq!(
             (o.hostname.as_str(), o.processname.as_str()),
             ("nodeA", "nova-compute")

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::client::reply_waiter::ReplyWaiter;
 use crate::driver::memory::MemoryDriver;
 use crate::driver::rabbit::RabbitDriver;
-use crate::driver::{Driver, Outgoing, ReplySink, SendOptions};
+use crate::driver::{DirectReplies, Driver, Outgoing, ReplySink, SendOptions};
 use crate::error::{Error, Result};
 use crate::observe::{Hook, Observer};
 use crate::options::{FailoverStrategy, TransportOptions, IGNORED_OPTION_NAMES};
@@ -151,6 +151,22 @@ impl Transport {
     /// AMQP frames ([`Error::InvalidTarget`]) and its body fits `max_message_size`
     /// ([`Error::Encode`]). Nothing is sent otherwise.
     pub(crate) fn send(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
+        self.check_sendable(message)?;
+        self.inner.driver.send(message, options)
+    }
+
+    /// [`send`](Self::send) for a call asking for its reply through direct reply-to:
+    /// `Ok(None)` when the driver could not send it so (nothing was sent).
+    pub(crate) fn send_direct_call(
+        &self,
+        message: &Outgoing<'_>,
+        options: &SendOptions,
+    ) -> Result<Option<Box<dyn DirectReplies>>> {
+        self.check_sendable(message)?;
+        self.inner.driver.send_direct_call(message, options)
+    }
+
+    fn check_sendable(&self, message: &Outgoing<'_>) -> Result<()> {
         message.check_names()?;
         let max = self.inner.options.max_message_size;
         if message.body.len() > max {
@@ -159,7 +175,7 @@ impl Transport {
                 message.body.len()
             )));
         }
-        self.inner.driver.send(message, options)
+        Ok(())
     }
 
     pub(crate) fn reply_waiter(&self) -> &Arc<ReplyWaiter> {
@@ -358,10 +374,7 @@ impl TransportBuilder {
         }
         options.validate()?;
         let replies = Arc::new(ReplyWaiter::new());
-        let sink: ReplySink = {
-            let replies = replies.clone();
-            Arc::new(move |message| replies.deliver(message))
-        };
+        let sink: ReplySink = replies.clone();
         let driver: Box<dyn Driver> = match url.scheme() {
             Scheme::Rabbit => Box::new(RabbitDriver::new(
                 url.clone(),

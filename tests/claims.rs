@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{next_tapped as next, tap};
+use common::{next_tapped as next, tap, with_query};
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -38,11 +38,6 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Reconnection without long pauses; heartbeats stay at their default, so that a proxy's delay
 /// is not taken for a dead connection.
 const FAST_RECONNECT: &str = "kombu_reconnect_splay=0.1&rabbit_retry_interval=0.1&rabbit_retry_backoff=0.1&rabbit_interval_max=1";
-
-fn with_query(url: &str, query: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}{query}")
-}
 
 fn ctx() -> RequestContext {
     RequestContext::new().with("user_id", "claims")
@@ -319,6 +314,45 @@ fn a_call_is_acknowledged_before_it_runs_and_not_run_again_after_a_cut() {
     let who: String = client.call(&ctx(), "whoami", &()).unwrap();
     assert_eq!(who, "s1");
     assert_eq!(started.try_iter().count(), 0, "the call ran again");
+}
+
+/// Reliability, call: "the server acks before running it", and only when a worker is free to
+/// run it at once. With the only worker busy, requests the listener has received stay
+/// unacknowledged (a lost connection would give them back to the broker), and each is
+/// acknowledged as the worker takes it.
+#[test]
+fn requests_no_worker_is_free_for_stay_unacknowledged_until_one_is() {
+    let mut bus = Bus::new(&broker_url());
+    let gate = Arc::new(Gate::default());
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let held = gate.clone();
+    let hold = Endpoint::new().method("hold", move |_: &RequestContext, args: Value| {
+        let _ = started_tx.send(args["n"].as_u64().expect("n"));
+        held.pass();
+        Ok::<_, Failure>(())
+    });
+    bus.start_server_with("s1", |b| b.workers(1).endpoint(hold));
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus.client(Codec::MsgPack);
+    for n in 0..3 {
+        client.cast(&ctx(), "hold", &json!({ "n": n })).unwrap();
+    }
+    assert_eq!(started.recv_timeout(WAIT), Ok(0));
+    let unacked = || queue_count(&bus.topic, "messages_unacknowledged");
+    eventually("the listener holds the other two", WAIT, || {
+        unacked() == 2 && queue_count(&bus.topic, "messages_ready") == 0
+    });
+    // (An ack sent for them would have reached the broker by now.)
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        unacked(),
+        2,
+        "a request was acknowledged with no worker free for it"
+    );
+    gate.open();
+    assert_eq!(started.recv_timeout(WAIT), Ok(1));
+    assert_eq!(started.recv_timeout(WAIT), Ok(2));
+    eventually("every request acknowledged", WAIT, || unacked() == 0);
 }
 
 /// Running on a cluster: "at most once". A call whose connection dies after the broker took

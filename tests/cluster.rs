@@ -15,7 +15,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::cluster::{self, Cluster, CLIENT_USER, SERVER_USER};
-use common::{ctx, eventually, unique};
+use common::{ctx, eventually, unique, with_query};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -45,11 +45,6 @@ const RESUME_BOUND: Duration = Duration::from_secs(5);
 /// One reconnect: the broker closes the connection (or 2 missed heartbeats), a pause of at
 /// most `rabbit_interval_max` + splay, connecting and declaring again on another node.
 const ONE_RECONNECT: Duration = Duration::from_secs(4);
-
-fn with_query(url: &str, query: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}{query}")
-}
 
 fn init_logs() {
     let _ = env_logger::builder().is_test(true).try_init();

@@ -14,7 +14,8 @@ use amiquip::{AmqpProperties, AmqpValue, Publish};
 use common::node::RabbitNode;
 use common::proxy::Proxy;
 use common::{
-    broker_url, ctx, delete_on_broker, eventually, rabbitmqctl_json, unique, until_served, Bus,
+    broker_url, ctx, delete_on_broker, eventually, rabbitmqctl_json, unique, until_served,
+    with_query, Bus,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -26,18 +27,24 @@ use warren::{
 /// Options that make recovery fast enough for tests: 1 s heartbeats, short pauses.
 const FAST: &str = "heartbeat_timeout_threshold=1&kombu_reconnect_splay=0.2&rabbit_retry_interval=0.2&rabbit_retry_backoff=0.2&rabbit_interval_max=1";
 
-fn with_query(url: &str, query: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}{query}")
-}
-
 /// (1) Calls from 8 threads and a stream of casts while every connection is cut 5 times:
 /// each call returns its correct result or a typed error within its timeout, and service is
 /// back within 3 s of each cut.
 #[test]
 fn calls_and_casts_survive_five_cuts_of_every_connection() {
+    five_cuts(FAST);
+}
+
+/// The same with `single_connection`: servers and reply consumers share their transport's
+/// send connection, and recover through it.
+#[test]
+fn calls_and_casts_survive_five_cuts_of_the_one_connection_per_transport() {
+    five_cuts(&format!("{FAST}&single_connection=true"));
+}
+
+fn five_cuts(query: &str) {
     let proxy = Proxy::start("127.0.0.1:5672");
-    let url = with_query(&proxy.url(&broker_url()), FAST);
+    let url = with_query(&proxy.url(&broker_url()), query);
     let mut bus = Bus::through(&url, &broker_url());
     bus.start_server("s1", 4);
     let client = bus.client(Codec::MsgPack).timeout(Duration::from_secs(3));

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use common::node::{free_port, NodeConfig, RabbitNode};
 use common::tls::Pki;
-use common::{ctx, unique, Bus};
+use common::{ctx, unique, with_query, Bus};
 use serde_json::{json, Value};
 use warren::{Codec, Error, RequestContext, RpcClient, Target, Transport};
 
@@ -197,11 +197,6 @@ fn shared_node() -> Arc<TlsNode> {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-fn with_query(url: &str, query: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}{query}")
-}
 
 /// A call and a cast through `url` to a topic nobody serves, each with a 30 s timeout: both
 /// must fail within [`FAST`], with the same kind of error, whose `Display` and `Debug` do not

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::context::RequestContext;
-use crate::driver::{Outgoing, Route, SendOptions};
+use crate::driver::{Outgoing, Route, SendOptions, DIRECT_REPLY_TO};
 use crate::error::{Error, Result};
 use crate::observe::{ClientRequest, Event, Hook, Outcome};
 use crate::target::Target;
@@ -23,7 +23,7 @@ pub(crate) mod reply_waiter;
 
 use deadline::{CallDeadlines, Expired};
 
-use reply_waiter::Waiting;
+use reply_waiter::CallReplies;
 
 /// `_timeout` is whole seconds on the wire (oslo sends what the caller gave, usually an int).
 fn whole_seconds(monitor: Duration) -> u64 {
@@ -346,32 +346,31 @@ impl RpcClient {
             method: method.to_string(),
             timeout,
         };
-        let reply_q = match transport.driver().reply_queue(&self.send_options(deadline)) {
-            Err(Error::Timeout { .. }) => return Err(timed_out()),
-            other => other?,
-        };
-        let waiting = transport.reply_waiter().register(&msg_id);
         let codec = transport.options().codec;
-        let body = codec.encode(&Request {
-            method,
-            args,
-            namespace: self.target.namespace.as_deref(),
-            version: self.target.version.as_deref(),
-            call: Some(CallFields {
-                msg_id: &msg_id,
-                reply_q: &reply_q,
-                monitor_timeout: self.call_monitor_timeout.map(whole_seconds),
-            }),
-            unique_id: &unique_id,
-            context: ctx,
-        })?;
+        let encode = |reply_q: &str| {
+            codec.encode(&Request {
+                method,
+                args,
+                namespace: self.target.namespace.as_deref(),
+                version: self.target.version.as_deref(),
+                call: Some(CallFields {
+                    msg_id: &msg_id,
+                    reply_q,
+                    monitor_timeout: self.call_monitor_timeout.map(whole_seconds),
+                }),
+                unique_id: &unique_id,
+                context: ctx,
+            })
+        };
         let exchange = self.resolved_exchange();
-        let outgoing = Outgoing {
+        // Declared before `outgoing`, which borrows them.
+        let (direct_body, body);
+        let outgoing = |body| Outgoing {
             route: Route::Topic {
                 exchange: &exchange,
                 routing_key: &routing_key,
             },
-            body: &body,
+            body,
             codec,
             // The request expires in its queue when the caller stops waiting for it, so a
             // server that comes up late never runs a call nobody waits for.
@@ -380,20 +379,39 @@ impl RpcClient {
             redelivery: None,
             declare_queue: None,
         };
-        match transport.send(&outgoing, &self.send_options(deadline)) {
-            Err(Error::Timeout { .. }) => return Err(timed_out()),
-            other => other?,
-        }
-        Ok(PendingCall {
-            waiting,
-            msg_id,
+        let pending = |replies| PendingCall {
+            replies,
+            msg_id: msg_id.clone(),
             method: method.to_string(),
             timeout,
             deadline,
             monitor: self.call_monitor_timeout,
             observed: None,
             result: PhantomData,
-        })
+        };
+        if transport.options().direct_reply_to {
+            direct_body = encode(DIRECT_REPLY_TO)?;
+            let sent =
+                transport.send_direct_call(&outgoing(&direct_body), &self.send_options(deadline));
+            match sent {
+                Err(Error::Timeout { .. }) => return Err(timed_out()),
+                Ok(Some(direct)) => return Ok(pending(transport.reply_waiter().direct(direct))),
+                // Not sent: every channel is taken, or the driver has no direct reply-to.
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let reply_q = match transport.driver().reply_queue(&self.send_options(deadline)) {
+            Err(Error::Timeout { .. }) => return Err(timed_out()),
+            other => other?,
+        };
+        let waiting = transport.reply_waiter().register(&msg_id);
+        body = encode(&reply_q)?;
+        match transport.send(&outgoing(&body), &self.send_options(deadline)) {
+            Err(Error::Timeout { .. }) => return Err(timed_out()),
+            other => other?,
+        }
+        Ok(pending(CallReplies::Queue(waiting)))
     }
 
     /// Sends `method` with `args` without waiting for it to run; returns once the broker has
@@ -577,7 +595,8 @@ impl RpcClient {
 /// ```
 #[must_use = "a call's result (or its failure) is only seen through wait()"]
 pub struct PendingCall<R> {
-    waiting: Waiting,
+    /// Where its replies come from: the transport's reply queue, or its own channel.
+    replies: CallReplies,
     msg_id: String,
     method: String,
     timeout: Duration,
@@ -647,7 +666,7 @@ impl<R: DeserializeOwned> PendingCall<R> {
         // come within the monitor timeout; the overall deadline holds regardless.
         let mut deadlines = CallDeadlines::new(self.deadline, self.monitor, Instant::now());
         loop {
-            let Ok(event) = self.waiting.replies.recv_deadline(deadlines.wait_until()) else {
+            let Some(event) = self.replies.next(&self.msg_id, deadlines.wait_until())? else {
                 return Err(match deadlines.expired(Instant::now()) {
                     Expired::Monitor(monitor) => Error::Timeout {
                         msg_id: self.msg_id.clone(),

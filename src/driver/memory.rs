@@ -360,12 +360,13 @@ impl Broker {
     /// `queue` for the default exchange.
     fn deliver(&self, message: &Delivery<'_>, queues: Vec<String>, sink: Option<ReplySink>) {
         if let Some(sink) = sink {
-            sink(RawMessage {
+            sink.deliver(RawMessage {
                 body: message.body.to_vec(),
                 content_type: Some(message.content_type.to_string()),
                 routing_key: message.routing_key.to_string(),
                 queue: message.routing_key.to_string(),
                 attempts: 0,
+                reply_to: None,
             });
             return;
         }
@@ -524,7 +525,7 @@ impl Driver for MemoryDriver {
         let thread = PollThread::spawn(
             name,
             incoming,
-            spec.ack_on_handoff,
+            spec.ack_on_handoff.clone(),
             move |mut poll, control, ready| {
                 let mut consumers = MemoryConsumers::subscribe(&broker, queues, prefetch);
                 let _ = ready.send(Ok(()));
@@ -609,6 +610,7 @@ impl Consumers for MemoryConsumers {
             routing_key: message.routing_key.clone(),
             queue: message.queue.clone(),
             attempts: message.attempts,
+            reply_to: None,
         };
         self.unacked.insert(tag, (source, message));
         Accepted::Deliver(tag, raw)

@@ -9,11 +9,14 @@
 //!   each delivery into the server's bounded incoming queue as an [`Incoming`], and executes
 //!   the ack/reject operations workers hand back through the message's [`Acker`].
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{
+    Receiver, RecvTimeoutError, Select, SelectedOperation, Sender, TryRecvError,
+};
 
 use crate::error::{Error, Result};
 use crate::wire::envelope::OpenedRequest;
@@ -110,6 +113,8 @@ pub(crate) struct RawMessage {
     pub queue: String,
     /// Failed handling attempts recorded by warren (`x-warren-attempts`), 0 for a new message.
     pub attempts: u32,
+    /// The `reply_to` property: where a call sent with direct reply-to wants its reply.
+    pub reply_to: Option<String>,
 }
 
 /// A delivery handed from a listener to a server's workers.
@@ -126,12 +131,80 @@ pub(crate) struct Incoming {
 /// cannot read (or refuses: a cast over `max_size`) is rejected without requeue, so a
 /// dead-letter policy sees it, instead of acknowledged. It takes the body out of the message
 /// on success.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Screen {
     /// Opens the message; the second argument is `max_size`.
     pub open: fn(&mut RawMessage, usize) -> std::result::Result<Box<OpenedRequest>, String>,
     /// The transport's `max_message_size`.
     pub max_size: usize,
+    /// The server's workers waiting for a delivery: the poll thread acknowledges a delivery
+    /// only when one of them is free to take it.
+    pub idle: Arc<IdleWorkers>,
+}
+
+/// The workers of a server that acknowledges on hand-off, counted while they wait for a
+/// delivery. The poll thread claims one (decrements the count) before it acknowledges a
+/// delivery and hands it over, so "acknowledged" still means "a free worker takes it now"
+/// (oslo's ack-before-dispatch); the worker has no ack outcome to wait for, and deliveries
+/// that arrived together are acknowledged together. Deliveries for which no worker is free
+/// wait in the poll thread, unacknowledged, until a worker going idle wakes it.
+#[derive(Debug)]
+pub(crate) struct IdleWorkers {
+    /// Workers waiting, minus deliveries claimed for them and not yet taken; never negative
+    /// (only the poll thread decrements, and only above zero).
+    count: AtomicUsize,
+    /// The poll thread holds deliveries for the next free worker: a worker going idle wakes it.
+    wanted: AtomicBool,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl IdleWorkers {
+    pub fn new() -> IdleWorkers {
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        IdleWorkers {
+            count: AtomicUsize::new(0),
+            wanted: AtomicBool::new(false),
+            wake_tx,
+            wake_rx,
+        }
+    }
+
+    /// Before a (re)start of the workers: none waits yet.
+    pub fn reset(&self) {
+        self.count.store(0, Ordering::SeqCst);
+    }
+
+    /// A worker is about to wait for its next delivery.
+    pub fn worker_idle(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.wanted.load(Ordering::SeqCst) {
+            let _ = self.wake_tx.try_send(());
+        }
+    }
+
+    /// Claims a waiting worker for one delivery; `false` if none waits.
+    pub fn claim(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Gives back a claim whose delivery was not handed over.
+    pub fn unclaim(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The poll thread holds deliveries (`true`) or no longer does: whether a worker going
+    /// idle must wake it.
+    pub fn set_wanted(&self, wanted: bool) {
+        self.wanted.store(wanted, Ordering::SeqCst);
+    }
+
+    /// Where a worker going idle wakes the poll thread.
+    pub fn wakes(&self) -> &Receiver<()> {
+        &self.wake_rx
+    }
 }
 
 impl Screen {
@@ -169,9 +242,9 @@ pub(crate) struct Acker {
     tag: u64,
     generation: u64,
     ops: Sender<AckOp>,
-    /// Set when the listener acknowledges on hand-off ([`ListenSpec::ack_on_handoff`]): the
-    /// outcome of that ack.
-    acked: Option<Receiver<Result<()>>>,
+    /// Set when the listener acknowledged the delivery as it handed it over
+    /// ([`ListenSpec::ack_on_handoff`]).
+    acked: bool,
 }
 
 impl Acker {
@@ -180,19 +253,14 @@ impl Acker {
             tag,
             generation,
             ops,
-            acked: None,
+            acked: false,
         }
     }
 
-    /// A delivery the listener acknowledges as it hands it over; `acked` gets the outcome.
-    pub fn acked_on_handoff(
-        tag: u64,
-        generation: u64,
-        ops: Sender<AckOp>,
-        acked: Receiver<Result<()>>,
-    ) -> Acker {
+    /// A delivery the listener acknowledged as it handed it over.
+    pub fn acked_on_handoff(tag: u64, generation: u64, ops: Sender<AckOp>) -> Acker {
         Acker {
-            acked: Some(acked),
+            acked: true,
             ..Acker::new(tag, generation, ops)
         }
     }
@@ -201,8 +269,8 @@ impl Acker {
     /// ack could not be sent (the channel is gone): the broker will redeliver the message, so
     /// the caller must not process it.
     pub fn ack(self) -> Result<()> {
-        if let Some(acked) = self.acked {
-            return acked.recv().map_err(|_| Error::Closed)?;
+        if self.acked {
+            return Ok(());
         }
         let (done, wait) = crossbeam_channel::bounded(1);
         self.ops
@@ -219,7 +287,7 @@ impl Acker {
     /// Rejects the delivery (dead-lettered or dropped unless `requeue`). Does not wait. A
     /// delivery acknowledged on hand-off is already settled: nothing happens.
     pub fn reject(self, requeue: bool) {
-        if self.acked.is_some() {
+        if self.acked {
             log::debug!(
                 "delivery {} was acknowledged on hand-off; not rejecting it",
                 self.tag
@@ -232,6 +300,29 @@ impl Acker {
             kind: AckKind::Reject { requeue },
             done: None,
         });
+    }
+}
+
+/// Receives from `receiver` until `deadline`, as `recv_deadline` does, but parks at once when
+/// nothing is there instead of spinning and yielding first (crossbeam's `recv` on a list or
+/// array channel yields up to ten times before it parks: on a busy machine with many threads,
+/// each yield is a context switch). For the waits of the hot path: a confirm, a reply.
+pub(crate) fn recv_parked<T>(
+    receiver: &Receiver<T>,
+    deadline: Instant,
+) -> std::result::Result<T, RecvTimeoutError> {
+    match receiver.try_recv() {
+        Ok(message) => return Ok(message),
+        Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+        Err(TryRecvError::Empty) => {}
+    }
+    let mut select = Select::new();
+    select.recv(receiver);
+    match select.select_deadline(deadline) {
+        Ok(operation) => operation
+            .recv(receiver)
+            .map_err(|_| RecvTimeoutError::Disconnected),
+        Err(_) => Err(RecvTimeoutError::Timeout),
     }
 }
 
@@ -262,8 +353,37 @@ where
     }
 }
 
-/// Receives every message arriving on the transport's reply queue.
-pub(crate) type ReplySink = Arc<dyn Fn(RawMessage) + Send + Sync>;
+/// Where a transport's reply consumer hands what arrives on the reply queue: the transport's
+/// [`ReplyWaiter`](crate::client::reply_waiter::ReplyWaiter), which routes each reply to the
+/// call waiting for it.
+pub(crate) trait ReplyRouter: Send + Sync {
+    /// Routes one reply to the call waiting for it (or drops it: nobody waits).
+    fn deliver(&self, message: RawMessage);
+    /// Offers waiting callers the consumer's own deliveries, so that a caller reads its reply
+    /// itself instead of through the reply thread (one thread hop less per call); `None`
+    /// withdraws the offer (the consumer is gone, or is being replaced).
+    fn offer(&self, feed: Option<Arc<dyn ReplyFeed>>);
+    /// Whether a caller is reading the offered feed right now; while none is, the reply
+    /// thread reads it itself.
+    fn feed_has_readers(&self) -> bool;
+}
+
+/// The transport's reply router, shared by the driver's reply consumer.
+pub(crate) type ReplySink = Arc<dyn ReplyRouter>;
+
+/// A reply consumer's deliveries as a waiting caller reads them: one more receiver in the
+/// caller's `select`, beside its own reply channel. Whoever reads a reply routes it through
+/// [`ReplyRouter::deliver`], so it reaches its caller whichever thread read it.
+pub(crate) trait ReplyFeed: Send + Sync {
+    /// Adds the consumer's receiver to `select`; returns its index.
+    fn register<'a>(&'a self, select: &mut Select<'a>) -> usize;
+    /// Completes an operation `select` chose on that receiver: the reply, or `None` when what
+    /// came was not one (the consumer was cancelled, its connection lost: the feed then tells
+    /// its consumer thread, which reconnects, and stops being [live](Self::is_live)).
+    fn complete(&self, operation: SelectedOperation<'_>) -> Option<RawMessage>;
+    /// `false` once the consumer behind it is gone.
+    fn is_live(&self) -> bool;
+}
 
 /// How an exchange routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,10 +448,10 @@ pub(crate) struct ListenSpec {
     pub delete_on_close: Vec<String>,
     /// Connection passes over the hosts at start-up (`None`: start anyway and keep trying).
     pub retry: Option<u32>,
-    /// With a screen, the poll thread reads each delivery with it and acknowledges it as a
-    /// worker takes it (the incoming queue is then a rendezvous), and the worker's
-    /// [`Acker::ack`] only reads the outcome: oslo's ack-before-dispatch without a round trip
-    /// from worker to poll thread per message. Unreadable deliveries are rejected instead.
+    /// With a screen, the poll thread reads each delivery with it and acknowledges it as it
+    /// hands it to a free worker ([`IdleWorkers`]), and the worker's [`Acker::ack`] has
+    /// nothing left to do: oslo's ack-before-dispatch without a round trip from worker to poll
+    /// thread per message. Unreadable deliveries are rejected instead.
     pub ack_on_handoff: Option<Screen>,
 }
 
@@ -426,11 +546,37 @@ pub(crate) trait Driver: Send + Sync {
     /// The reply queue's name once its consumer runs.
     fn reply_queue_name(&self) -> Option<String>;
 
+    /// Publishes a call request asking for its reply through RabbitMQ's direct reply-to
+    /// (`reply_to` [`DIRECT_REPLY_TO`]) on a channel the call keeps until it drops the
+    /// returned replies. `Ok(None)`: the driver cannot (no such feature, or every channel is
+    /// busy); nothing was sent, and the call uses the reply queue.
+    fn send_direct_call(
+        &self,
+        message: &Outgoing<'_>,
+        options: &SendOptions,
+    ) -> Result<Option<Box<dyn DirectReplies>>> {
+        let _ = (message, options);
+        Ok(None)
+    }
+
     /// Starts a listener thread; returns once its queues are declared and consumed.
     fn listen(&self, spec: &ListenSpec, incoming: Sender<Incoming>) -> Result<Box<dyn Listener>>;
 
     /// Stops the reply consumer and closes every connection.
     fn close(&self);
+}
+
+/// The `reply_to` of a call asking for its reply through RabbitMQ's direct reply-to; also its
+/// `_reply_q`, which tells a warren server to answer to the request's `reply_to` property (the
+/// broker rewrites it to the caller's channel).
+pub(crate) const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The replies reaching a call sent with [`Driver::send_direct_call`]: what arrives on its
+/// channel (its own reply, or a late one to an earlier call on the same channel).
+pub(crate) trait DirectReplies: Send {
+    /// The next message on the channel, until `until` (`Ok(None)`); an error when the channel
+    /// is gone, since no reply can reach the call any more.
+    fn next(&mut self, until: Instant) -> Result<Option<RawMessage>>;
 }
 
 /// A running listener (poll thread) of one server.
@@ -445,4 +591,40 @@ pub(crate) trait Listener: Send {
 
     /// `true` while the listener consumes (connected, not stopped).
     fn is_consuming(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_claimed_only_while_it_waits() {
+        let idle = IdleWorkers::new();
+        assert!(!idle.claim(), "no worker waits yet");
+        idle.worker_idle();
+        idle.worker_idle();
+        assert!(idle.claim());
+        assert!(idle.claim());
+        assert!(!idle.claim(), "both are claimed");
+        idle.unclaim();
+        assert!(idle.claim(), "a claim given back can be made again");
+        idle.worker_idle();
+        idle.reset();
+        assert!(!idle.claim(), "a restart forgets the old workers");
+    }
+
+    #[test]
+    fn a_worker_going_idle_wakes_the_poll_thread_only_when_it_waits_for_one() {
+        let idle = IdleWorkers::new();
+        idle.worker_idle();
+        assert!(idle.wakes().try_recv().is_err());
+        idle.set_wanted(true);
+        idle.worker_idle();
+        idle.worker_idle();
+        assert!(idle.wakes().try_recv().is_ok());
+        assert!(idle.wakes().try_recv().is_err(), "one wake-up is enough");
+        idle.set_wanted(false);
+        idle.worker_idle();
+        assert!(idle.wakes().try_recv().is_err());
+    }
 }

@@ -5,9 +5,10 @@
 //! ack/reject operations workers hand back, on control messages (stop, close), and on room in
 //! the server's bounded incoming queue. Deliveries are moved into that queue; operations are
 //! executed by the driver on the thread that owns the channel. With ack on hand-off (oslo's
-//! ack-before-dispatch), the queue is a rendezvous and the thread acknowledges each delivery
-//! the moment a worker takes it, passing the outcome along. Idle polls time out on a
-//! [`DecayingTimer`] (1 ms doubling to 5 s).
+//! ack-before-dispatch), the thread acknowledges a delivery only when a worker is free to take
+//! it at once ([`IdleWorkers`]), then queues it for that worker; deliveries for which no
+//! worker is free wait here, unacknowledged, until one goes idle and wakes the thread. Idle
+//! polls time out on a [`DecayingTimer`] (1 ms doubling to 5 s).
 //!
 //! Lifecycle: `stop()` cancels the consumers; what they had already delivered is still handed
 //! to the workers, then the incoming queue is closed so the workers finish. `close()` (after
@@ -29,7 +30,7 @@ use log::{debug, error, warn};
 
 use crate::driver::timer::DecayingTimer;
 use crate::driver::{
-    spawn_when_ready, AckKind, AckOp, Acker, Incoming, Listener, RawMessage, Screen,
+    spawn_when_ready, AckKind, AckOp, Acker, IdleWorkers, Incoming, Listener, RawMessage, Screen,
 };
 use crate::error::{Error, Result};
 use crate::wire::envelope::OpenedRequest;
@@ -37,6 +38,8 @@ use crate::wire::envelope::OpenedRequest;
 /// Deliveries held by the thread while the incoming queue is full; beyond this it stops
 /// reading its consumers (prefetch then stops the broker).
 const PENDING_MAX: usize = 256;
+/// Deliveries taken at once when several have arrived together.
+const TAKE_READY_MAX: usize = 64;
 /// How long `stop()` waits for the thread to cancel its consumers.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,6 +72,12 @@ pub(crate) trait Consumers {
     fn accept(&mut self, source: usize, item: Self::Item) -> Accepted;
     /// Acks or rejects delivery `tag` on the owning channel.
     fn settle(&mut self, tag: u64, kind: AckKind) -> Result<()>;
+    /// Acks deliveries `tags` (in one frame where the protocol allows); on an error none of
+    /// them counts as acknowledged.
+    fn ack_all(&mut self, tags: &[u64]) -> Result<()> {
+        tags.iter()
+            .try_for_each(|tag| self.settle(*tag, AckKind::Ack))
+    }
     /// Cancels the consumers; returns items they had already received, with their source.
     fn cancel(&mut self) -> Vec<(usize, Self::Item)>;
 }
@@ -157,8 +166,8 @@ impl Drop for PollThread {
 enum Event<T> {
     Op(AckOp),
     Control(Option<Control>),
-    /// A delivery was handed to a worker; with ack on hand-off, the ack to execute now.
-    Handed(Option<HandoffAck>),
+    /// A delivery was handed to a worker (without ack on hand-off).
+    Handed,
     WorkersGone,
     Item(usize, T),
     ConsumerGone,
@@ -168,15 +177,8 @@ enum Event<T> {
 /// A delivery waiting for a worker.
 struct Pending {
     incoming: Incoming,
-    /// With ack on hand-off: the tag, and where the worker reads the outcome of the ack.
-    ack: Option<HandoffAck>,
-}
-
-/// The ack the poll thread owes a delivery it has just handed over.
-struct HandoffAck {
+    /// Its delivery tag, acknowledged as it is handed over with ack on hand-off.
     tag: u64,
-    generation: u64,
-    done: Sender<Result<()>>,
 }
 
 /// The loop itself, kept across sessions (one per channel) so that the incoming queue, the
@@ -244,6 +246,7 @@ impl PollLoop {
         }
         loop {
             self.close_incoming_when_done();
+            self.hand_to_idle_workers(consumers);
             match self.next_event(Some(&*consumers), control) {
                 Event::Op(op) => self.execute(Some(&mut *consumers), op),
                 Event::Control(Some(Control::Stop(done))) => {
@@ -261,14 +264,17 @@ impl PollLoop {
                     self.stop_consuming(consumers);
                     return SessionEnd::Abandoned;
                 }
-                Event::Handed(Some(ack)) => self.ack_handed(consumers, ack),
-                Event::Handed(None) | Event::Idle => {}
+                Event::Handed | Event::Idle => {}
                 Event::WorkersGone => self.workers_gone(),
-                Event::Item(source, item) => match consumers.accept(source, item) {
-                    Accepted::Deliver(tag, message) => self.take(consumers, tag, message),
-                    Accepted::Skip => {}
-                    Accepted::Lost(why) => return self.lose(why),
-                },
+                Event::Item(source, item) => {
+                    if let Err(why) = self.accept(consumers, source, item) {
+                        return self.lose(why);
+                    }
+                    // What else is already there goes over (and is acknowledged) with it.
+                    if let Err(why) = self.take_ready(consumers) {
+                        return self.lose(why);
+                    }
+                }
                 Event::ConsumerGone => return self.lose("the connection is gone".into()),
             }
         }
@@ -321,9 +327,16 @@ impl PollLoop {
         let mut select = Select::new();
         let ops_index = select.recv(&self.ops_rx);
         let control_index = select.recv(control);
-        let send_index = match (&self.incoming, self.pending.is_empty()) {
-            (Some(tx), false) => Some(select.send(tx)),
-            _ => None,
+        // Without ack on hand-off a delivery goes to the queue when there is room; with it,
+        // when a worker going idle says so.
+        let (send_index, wake_index) = match (
+            &self.incoming,
+            self.pending.is_empty(),
+            &self.ack_on_handoff,
+        ) {
+            (Some(tx), false, None) => (Some(select.send(tx)), None),
+            (Some(_), false, Some(screen)) => (None, Some(select.recv(screen.idle.wakes()))),
+            _ => (None, None),
         };
         let mut first_consumer = usize::MAX;
         let readable = consumers.filter(|_| self.consuming && self.pending.len() < PENDING_MAX);
@@ -346,12 +359,20 @@ impl PollLoop {
             operation.recv(&self.ops_rx).map_or(Event::Idle, Event::Op)
         } else if index == control_index {
             Event::Control(operation.recv(control).ok())
+        } else if let Some(screen) = self
+            .ack_on_handoff
+            .as_ref()
+            .filter(|_| Some(index) == wake_index)
+        {
+            // A worker went idle: the next turn of the loop hands it a delivery.
+            let _ = operation.recv(screen.idle.wakes());
+            Event::Idle
         } else if Some(index) == send_index {
             let (Some(tx), Some(item)) = (&self.incoming, self.pending.pop_front()) else {
                 return Event::Idle;
             };
             match operation.send(tx, item.incoming) {
-                Ok(()) => Event::Handed(item.ack),
+                Ok(()) => Event::Handed,
                 // Not acked: the broker redelivers it.
                 Err(_) => Event::WorkersGone,
             }
@@ -366,10 +387,53 @@ impl PollLoop {
         }
     }
 
+    /// Takes one item a consumer received; `Err` when it says the channel is gone.
+    fn accept<C: Consumers>(
+        &mut self,
+        consumers: &mut C,
+        source: usize,
+        item: C::Item,
+    ) -> std::result::Result<(), String> {
+        match consumers.accept(source, item) {
+            Accepted::Deliver(tag, message) => self.take(consumers, tag, message),
+            Accepted::Skip => {}
+            Accepted::Lost(why) => return Err(why),
+        }
+        Ok(())
+    }
+
+    /// Takes what the consumers have already received, without waiting (at most
+    /// [`TAKE_READY_MAX`] items, and never past [`PENDING_MAX`] waiting deliveries), so that
+    /// deliveries arriving together are handed over, and acknowledged, together.
+    fn take_ready<C: Consumers>(&mut self, consumers: &mut C) -> std::result::Result<(), String> {
+        let mut taken = 0;
+        while self.consuming && taken < TAKE_READY_MAX && self.pending.len() < PENDING_MAX {
+            let mut found = None;
+            for (source, receiver) in consumers.receivers().iter().enumerate() {
+                match receiver.try_recv() {
+                    Ok(item) => {
+                        found = Some((source, item));
+                        break;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => {}
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return Err("the connection is gone".into())
+                    }
+                }
+            }
+            let Some((source, item)) = found else {
+                return Ok(());
+            };
+            self.accept(consumers, source, item)?;
+            taken += 1;
+        }
+        Ok(())
+    }
+
     /// Screens a delivery (when acknowledging on hand-off) and queues it for a worker; one the
     /// screen cannot read is rejected without requeue at once.
     fn take<C: Consumers>(&mut self, consumers: &mut C, tag: u64, mut message: RawMessage) {
-        let opened = match self.ack_on_handoff.map(|screen| screen.read(&mut message)) {
+        let opened = match self.ack_on_handoff.as_ref().map(|s| s.read(&mut message)) {
             Some(Err(reason)) => {
                 warn!(
                     "rejecting an unreadable message on {:?} (queue {:?}): {}",
@@ -390,19 +454,9 @@ impl PollLoop {
 
     fn hand_over(&mut self, tag: u64, message: RawMessage, opened: Option<Box<OpenedRequest>>) {
         let ops = self.ops_tx.clone();
-        let (acker, ack) = if self.ack_on_handoff.is_some() {
-            let (done, acked) = crossbeam_channel::bounded(1);
-            let ack = HandoffAck {
-                tag,
-                generation: self.generation,
-                done,
-            };
-            (
-                Acker::acked_on_handoff(tag, self.generation, ops, acked),
-                Some(ack),
-            )
-        } else {
-            (Acker::new(tag, self.generation, ops), None)
+        let acker = match self.ack_on_handoff {
+            Some(_) => Acker::acked_on_handoff(tag, self.generation, ops),
+            None => Acker::new(tag, self.generation, ops),
         };
         self.pending.push_back(Pending {
             incoming: Incoming {
@@ -410,22 +464,64 @@ impl PollLoop {
                 acker,
                 opened,
             },
-            ack,
+            tag,
         });
     }
 
-    /// Acknowledges a delivery a worker has just taken; the worker reads the outcome before
-    /// dispatching (and skips the message if the ack failed: the broker redelivers it).
-    fn ack_handed<C: Consumers>(&mut self, consumers: &mut C, ack: HandoffAck) {
-        let result = if ack.generation == self.generation {
-            consumers.settle(ack.tag, AckKind::Ack)
-        } else {
-            Err(Error::Connection {
-                host: String::new(),
-                source: "the delivery's channel is closed".into(),
-            })
+    /// With ack on hand-off: acknowledges waiting deliveries (together, with one `multiple`
+    /// ack where the broker allows) and queues them, one per free worker; deliveries whose ack
+    /// fails are skipped (the broker redelivers them). When no worker is free, asks the next
+    /// one going idle to wake the thread.
+    fn hand_to_idle_workers<C: Consumers>(&mut self, consumers: &mut C) {
+        let Some(idle) = self.ack_on_handoff.as_ref().map(|s| s.idle.clone()) else {
+            return;
         };
-        let _ = ack.done.send(result);
+        if self.incoming.is_none() {
+            return;
+        }
+        let mut batch = Vec::new();
+        while !self.pending.is_empty() && Self::claim(&idle) {
+            if let Some(item) = self.pending.pop_front() {
+                batch.push(item);
+            }
+        }
+        if self.pending.is_empty() {
+            idle.set_wanted(false);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let tags: Vec<u64> = batch.iter().map(|item| item.tag).collect();
+        if let Err(e) = consumers.ack_all(&tags) {
+            batch.iter().for_each(|_| idle.unclaim());
+            warn!(
+                "could not acknowledge {} deliveries on hand-off; skipping them (the broker redelivers them): {e}",
+                tags.len()
+            );
+            return;
+        }
+        for item in batch {
+            // Waits at most until a claimed worker, already idle, reaches its `recv`.
+            let handed = match &self.incoming {
+                Some(tx) => tx.send(item.incoming).is_ok(),
+                None => false,
+            };
+            if !handed {
+                idle.unclaim();
+                self.workers_gone();
+                return;
+            }
+        }
+    }
+
+    /// Claims a free worker; if none is, announces that the thread waits for one and tries
+    /// once more (a worker that went idle meanwhile saw no announcement).
+    fn claim(idle: &IdleWorkers) -> bool {
+        if idle.claim() {
+            return true;
+        }
+        idle.set_wanted(true);
+        idle.claim()
     }
 
     fn workers_gone(&mut self) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, error, warn};
 
-use crate::driver::{Outgoing, Route, SendOptions};
+use crate::driver::{Outgoing, Route, SendOptions, DIRECT_REPLY_TO};
 use crate::error::{Error, Result};
 use crate::transport::Transport;
 use crate::wire::envelope::Reply;
@@ -189,7 +189,9 @@ fn keep_alive(transport: &Transport, caller: &Caller) -> Result<()> {
         body: &body,
         codec: caller.codec,
         expiration: None,
-        mandatory: true,
+        // RabbitMQ 3.10 returns every mandatory publish to a direct reply-to address as
+        // unroutable, delivered or not: there, a gone caller cannot be detected.
+        mandatory: !caller.reply_q.starts_with(DIRECT_REPLY_TO),
         redelivery: None,
         declare_queue: None,
     };

@@ -71,14 +71,19 @@ impl Lifecycle {
             State::Idle | State::Waiting => {}
         }
         let handler = handler()?;
-        // Acking on hand-off needs "handed over" to mean "a worker has it".
+        // With ack on hand-off the queue is a rendezvous (the listener claims an idle worker,
+        // acknowledges, and hands the delivery straight to it); without, one per worker.
         let capacity = if spec.ack_on_handoff.is_some() {
             0
         } else {
             workers
         };
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        let threads = worker_pool::spawn(handler.clone(), rx, workers)?;
+        let idle = spec
+            .ack_on_handoff
+            .as_ref()
+            .map(|screen| screen.idle.clone());
+        let threads = worker_pool::spawn(handler.clone(), rx, workers, idle)?;
         let listener = match spec
             .check_names()
             .and_then(|()| transport.driver().listen(spec, tx))

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use crate::dispatcher::{AccessPolicy, Dispatcher, Endpoint};
-use crate::driver::{queue_manager, FanoutQueue, ListenSpec, Screen};
+use crate::driver::{queue_manager, FanoutQueue, IdleWorkers, ListenSpec, Screen};
 use crate::error::{Error, Result};
 use crate::target::Target;
 use crate::transport::Transport;
@@ -201,9 +201,10 @@ impl RpcServerBuilder {
             };
             spec = spec.with_fanout(&topic, fanout);
         }
-        spec.ack_on_handoff = (self.ack_mode == AckMode::BeforeDispatch).then_some(Screen {
+        spec.ack_on_handoff = (self.ack_mode == AckMode::BeforeDispatch).then(|| Screen {
             open: rpc::screen,
             max_size: options.max_message_size,
+            idle: Arc::new(IdleWorkers::new()),
         });
         Ok(RpcServer {
             lifecycle: Lifecycle::new(format!("server {topic}.{server}")),

@@ -19,7 +19,9 @@ use log::{debug, error, info, warn};
 use parking_lot::Mutex;
 
 use crate::dispatcher::{Dispatcher, HandlerResult};
-use crate::driver::{Acker, Incoming, Outgoing, RawMessage, Redelivery, Route, SendOptions};
+use crate::driver::{
+    Acker, Incoming, Outgoing, RawMessage, Redelivery, Route, SendOptions, DIRECT_REPLY_TO,
+};
 use crate::error::{Error, Result};
 use crate::observe::{Event, Outcome, RequestKind, ServerRequest};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
@@ -153,7 +155,11 @@ impl WorkerContext {
             Some(opened) => Ok(*opened),
             None => OpenedRequest::open(message.content_type.as_deref(), message.body),
         };
-        let OpenedRequest { doc, header, size } = match opened {
+        let OpenedRequest {
+            doc,
+            mut header,
+            size,
+        } = match opened {
             Ok(opened) => opened,
             Err(reason) => {
                 warn!(
@@ -165,6 +171,13 @@ impl WorkerContext {
                 return;
             }
         };
+        // A call sent with direct reply-to names the pseudo-queue in its body; the broker put
+        // the caller's channel in the request's `reply_to`.
+        if header.reply_q.as_deref() == Some(DIRECT_REPLY_TO) {
+            if let Some(reply_to) = message.reply_to {
+                header.reply_q = Some(reply_to);
+            }
+        }
         let is_call = header.msg_id.is_some();
         let ack_after = !is_call && matches!(self.ack_mode, AckMode::AfterHandling { .. });
         let mut acker = Some(acker);
@@ -438,8 +451,10 @@ impl WorkerContext {
             body: &body,
             codec,
             expiration: None,
-            // Without confirms a return could not be seen: do not ask for one.
-            mandatory: self.confirm_replies,
+            // Without confirms a return could not be seen: do not ask for one. RabbitMQ 3.10
+            // returns every mandatory publish to a direct reply-to address as unroutable,
+            // delivered or not: there, a gone caller cannot be detected.
+            mandatory: self.confirm_replies && !reply_q.starts_with(DIRECT_REPLY_TO),
             redelivery: None,
             declare_queue: None,
         };
@@ -453,6 +468,10 @@ impl WorkerContext {
             // The caller's reply queue is missing, perhaps while its consumer reconnects: the
             // retry thread keeps trying for a while, as oslo does, and this worker moves on.
             // A stopping server does not hold its shutdown for a caller that went away.
+            // (A call with direct reply-to whose caller is gone: nothing to retry.)
+            Err(Error::Undeliverable { .. }) if reply_q.starts_with(DIRECT_REPLY_TO) => {
+                debug!("the caller of {msg_id} is gone (direct reply-to); reply dropped")
+            }
             Err(Error::Undeliverable { .. }) if !self.is_stopping() => {
                 debug!("reply queue {reply_q} of {msg_id} is missing; retrying off the worker");
                 retry.retry(PendingReply {

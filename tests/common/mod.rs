@@ -39,6 +39,12 @@ pub fn broker_in_vhost(vhost: &str) -> String {
     format!("{base}/{vhost}")
 }
 
+/// `url` with `query` (`key=value&...`) added to its query.
+pub fn with_query(url: &str, query: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{query}")
+}
+
 /// A fresh in-process bus per call.
 pub fn memory_url() -> String {
     format!("memory://{}/", unique("mem"))

@@ -23,7 +23,8 @@ use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
 use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
-use super::publisher::ATTEMPTS_HEADER;
+use super::link::Link;
+use super::publisher::{Publisher, ATTEMPTS_HEADER};
 use super::topology;
 
 /// Everything the poll thread needs.
@@ -39,13 +40,15 @@ pub(crate) struct Setup {
     /// last delivery seen, or `-1` for oslo's `"last"` (at start, and after the broker
     /// cancelled the consumer).
     pub next_stream_offset: AtomicI64,
+    /// With `single_connection`: the publisher whose send connection the listener shares.
+    pub shared: Option<Arc<Publisher>>,
 }
 
 /// Starts the poll thread; returns once the topology is declared and the consumers run (or,
 /// with `retry: None` and no broker reachable, once the first pass over the hosts failed).
 pub(crate) fn spawn(setup: Setup, incoming: Sender<Incoming>) -> Result<PollThread> {
     let name = format!("warren-listen-{}", setup.spec.label);
-    let ack_on_handoff = setup.spec.ack_on_handoff;
+    let ack_on_handoff = setup.spec.ack_on_handoff.clone();
     PollThread::spawn(
         name,
         incoming,
@@ -112,7 +115,7 @@ enum Session {
 /// Declares the topology on a new channel, consumes, runs the poll loop until the session ends;
 /// on a clean close deletes the fanout queue and closes the channel.
 fn session(
-    connection: &mut Connection,
+    connection: &mut Link,
     setup: &Setup,
     poll: &mut PollLoop,
     control: &Receiver<Control>,
@@ -174,7 +177,7 @@ fn connect(
     poll: &mut PollLoop,
     control: &Receiver<Control>,
     ready: &mut Option<Sender<Result<()>>>,
-) -> Option<Connection> {
+) -> Option<Link> {
     // Closed while waiting: establish() then fails with Error::Closed.
     let mut pause = |pause: std::time::Duration| poll.wait_offline(control, pause).is_none();
     let starting = ready.is_some();
@@ -187,14 +190,17 @@ fn connect(
         deadline: None,
     };
     let mut establish = |policy| {
-        Connection::establish(
-            &setup.hosts,
-            &setup.url,
-            &setup.options,
-            "listen",
-            policy,
-            &mut pause,
-        )
+        let connect = |policy, pause: &mut dyn FnMut(std::time::Duration) -> bool| {
+            Connection::establish(
+                &setup.hosts,
+                &setup.url,
+                &setup.options,
+                "listen",
+                policy,
+                pause,
+            )
+        };
+        Link::establish(setup.shared.as_ref(), connect, policy, &mut pause)
     };
     let result = match establish(policy) {
         Err(Error::DeliveryFailure { .. }) if starting && setup.retry.is_none() => {
@@ -220,7 +226,7 @@ fn connect(
     }
 }
 
-fn open_and_declare(connection: &mut Connection, setup: &Setup) -> Result<Channel> {
+fn open_and_declare(connection: &mut Link, setup: &Setup) -> Result<Channel> {
     let address = connection.address().to_string();
     let channel = connection.open_channel()?;
     let options = &setup.options;
@@ -293,6 +299,7 @@ impl Consumers for RabbitConsumers<'_> {
                     routing_key: std::mem::take(&mut delivery.routing_key),
                     queue: self.queues.get(source).cloned().unwrap_or_default(),
                     attempts: attempts(&delivery.properties),
+                    reply_to: delivery.properties.reply_to().clone(),
                 };
                 self.unacked.insert(tag, delivery);
                 Accepted::Deliver(tag, message)
@@ -323,6 +330,38 @@ impl Consumers for RabbitConsumers<'_> {
             AckKind::Reject { requeue } => delivery.reject(self.channel, requeue),
         }
         .map_err(|e| amqp_error(e, self.address))
+    }
+
+    fn ack_all(&mut self, tags: &[u64]) -> Result<()> {
+        let Some(&last) = tags.iter().max() else {
+            return Ok(());
+        };
+        // One `basic.ack` with `multiple` covers every delivery up to `last`: only when those
+        // are exactly the ones to acknowledge.
+        let covered = self
+            .unacked
+            .keys()
+            .all(|tag| *tag > last || tags.contains(tag));
+        if tags.len() < 2 || !covered {
+            return tags
+                .iter()
+                .try_for_each(|tag| self.settle(*tag, AckKind::Ack));
+        }
+        let mut newest = None;
+        for tag in tags {
+            if let Some(delivery) = self.unacked.remove(tag) {
+                if *tag == last {
+                    newest = Some(delivery);
+                }
+            }
+        }
+        let delivery = newest.ok_or_else(|| Error::Connection {
+            host: self.address.to_string(),
+            source: format!("unknown delivery tag {last}").into(),
+        })?;
+        delivery
+            .ack_multiple(self.channel)
+            .map_err(|e| amqp_error(e, self.address))
     }
 
     fn cancel(&mut self) -> Vec<(usize, ConsumerMessage)> {

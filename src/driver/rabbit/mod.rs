@@ -15,13 +15,16 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 
-use crate::driver::{Driver, Incoming, ListenSpec, Listener, Outgoing, ReplySink, SendOptions};
+use crate::driver::{
+    DirectReplies, Driver, Incoming, ListenSpec, Listener, Outgoing, ReplySink, SendOptions,
+};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
 mod connection;
 mod heartbeat;
+mod link;
 mod listener;
 mod publisher;
 mod reply;
@@ -43,6 +46,8 @@ pub(crate) struct RabbitDriver {
     /// first call needs it (oslo's `_get_reply_q`), then kept across reconnections.
     reply_queue: OnceLock<String>,
     reply: Mutex<Option<ReplyConsumer>>,
+    /// The reply consumer's thread runs: calls then take the queue name without the lock.
+    reply_running: Arc<AtomicBool>,
     sink: ReplySink,
     closed: AtomicBool,
 }
@@ -95,9 +100,19 @@ impl RabbitDriver {
             hosts,
             options,
             reply: Mutex::new(None),
+            reply_running: Arc::new(AtomicBool::new(false)),
             sink,
             closed: AtomicBool::new(false),
         })
+    }
+}
+
+impl RabbitDriver {
+    /// With `single_connection`: the publisher whose send connection consumers share.
+    fn shared(&self) -> Option<Arc<Publisher>> {
+        self.options
+            .single_connection
+            .then(|| self.publisher.clone())
     }
 }
 
@@ -106,7 +121,24 @@ impl Driver for RabbitDriver {
         self.publisher.publish(message, options)
     }
 
+    fn send_direct_call(
+        &self,
+        message: &Outgoing<'_>,
+        options: &SendOptions,
+    ) -> Result<Option<Box<dyn DirectReplies>>> {
+        Ok(self
+            .publisher
+            .publish_direct(message, options)?
+            .map(|call| Box::new(call) as Box<dyn DirectReplies>))
+    }
+
     fn reply_queue(&self, options: &SendOptions) -> Result<String> {
+        // The common case, without meeting the other callers on the lock.
+        if self.reply_running.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire) {
+            if let Some(name) = self.reply_queue.get() {
+                return Ok(name.clone());
+            }
+        }
         // Another caller may be starting the consumer: wait for it within our own deadline.
         let mut reply = match options.deadline {
             Some(deadline) => {
@@ -131,13 +163,18 @@ impl Driver for RabbitDriver {
                 retry: options.retry,
                 deadline: options.deadline,
             };
+            let setup = reply::Setup {
+                url: self.url.clone(),
+                hosts: self.hosts.clone(),
+                options: self.options.clone(),
+                queue: self.reply_queue_name_or_new(),
+                sink: self.sink.clone(),
+                shared: self.shared(),
+            };
             *reply = Some(ReplyConsumer::start(
-                self.url.clone(),
-                self.hosts.clone(),
-                self.options.clone(),
-                self.reply_queue_name_or_new(),
-                self.sink.clone(),
+                setup,
                 policy,
+                self.reply_running.clone(),
             )?);
         }
         Ok(self.reply_queue_name_or_new())
@@ -162,6 +199,7 @@ impl Driver for RabbitDriver {
             spec: spec.clone(),
             retry: spec.retry,
             next_stream_offset: std::sync::atomic::AtomicI64::new(-1),
+            shared: self.shared(),
         };
         let listener = listener::spawn(setup, incoming)?;
         Ok(Box::new(listener))

@@ -8,6 +8,11 @@
 //! (`confirm(false)`) use plain channels from a second pool, so the broker sends them no
 //! confirms at all. Each channel declares the exchanges it publishes to once, as oslo does.
 //!
+//! Calls sent with direct reply-to (`direct_reply_to`) use channels of two more pools, each
+//! consuming RabbitMQ's `amq.rabbitmq.reply-to` pseudo-queue for as long as it lives: the call
+//! keeps its channel until its reply came ([`DirectCall`]), reading the reply straight from
+//! the channel's consumer. When every channel is taken, such a call uses the reply queue.
+//!
 //! A connection-level failure drops the connection and every channel opened on it; the publish
 //! is retried on a new connection (to the next host if the current one is down) as its
 //! `retry` and deadline allow. The [heartbeat](super::heartbeat) thread also reconnects a send
@@ -20,14 +25,17 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{
-    AmqpProperties, AmqpValue, Channel, Confirm, ConnectionBlockedNotification, FieldTable,
-    Publish, Return,
+    AmqpProperties, AmqpValue, Channel, Confirm, ConnectionBlockedNotification, ConsumerMessage,
+    ConsumerOptions, FieldTable, Publish, Return,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use crate::driver::{Outgoing, Redelivery, Route, SendOptions};
+use crate::driver::{
+    recv_parked, DirectReplies, Outgoing, RawMessage, Redelivery, Route, SendOptions,
+    DIRECT_REPLY_TO,
+};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
@@ -36,8 +44,11 @@ use crate::wire::Codec;
 use super::connection::{amqp_error, Connection, HostCycle, RetryPolicy};
 use super::topology;
 
-/// Channels per send connection.
+/// Publishing channels per send connection.
 const MAX_CHANNELS: usize = 32;
+/// Channels per send connection kept by calls waiting for a direct reply-to reply; counted
+/// apart, so that waiting calls never hold the channels other publishes need.
+const MAX_DIRECT_CHANNELS: usize = 32;
 /// Longest wait for a channel or a confirm when the caller has no deadline.
 const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -101,6 +112,9 @@ struct PubChannel {
     /// `None` on a plain channel.
     confirms: Option<Receiver<Confirm>>,
     returns: Receiver<Return>,
+    /// With direct reply-to: the channel's consumer of `amq.rabbitmq.reply-to` (its requests
+    /// carry that `reply_to`).
+    replies: Option<Receiver<ConsumerMessage>>,
     /// Delivery tag of the last publish on this channel.
     published: u64,
     declared: HashSet<String>,
@@ -117,10 +131,13 @@ pub(crate) struct Publisher {
     options: TransportOptions,
     connection: Mutex<Option<SendConnection>>,
     generation: AtomicU64,
-    /// Idle channels: `[confirm mode, plain]`.
-    idle: [Idle; 2],
-    /// Open channels of both kinds, at most [`MAX_CHANNELS`].
+    /// Idle channels: confirm mode or plain, each with or without direct reply-to
+    /// ([`pool_of`]).
+    idle: [Idle; 4],
+    /// Open publishing channels, at most [`MAX_CHANNELS`].
     channels: AtomicUsize,
+    /// Open direct reply-to channels, at most [`MAX_DIRECT_CHANNELS`].
+    direct_channels: AtomicUsize,
     closed: AtomicBool,
     watch: Sender<Watch>,
 }
@@ -138,9 +155,10 @@ impl Idle {
     }
 }
 
-/// Index of the pool of channels with (0) or without (1) confirms.
-fn pool_of(confirming: bool) -> usize {
-    usize::from(!confirming)
+/// Index of the pool of channels with or without confirms, and with or without a direct
+/// reply-to consumer.
+fn pool_of(confirming: bool, direct: bool) -> usize {
+    usize::from(!confirming) + 2 * usize::from(direct)
 }
 
 impl Publisher {
@@ -157,8 +175,9 @@ impl Publisher {
             options,
             connection: Mutex::new(None),
             generation: AtomicU64::new(1),
-            idle: [Idle::new(), Idle::new()],
+            idle: [Idle::new(), Idle::new(), Idle::new(), Idle::new()],
             channels: AtomicUsize::new(0),
+            direct_channels: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             watch,
         }
@@ -169,6 +188,34 @@ impl Publisher {
     /// [`Connection::establish`] for failover and backoff), within `options.retry` and the
     /// deadline. Channel-level refusals are not retried.
     pub fn publish(&self, message: &Outgoing<'_>, options: &SendOptions) -> Result<()> {
+        self.publish_with(message, options, false).map(|_| ())
+    }
+
+    /// Publishes a call request with direct reply-to on a channel the returned [`DirectCall`]
+    /// keeps; `Ok(None)` when every channel is taken (nothing was sent). Retried as
+    /// [`publish`](Self::publish).
+    pub fn publish_direct(
+        self: &Arc<Self>,
+        message: &Outgoing<'_>,
+        options: &SendOptions,
+    ) -> Result<Option<DirectCall>> {
+        Ok(self
+            .publish_with(message, options, true)?
+            .map(|channel| DirectCall {
+                publisher: self.clone(),
+                channel: Some(channel),
+                lost: false,
+            }))
+    }
+
+    /// [`publish`](Self::publish); with `direct`, on a direct reply-to channel, returned
+    /// instead of checked in (`None` when no such channel is free).
+    fn publish_with(
+        &self,
+        message: &Outgoing<'_>,
+        options: &SendOptions,
+        direct: bool,
+    ) -> Result<Option<PubChannel>> {
         let deadline = options
             .deadline
             .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
@@ -179,7 +226,7 @@ impl Publisher {
         let mut losses = 0_u32;
         let mut nack_pause = NACK_PAUSE_FIRST;
         loop {
-            match self.publish_once(message, policy, options.unconfirmed) {
+            match self.publish_once(message, policy, options.unconfirmed, direct) {
                 // A nacked message was never queued (e.g. its queue's leader was moving to
                 // another node): sending it again within the deadline keeps at-most-once.
                 // The pause never runs past half the time left, so the last try comes close to
@@ -220,13 +267,22 @@ impl Publisher {
         message: &Outgoing<'_>,
         policy: RetryPolicy,
         unconfirmed: bool,
-    ) -> Result<()> {
+        direct: bool,
+    ) -> Result<Option<PubChannel>> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
         // A mandatory message's return is only seen through its confirm.
         let confirming = !unconfirmed || message.mandatory;
-        let mut channel = self.checkout(policy, confirming)?;
+        let mut channel = if direct {
+            match self.checkout_direct(policy, confirming)? {
+                Some(channel) => channel,
+                None => return Ok(None),
+            }
+        } else {
+            self.checkout(policy, confirming)?
+        };
         let result = channel.publish(message, deadline, &self.options);
         match &result {
+            Ok(()) if direct => return Ok(Some(channel)),
             Ok(()) | Err(Error::Undeliverable { .. }) | Err(Error::Timeout { .. }) => {
                 self.checkin(channel)
             }
@@ -244,7 +300,31 @@ impl Publisher {
                 self.discard(channel);
             }
         }
-        result
+        result.map(|()| None)
+    }
+
+    /// An idle direct reply-to channel, or a new one while there are fewer than
+    /// [`MAX_DIRECT_CHANNELS`]; `None` otherwise (the call then uses the reply queue: a call never
+    /// waits for a channel another call keeps until its reply).
+    fn checkout_direct(&self, policy: RetryPolicy, confirming: bool) -> Result<Option<PubChannel>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        while let Ok(channel) = self.idle[pool_of(confirming, true)].rx.try_recv() {
+            if channel.generation == generation {
+                return Ok(Some(channel));
+            }
+            self.discard(channel);
+        }
+        let count = &self.direct_channels;
+        if count.fetch_add(1, Ordering::AcqRel) < MAX_DIRECT_CHANNELS {
+            return self
+                .open_channel(policy, confirming, true)
+                .map(Some)
+                .inspect_err(|_| {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                });
+        }
+        count.fetch_sub(1, Ordering::AcqRel);
+        Ok(None)
     }
 
     /// An idle channel of the kind asked for, or a new one while there are fewer than
@@ -253,8 +333,8 @@ impl Publisher {
     fn checkout(&self, policy: RetryPolicy, confirming: bool) -> Result<PubChannel> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
         let (ours, other) = (
-            &self.idle[pool_of(confirming)],
-            &self.idle[pool_of(!confirming)],
+            &self.idle[pool_of(confirming, false)],
+            &self.idle[pool_of(!confirming, false)],
         );
         loop {
             if self.closed.load(Ordering::Acquire) {
@@ -263,9 +343,11 @@ impl Publisher {
             let channel = match ours.rx.try_recv() {
                 Ok(channel) => channel,
                 Err(_) if self.channels.fetch_add(1, Ordering::AcqRel) < MAX_CHANNELS => {
-                    return self.open_channel(policy, confirming).inspect_err(|_| {
-                        self.channels.fetch_sub(1, Ordering::AcqRel);
-                    });
+                    return self
+                        .open_channel(policy, confirming, false)
+                        .inspect_err(|_| {
+                            self.channels.fetch_sub(1, Ordering::AcqRel);
+                        });
                 }
                 Err(_) => {
                     self.channels.fetch_sub(1, Ordering::AcqRel);
@@ -304,16 +386,20 @@ impl Publisher {
             || channel.generation != self.generation.load(Ordering::Acquire)
         {
             self.discard(channel);
-        } else if let Err(full) = self.idle[pool_of(channel.confirms.is_some())]
-            .tx
-            .try_send(channel)
+        } else if let Err(full) = self.idle
+            [pool_of(channel.confirms.is_some(), channel.replies.is_some())]
+        .tx
+        .try_send(channel)
         {
             self.discard(full.into_inner());
         }
     }
 
     fn discard(&self, channel: PubChannel) {
-        self.channels.fetch_sub(1, Ordering::AcqRel);
+        match channel.replies {
+            Some(_) => self.direct_channels.fetch_sub(1, Ordering::AcqRel),
+            None => self.channels.fetch_sub(1, Ordering::AcqRel),
+        };
         // Closing a channel of a dead connection fails at once; nothing to report.
         let _ = channel.channel.close();
     }
@@ -339,6 +425,9 @@ impl Publisher {
         policy: RetryPolicy,
         pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         let deadline = policy
             .deadline
             .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
@@ -369,7 +458,12 @@ impl Publisher {
         Ok(())
     }
 
-    fn open_channel(&self, policy: RetryPolicy, confirming: bool) -> Result<PubChannel> {
+    fn open_channel(
+        &self,
+        policy: RetryPolicy,
+        confirming: bool,
+        direct: bool,
+    ) -> Result<PubChannel> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
         self.connect(policy, &mut |pause| {
             thread::sleep(pause);
@@ -401,9 +495,22 @@ impl Publisher {
             let returns = channel
                 .listen_for_returns()
                 .map_err(|e| amqp_error(e, &address))?;
+            let replies = if direct {
+                let no_ack = ConsumerOptions {
+                    no_ack: true,
+                    ..ConsumerOptions::default()
+                };
+                let consumer = channel
+                    .basic_consume(DIRECT_REPLY_TO, no_ack)
+                    .map_err(|e| amqp_error(e, &address))?;
+                Some(consumer.detach())
+            } else {
+                None
+            };
             Ok(PubChannel {
                 channel,
                 confirms,
+                replies,
                 returns,
                 published: 0,
                 declared: HashSet::new(),
@@ -416,6 +523,45 @@ impl Publisher {
             self.reset_connection(generation);
         }
         opened
+    }
+
+    /// `host:port` of the send connection, if there is one.
+    pub fn address(&self) -> Option<String> {
+        self.connection
+            .lock()
+            .as_ref()
+            .map(|send| send.connection.address().to_string())
+    }
+
+    /// A channel on the send connection for a consumer sharing it (`single_connection`), with
+    /// the connection's generation and address; on the connection of `generation` only, when
+    /// given (a session keeps to one connection). A lost connection is a
+    /// [`Error::Connection`]: the consumer then drops it ([`reset_connection`]) and
+    /// reconnects.
+    ///
+    /// [`reset_connection`]: Self::reset_connection
+    pub fn open_consumer_channel(&self, generation: Option<u64>) -> Result<(Channel, u64, String)> {
+        let lost = |host: String| Error::Connection {
+            host,
+            source: "the shared connection was lost".into(),
+        };
+        let mut guard = self.connection.lock();
+        let Some(send) = guard.as_mut() else {
+            return Err(lost(String::new()));
+        };
+        let address = send.connection.address().to_string();
+        if generation.is_some_and(|g| g != send.generation) {
+            return Err(lost(address));
+        }
+        let opened_on = send.generation;
+        match send.connection.open_channel() {
+            Ok(channel) => Ok((channel, opened_on, address)),
+            Err(e) => {
+                drop(guard);
+                self.reset_connection(opened_on);
+                Err(e)
+            }
+        }
     }
 
     /// Drops the send connection if it is still the one of `generation`; `true` if it was.
@@ -492,7 +638,13 @@ impl PubChannel {
                     routing_key: routing_key.clone(),
                     mandatory: message.mandatory,
                     immediate: false,
-                    properties: properties(message.codec, message.expiration, message.redelivery),
+                    properties: match self.replies {
+                        Some(_) => {
+                            properties(message.codec, message.expiration, message.redelivery)
+                                .with_reply_to(DIRECT_REPLY_TO.to_string())
+                        }
+                        None => properties(message.codec, message.expiration, message.redelivery),
+                    },
                 },
             )
             .map_err(|e| amqp_error(e, &self.address))?;
@@ -502,7 +654,7 @@ impl PubChannel {
             return Ok(());
         };
         loop {
-            let confirm = match confirms.recv_deadline(deadline) {
+            let confirm = match recv_parked(confirms, deadline) {
                 Ok(confirm) => confirm,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(Error::Timeout {
@@ -540,6 +692,60 @@ impl PubChannel {
             }
         }
         Ok(())
+    }
+}
+
+/// A call sent with direct reply-to: keeps the channel it was published on, whose consumer
+/// its reply reaches, and gives it back to the pool when dropped.
+pub(crate) struct DirectCall {
+    publisher: Arc<Publisher>,
+    /// `Some` until dropped.
+    channel: Option<PubChannel>,
+    /// The channel was found closed: it is discarded, not given back.
+    lost: bool,
+}
+
+impl DirectReplies for DirectCall {
+    fn next(&mut self, until: Instant) -> Result<Option<RawMessage>> {
+        let Some(channel) = &self.channel else {
+            return Ok(None);
+        };
+        let Some(replies) = &channel.replies else {
+            return Ok(None);
+        };
+        let why = match recv_parked(replies, until) {
+            Ok(ConsumerMessage::Delivery(delivery)) => {
+                return Ok(Some(super::reply::reply_message(delivery)))
+            }
+            Err(RecvTimeoutError::Timeout) => return Ok(None),
+            Ok(other) => format!("{other:?}"),
+            Err(RecvTimeoutError::Disconnected) => "the connection is gone".to_string(),
+        };
+        self.lost = true;
+        Err(Error::Connection {
+            host: channel.address.clone(),
+            source: format!(
+                "the channel waiting for the call's direct reply-to reply was closed ({why}); no reply can reach it"
+            )
+            .into(),
+        })
+    }
+}
+
+impl Drop for DirectCall {
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else {
+            return;
+        };
+        if self.lost {
+            self.publisher.discard(channel);
+            return;
+        }
+        // Replies to calls that gave up before them: nobody reads them later.
+        if let Some(replies) = &channel.replies {
+            while replies.try_recv().is_ok() {}
+        }
+        self.publisher.checkin(channel);
     }
 }
 

@@ -1,8 +1,13 @@
 //! The transport's reply consumer: one thread and one connection consuming the transport's
 //! single reply queue `reply_<uuid hex>` (non-durable, not exclusive, `x-expires`) without
 //! acknowledgements (a reply matters only to this process; oslo acks each one, which costs a
-//! frame per call), handing each reply to the [`ReplySink`] that routes it to the waiting
-//! caller.
+//! frame per call).
+//!
+//! The consumer's deliveries are offered to waiting callers as a [`ReplyFeed`]: a caller
+//! waiting for its reply reads them itself and routes what is not its own through the
+//! [`ReplySink`], so the common case has no hop through this thread. The thread owns the
+//! channel and the connection, reads the deliveries itself whenever no caller is reading them
+//! (every [`IDLE_READ`]), and reconnects when a reader reports the consumer gone.
 //!
 //! When its connection is lost (or the broker cancels its consumer because the queue was
 //! deleted) it reconnects through [`Connection::establish`] and re-declares the queue under
@@ -14,17 +19,22 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, QueueDeleteOptions};
-use crossbeam_channel::{Receiver, Select, Sender};
+use crossbeam_channel::{Receiver, Select, SelectedOperation, Sender, TryRecvError};
 use log::{debug, error, info, warn};
 
-use crate::driver::timer::DecayingTimer;
-use crate::driver::{spawn_when_ready, RawMessage, ReplySink};
+use crate::driver::{spawn_when_ready, RawMessage, ReplyFeed, ReplySink};
 use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
 use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
+use super::link::Link;
+use super::publisher::Publisher;
 use super::topology;
+
+/// How often the thread reads the deliveries itself while no caller is reading them (replies
+/// to calls nobody waits for yet, and a consumer cancelled or a connection lost while idle).
+const IDLE_READ: Duration = Duration::from_millis(100);
 
 /// A running reply consumer.
 pub(crate) struct ReplyConsumer {
@@ -34,27 +44,18 @@ pub(crate) struct ReplyConsumer {
 }
 
 impl ReplyConsumer {
-    /// Declares `queue`, starts consuming it, and returns once replies can arrive, connecting
-    /// within `policy`. From then on it reconnects by itself whenever its connection is lost,
-    /// re-declaring the same queue, until [`close`](Self::close).
+    /// Declares the setup's queue, starts consuming it, and returns once replies can arrive,
+    /// connecting within `policy`; `running` is true until the thread ends. From then on it
+    /// reconnects by itself whenever its connection is lost, re-declaring the same queue,
+    /// until [`close`](Self::close).
     pub fn start(
-        url: Arc<TransportUrl>,
-        hosts: Arc<HostCycle>,
-        options: TransportOptions,
-        queue: String,
-        sink: ReplySink,
+        setup: Setup,
         policy: RetryPolicy,
+        running: Arc<AtomicBool>,
     ) -> Result<ReplyConsumer> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
-        let running = Arc::new(AtomicBool::new(true));
+        running.store(true, Ordering::Release);
         let flag = running.clone();
-        let setup = Setup {
-            url,
-            hosts,
-            options,
-            queue,
-            sink,
-        };
         let thread = spawn_when_ready("warren-replies".into(), move |ready| {
             run(&setup, policy, &stop_rx, ready);
             flag.store(false, Ordering::Release);
@@ -93,12 +94,16 @@ impl Drop for ReplyConsumer {
 }
 
 /// What the reply thread needs.
-struct Setup {
-    url: Arc<TransportUrl>,
-    hosts: Arc<HostCycle>,
-    options: TransportOptions,
-    queue: String,
-    sink: ReplySink,
+pub(crate) struct Setup {
+    pub url: Arc<TransportUrl>,
+    pub hosts: Arc<HostCycle>,
+    pub options: TransportOptions,
+    /// The reply queue's name, kept across reconnections.
+    pub queue: String,
+    /// Where replies go: the transport's reply waiter.
+    pub sink: ReplySink,
+    /// With `single_connection`: the publisher whose send connection the consumer shares.
+    pub shared: Option<Arc<Publisher>>,
 }
 
 enum SessionEnd {
@@ -124,14 +129,17 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
         } else {
             RetryPolicy::default()
         };
-        let established = Connection::establish(
-            &setup.hosts,
-            &setup.url,
-            &setup.options,
-            "reply",
-            policy,
-            &mut pause,
-        );
+        let connect = |policy, pause: &mut dyn FnMut(Duration) -> bool| {
+            Connection::establish(
+                &setup.hosts,
+                &setup.url,
+                &setup.options,
+                "reply",
+                policy,
+                pause,
+            )
+        };
+        let established = Link::establish(setup.shared.as_ref(), connect, policy, &mut pause);
         let mut connection = match established {
             Ok(connection) => connection,
             Err(e) => {
@@ -176,7 +184,7 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
 /// stopped, deletes the queue (nobody else uses this uuid-named queue: do not leave it behind
 /// for 30 minutes) and closes the channel.
 fn session(
-    connection: &mut Connection,
+    connection: &mut Link,
     setup: &Setup,
     stop: &Receiver<()>,
     ready: &mut Option<Sender<Result<()>>>,
@@ -218,7 +226,7 @@ fn session(
 }
 
 fn open_and_declare(
-    connection: &mut Connection,
+    connection: &mut Link,
     options: &TransportOptions,
     queue: &str,
 ) -> Result<Channel> {
@@ -228,42 +236,113 @@ fn open_and_declare(
     Ok(channel)
 }
 
-/// Hands each reply to the sink, until stopped or lost.
+/// Offers the consumer's deliveries to waiting callers and reads them itself while none is,
+/// until stopped or lost.
 fn consume(consumer: &Consumer<'_>, stop: &Receiver<()>, sink: &ReplySink) -> SessionEnd {
-    let mut timer = DecayingTimer::until(None);
-    loop {
+    let (lost_tx, lost_rx) = crossbeam_channel::bounded(1);
+    let feed = Arc::new(Feed {
+        deliveries: consumer.receiver().clone(),
+        lost: lost_tx,
+        live: AtomicBool::new(true),
+    });
+    sink.offer(Some(feed.clone()));
+    let end = loop {
         let mut select = Select::new();
         let stop_index = select.recv(stop);
-        select.recv(consumer.receiver());
-        let Ok(operation) =
-            select.select_timeout(timer.next_timeout().unwrap_or(DecayingTimer::MAX))
-        else {
-            timer.idle();
-            continue;
-        };
-        timer.activity();
-        if operation.index() == stop_index {
-            let _ = operation.recv(stop);
-            return SessionEnd::Stopped;
-        }
-        match operation.recv(consumer.receiver()) {
-            Ok(ConsumerMessage::Delivery(mut delivery)) => {
-                let message = RawMessage {
-                    body: std::mem::take(&mut delivery.body),
-                    content_type: delivery.properties.content_type().clone(),
-                    routing_key: std::mem::take(&mut delivery.routing_key),
-                    queue: String::new(),
-                    attempts: 0,
-                };
-                sink(message);
+        select.recv(&lost_rx);
+        match select.select_timeout(IDLE_READ) {
+            Ok(operation) if operation.index() == stop_index => {
+                let _ = operation.recv(stop);
+                break SessionEnd::Stopped;
             }
-            Ok(ConsumerMessage::ServerCancelled) => {
-                return SessionEnd::Lost(
-                    "the consumer was cancelled by the broker (reply queue deleted?)".into(),
-                )
+            Ok(operation) => {
+                let why = operation.recv(&lost_rx);
+                break SessionEnd::Lost(why.unwrap_or_else(|_| "the consumer is gone".into()));
             }
-            Ok(other) => return SessionEnd::Lost(format!("{other:?}")),
-            Err(_) => return SessionEnd::Lost("the connection is gone".into()),
+            Err(_) if sink.feed_has_readers() => {}
+            Err(_) => {
+                if let Some(why) = feed.drain(sink) {
+                    break SessionEnd::Lost(why);
+                }
+            }
         }
+    };
+    sink.offer(None);
+    end
+}
+
+/// A reply as received: what the reply waiter reads of it.
+pub(super) fn reply_message(mut delivery: amiquip::Delivery) -> RawMessage {
+    RawMessage {
+        body: std::mem::take(&mut delivery.body),
+        content_type: delivery.properties.content_type().clone(),
+        routing_key: std::mem::take(&mut delivery.routing_key),
+        queue: String::new(),
+        attempts: 0,
+        reply_to: None,
+    }
+}
+
+/// The reply consumer's deliveries, offered to waiting callers.
+struct Feed {
+    /// A clone of the consumer's receiver.
+    deliveries: Receiver<ConsumerMessage>,
+    /// Tells the reply thread the consumer is gone (a reader saw it first).
+    lost: Sender<String>,
+    /// `false` once a reader saw the consumer gone.
+    live: AtomicBool,
+}
+
+impl Feed {
+    /// A delivery as a raw reply; anything else means the consumer is gone: the reason.
+    fn reply(&self, received: Option<ConsumerMessage>) -> std::result::Result<RawMessage, String> {
+        match received {
+            Some(ConsumerMessage::Delivery(delivery)) => Ok(reply_message(delivery)),
+            Some(ConsumerMessage::ServerCancelled) => {
+                Err("the consumer was cancelled by the broker (reply queue deleted?)".into())
+            }
+            Some(other) => Err(format!("{other:?}")),
+            None => Err("the connection is gone".into()),
+        }
+    }
+
+    /// Reads what waits, for the reply thread; the reason if the consumer is gone.
+    fn drain(&self, sink: &ReplySink) -> Option<String> {
+        loop {
+            let received = match self.deliveries.try_recv() {
+                Ok(message) => Some(message),
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => None,
+            };
+            match self.reply(received) {
+                Ok(message) => sink.deliver(message),
+                Err(why) => {
+                    self.live.store(false, Ordering::Release);
+                    return Some(why);
+                }
+            }
+        }
+    }
+}
+
+impl ReplyFeed for Feed {
+    fn register<'a>(&'a self, select: &mut Select<'a>) -> usize {
+        select.recv(&self.deliveries)
+    }
+
+    fn complete(&self, operation: SelectedOperation<'_>) -> Option<RawMessage> {
+        match self.reply(operation.recv(&self.deliveries).ok()) {
+            Ok(message) => Some(message),
+            Err(why) => {
+                self.live.store(false, Ordering::Release);
+                // Full: the thread was told already.
+                let _ = self.lost.try_send(why);
+                None
+            }
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
     }
 }

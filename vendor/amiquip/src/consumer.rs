@@ -114,6 +114,15 @@ impl Drop for Consumer<'_> {
 }
 
 impl Consumer<'_> {
+    /// Lets the consumer run for as long as its channel, without borrowing the channel:
+    /// returns its receiver and does not cancel it when dropped. The consumer ends with the
+    /// channel (the receiver then gets `ClientClosedChannel`). Keep the receiver alive until
+    /// the channel is closed. (warren patch 6.)
+    pub fn detach(self) -> Receiver<ConsumerMessage> {
+        self.cancelled.set(true);
+        self.rx.clone()
+    }
+
     pub(crate) fn new(
         channel: &Channel,
         consumer_tag: String,

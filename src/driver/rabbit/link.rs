@@ -1,0 +1,110 @@
+//! Where a consumer's channel comes from: a connection of its own (oslo's layout: a reply
+//! connection, one listen connection per server), or, with `single_connection`, the
+//! transport's send connection, shared with the [`Publisher`].
+//!
+//! One connection per process halves the connections and their I/O threads: a server's
+//! replies and acks then leave through the thread that brought its requests in, and a
+//! caller's replies arrive on the connection its request left by. The cost is RabbitMQ's flow
+//! control: a connection blocked for publishing (a memory or disk alarm) stops its consumers
+//! too. Recovery stays the one path of [`Connection::establish`]: a consumer that finds the
+//! shared connection lost drops it through the publisher, which reconnects (failing over as
+//! usual), and opens its channel on the new one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amiquip::Channel;
+
+use crate::error::Result;
+
+use super::connection::{Connection, HostCycle, RetryPolicy};
+use super::publisher::Publisher;
+
+/// A consumer's hold on a connection for one session.
+pub(crate) enum Link {
+    /// A connection of its own.
+    Own(Box<Connection>),
+    /// The transport's send connection, as it was when this session started.
+    Shared {
+        publisher: Arc<Publisher>,
+        /// The send connection's generation (bumped when it is dropped); set by the first
+        /// channel opened.
+        generation: Option<u64>,
+        /// `host:port`, once known.
+        address: String,
+    },
+}
+
+impl Link {
+    /// Connects for a session: a new connection of its own (`shared: None`), or the
+    /// transport's send connection, connecting it if needed; within `policy`, pausing with
+    /// `pause` as [`Connection::establish`] does.
+    pub fn establish(
+        shared: Option<&Arc<Publisher>>,
+        connect: impl FnOnce(RetryPolicy, &mut dyn FnMut(Duration) -> bool) -> Result<Connection>,
+        policy: RetryPolicy,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Result<Link> {
+        match shared {
+            None => connect(policy, pause).map(|c| Link::Own(Box::new(c))),
+            Some(publisher) => {
+                publisher.connect(policy, pause)?;
+                Ok(Link::Shared {
+                    publisher: publisher.clone(),
+                    generation: None,
+                    address: publisher.address().unwrap_or_default(),
+                })
+            }
+        }
+    }
+
+    /// `host:port` of the broker.
+    pub fn address(&self) -> &str {
+        match self {
+            Link::Own(connection) => connection.address(),
+            Link::Shared { address, .. } => address,
+        }
+    }
+
+    /// Opens a channel (on the shared connection: on the one of this session's generation).
+    pub fn open_channel(&mut self) -> Result<Channel> {
+        match self {
+            Link::Own(connection) => connection.open_channel(),
+            Link::Shared {
+                publisher,
+                generation,
+                address,
+            } => {
+                let (channel, opened_on, at) = publisher.open_consumer_channel(*generation)?;
+                *generation = Some(opened_on);
+                *address = at;
+                Ok(channel)
+            }
+        }
+    }
+
+    /// The session lost its connection: an own one is closed and the next one starts with the
+    /// next host; the shared one is dropped by the publisher (unless it already was), which
+    /// then reconnects.
+    pub fn abandon(self, hosts: &HostCycle) {
+        match self {
+            Link::Own(connection) => connection.abandon(hosts),
+            Link::Shared {
+                publisher,
+                generation: Some(generation),
+                ..
+            } => {
+                publisher.reset_connection(generation);
+            }
+            Link::Shared { .. } => {}
+        }
+    }
+
+    /// The session ended cleanly: an own connection is closed; the shared one stays for the
+    /// publisher and the other consumers.
+    pub fn close(self) {
+        if let Link::Own(connection) = self {
+            connection.close();
+        }
+    }
+}
