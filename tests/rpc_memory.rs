@@ -647,3 +647,55 @@ fn a_two_message_reply_gives_the_result_of_the_first() {
     reply(json!({"result": null, "failure": null, "ending": true, "_msg_id": msg_id}));
     assert_eq!(pending.wait().expect("the result"), 42);
 }
+
+/// Call monitoring, to the tick (oslo: keep-alives every half monitor timeout): the first
+/// keep-alive comes one interval after the request reached the server, the next one interval
+/// later, and none once the call has its reply.
+#[test]
+fn keep_alives_come_every_interval_and_stop_with_the_call() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let gate = Arc::new(Gate::default());
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let held = gate.clone();
+    let hold = Endpoint::new().method("hold", move |_: &RequestContext, _: Value| {
+        let _ = started_tx.send(std::time::Instant::now());
+        held.pass();
+        Ok::<_, Failure>(1)
+    });
+    bus.start_server_with("s1", |b| b.workers(1).endpoint(hold));
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus
+        .client(Codec::Json)
+        .timeout(Duration::from_secs(30))
+        .call_monitor_timeout(Duration::from_secs(2));
+    let caller = std::thread::spawn(move || client.call::<_, i64>(&ctx(), "hold", &json!({})));
+    let began = started.recv_timeout(WAIT).expect("the handler started");
+    let keep_alive =
+        |m: &TappedMessage| m.exchange.is_empty() && field(m, "ending") == json!(false);
+    let first = next(&tap, "a first keep-alive", keep_alive);
+    let first_at = std::time::Instant::now();
+    assert!(
+        first_at - began >= Duration::from_millis(900),
+        "the first keep-alive came {:?} after the handler started, not one interval (1 s)",
+        first_at - began
+    );
+    let msg_id = first.field("_msg_id").expect("a keep-alive names its call");
+    let ours = |m: &TappedMessage| keep_alive(m) && m.field("_msg_id").as_ref() == Some(&msg_id);
+    let second = next(&tap, "a second keep-alive", ours);
+    assert_eq!(second.field("_msg_id").as_ref(), Some(&msg_id));
+    gate.open();
+    assert_eq!(caller.join().expect("caller").expect("the reply"), 1);
+    // The handler ran about two intervals: one more keep-alive at most if the gate opened
+    // late (continuous keep-alives would be hundreds).
+    let during = tap.drain().into_iter().filter(|m| ours(m)).count();
+    assert!(
+        during <= 1,
+        "{during} more keep-alives, not one an interval"
+    );
+    // Once the call is over, none (one may have been on its way as it ended; watched on,
+    // there would be two or three in this window).
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = tap.drain().into_iter().filter(|m| ours(m)).count();
+    assert!(after <= 1, "{after} keep-alives after the reply");
+}

@@ -394,6 +394,20 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_whose_feed_is_gone_still_gives_up_at_its_deadline() {
+        let waiter = Arc::new(ReplyWaiter::new());
+        let old = feed(&waiter);
+        old.send(None).unwrap();
+        let a = waiter.register("a");
+        // Reads the loss, then waits on its own slot, looking for a new feed now and then.
+        let started = Instant::now();
+        assert!(a.next(started + Duration::from_millis(120)).is_none());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(120), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[test]
     fn a_lost_feed_is_left_and_the_next_one_is_found() {
         let waiter = Arc::new(ReplyWaiter::new());
         let old = feed(&waiter);
@@ -414,6 +428,65 @@ mod tests {
         let new = feed(&waiter);
         new.send(Some(reply("a", "after"))).unwrap();
         assert_eq!(reader.join().unwrap().as_deref(), Some("after"));
+    }
+
+    /// A direct reply-to channel: what it received, then `Err` if `lost`.
+    struct FakeChannel {
+        received: std::collections::VecDeque<RawMessage>,
+        lost: bool,
+    }
+
+    impl DirectReplies for FakeChannel {
+        fn next(&mut self, _until: Instant) -> crate::error::Result<Option<RawMessage>> {
+            match self.received.pop_front() {
+                Some(message) => Ok(Some(message)),
+                None if self.lost => Err(crate::error::Error::Closed),
+                None => Ok(None),
+            }
+        }
+    }
+
+    fn direct_call(
+        waiter: &Arc<ReplyWaiter>,
+        received: Vec<RawMessage>,
+        lost: bool,
+    ) -> CallReplies {
+        waiter.direct(Box::new(FakeChannel {
+            received: received.into(),
+            lost,
+        }))
+    }
+
+    #[test]
+    fn a_direct_call_skips_late_replies_to_earlier_calls_on_its_channel() {
+        let waiter = Arc::new(ReplyWaiter::new());
+        let call = direct_call(
+            &waiter,
+            vec![reply("earlier", "late"), reply("a", "mine")],
+            false,
+        );
+        let got = call.next("a", soon()).expect("no error");
+        assert_eq!(got.map(result).as_deref(), Some("mine"));
+        assert!(call.next("a", soon()).expect("no error").is_none());
+    }
+
+    #[test]
+    fn a_direct_call_counts_as_waiting_until_dropped() {
+        let waiter = Arc::new(ReplyWaiter::new());
+        let call = direct_call(&waiter, Vec::new(), false);
+        let queued = waiter.register("q");
+        assert_eq!(waiter.waiting(), 2);
+        drop(call);
+        assert_eq!(waiter.waiting(), 1);
+        drop(queued);
+        assert_eq!(waiter.waiting(), 0);
+    }
+
+    #[test]
+    fn a_direct_call_whose_channel_is_gone_fails_at_once() {
+        let waiter = Arc::new(ReplyWaiter::new());
+        let call = direct_call(&waiter, vec![reply("earlier", "late")], true);
+        assert!(call.next("a", soon()).is_err());
     }
 
     #[test]

@@ -72,11 +72,11 @@ pub(crate) trait Consumers {
     fn accept(&mut self, source: usize, item: Self::Item) -> Accepted;
     /// Acks or rejects delivery `tag` on the owning channel.
     fn settle(&mut self, tag: u64, kind: AckKind) -> Result<()>;
-    /// Acks deliveries `tags` (in one frame where the protocol allows); on an error none of
-    /// them counts as acknowledged.
-    fn ack_all(&mut self, tags: &[u64]) -> Result<()> {
+    /// Acks deliveries `tags` (in one frame where the protocol allows); the outcome for each.
+    fn ack_all(&mut self, tags: &[u64]) -> Vec<Result<()>> {
         tags.iter()
-            .try_for_each(|tag| self.settle(*tag, AckKind::Ack))
+            .map(|tag| self.settle(*tag, AckKind::Ack))
+            .collect()
     }
     /// Cancels the consumers; returns items they had already received, with their source.
     fn cancel(&mut self) -> Vec<(usize, Self::Item)>;
@@ -492,15 +492,16 @@ impl PollLoop {
             return;
         }
         let tags: Vec<u64> = batch.iter().map(|item| item.tag).collect();
-        if let Err(e) = consumers.ack_all(&tags) {
-            batch.iter().for_each(|_| idle.unclaim());
-            warn!(
-                "could not acknowledge {} deliveries on hand-off; skipping them (the broker redelivers them): {e}",
-                tags.len()
-            );
-            return;
-        }
-        for item in batch {
+        let outcomes = consumers.ack_all(&tags);
+        for (item, outcome) in batch.into_iter().zip(outcomes) {
+            if let Err(e) = outcome {
+                idle.unclaim();
+                warn!(
+                    "could not acknowledge delivery {} on hand-off; skipping it (the broker redelivers it): {e}",
+                    item.tag
+                );
+                continue;
+            }
             // Waits at most until a claimed worker, already idle, reaches its `recv`.
             let handed = match &self.incoming {
                 Some(tx) => tx.send(item.incoming).is_ok(),

@@ -497,10 +497,10 @@ mod tests {
         assert!(!server.is_running() && !server.is_consuming());
         server.start().expect("start");
         assert!(server.is_running());
-        assert!(
-            server.is_consuming(),
-            "a memory server consumes once started"
-        );
+        // The poll thread says so once its loop runs, just after start() returned.
+        eventually("a memory server consumes once started", || {
+            server.is_consuming()
+        });
         server.stop();
         assert!(!server.is_running() && !server.is_consuming());
         server.wait();

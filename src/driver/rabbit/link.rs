@@ -6,9 +6,9 @@
 //! replies and acks then leave through the thread that brought its requests in, and a
 //! caller's replies arrive on the connection its request left by. The cost is RabbitMQ's flow
 //! control: a connection blocked for publishing (a memory or disk alarm) stops its consumers
-//! too. Recovery stays the one path of [`Connection::establish`]: a consumer that finds the
-//! shared connection lost drops it through the publisher, which reconnects (failing over as
-//! usual), and opens its channel on the new one.
+//! too. Recovery stays the one path of [`Connection::establish`]: a consumer whose session
+//! ended opens its next channel through the publisher, which drops a dead connection when
+//! that fails and reconnects (failing over as usual).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ pub(crate) enum Link {
     Shared {
         publisher: Arc<Publisher>,
         /// The send connection's generation (bumped when it is dropped); set by the first
-        /// channel opened.
+        /// channel opened, so that a session keeps to one connection.
         generation: Option<u64>,
         /// `host:port`, once known.
         address: String,
@@ -83,20 +83,13 @@ impl Link {
         }
     }
 
-    /// The session lost its connection: an own one is closed and the next one starts with the
-    /// next host; the shared one is dropped by the publisher (unless it already was), which
-    /// then reconnects.
+    /// The session lost its channel or connection: an own connection is closed and the next
+    /// one starts with the next host. The shared one is left to the publisher: if it is dead,
+    /// opening the next session's channel fails and drops it (then the publisher reconnects);
+    /// if only this consumer's channel was lost (its queue deleted, say), the others keep it.
     pub fn abandon(self, hosts: &HostCycle) {
-        match self {
-            Link::Own(connection) => connection.abandon(hosts),
-            Link::Shared {
-                publisher,
-                generation: Some(generation),
-                ..
-            } => {
-                publisher.reset_connection(generation);
-            }
-            Link::Shared { .. } => {}
+        if let Link::Own(connection) = self {
+            connection.abandon(hosts);
         }
     }
 

@@ -332,9 +332,9 @@ impl Consumers for RabbitConsumers<'_> {
         .map_err(|e| amqp_error(e, self.address))
     }
 
-    fn ack_all(&mut self, tags: &[u64]) -> Result<()> {
+    fn ack_all(&mut self, tags: &[u64]) -> Vec<Result<()>> {
         let Some(&last) = tags.iter().max() else {
-            return Ok(());
+            return Vec::new();
         };
         // One `basic.ack` with `multiple` covers every delivery up to `last`: only when those
         // are exactly the ones to acknowledge.
@@ -345,7 +345,8 @@ impl Consumers for RabbitConsumers<'_> {
         if tags.len() < 2 || !covered {
             return tags
                 .iter()
-                .try_for_each(|tag| self.settle(*tag, AckKind::Ack));
+                .map(|tag| self.settle(*tag, AckKind::Ack))
+                .collect();
         }
         let mut newest = None;
         for tag in tags {
@@ -355,13 +356,25 @@ impl Consumers for RabbitConsumers<'_> {
                 }
             }
         }
-        let delivery = newest.ok_or_else(|| Error::Connection {
-            host: self.address.to_string(),
-            source: format!("unknown delivery tag {last}").into(),
-        })?;
-        delivery
-            .ack_multiple(self.channel)
-            .map_err(|e| amqp_error(e, self.address))
+        let outcome = match newest {
+            Some(delivery) => delivery
+                .ack_multiple(self.channel)
+                .map_err(|e| amqp_error(e, self.address)),
+            None => Err(Error::Connection {
+                host: self.address.to_string(),
+                source: format!("unknown delivery tag {last}").into(),
+            }),
+        };
+        // One frame: the same outcome for each.
+        tags.iter()
+            .map(|_| match &outcome {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Error::Connection {
+                    host: self.address.to_string(),
+                    source: e.to_string().into(),
+                }),
+            })
+            .collect()
     }
 
     fn cancel(&mut self) -> Vec<(usize, ConsumerMessage)> {
