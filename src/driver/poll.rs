@@ -473,12 +473,14 @@ impl PollLoop {
     /// fails are skipped (the broker redelivers them). When no worker is free, asks the next
     /// one going idle to wake the thread.
     fn hand_to_idle_workers<C: Consumers>(&mut self, consumers: &mut C) {
+        // Called on every turn of the loop: nothing to do (the common case) costs nothing.
+        // (A worker may still wake the thread once after `lose()` dropped what waited.)
+        if self.pending.is_empty() || self.incoming.is_none() {
+            return;
+        }
         let Some(idle) = self.ack_on_handoff.as_ref().map(|s| s.idle.clone()) else {
             return;
         };
-        if self.incoming.is_none() {
-            return;
-        }
         let mut batch = Vec::new();
         while !self.pending.is_empty() && Self::claim(&idle) {
             if let Some(item) = self.pending.pop_front() {
