@@ -200,12 +200,97 @@ fn the_duplicate_window_is_configurable() {
     };
     assert_eq!(ids(2), ["a", "b"]);
     // A window of one remembers `b` only: `b` again is dropped, `a` again runs again (the
-    // default window of 16 would drop both).
+    // default window would drop both).
     assert_eq!(tap.publish(&sent[1]), 1);
     assert_eq!(tap.publish(&sent[0]), 1);
     client.cast(&ctx(), "record", &json!({"id": "c"})).unwrap();
     assert_eq!(ids(2), ["a", "c"]);
     bus.expect_quiet(Duration::from_millis(100));
+}
+
+/// Features, "Delivery options beyond oslo": "a duplicate window of 4,096 ids by default where
+/// oslo keeps 16": a copy that comes back after 1,000 other messages is still dropped, by a
+/// server and by a notification listener; one after 4,096 others runs again.
+#[test]
+fn the_default_duplicate_window_drops_a_copy_after_a_thousand_other_messages() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server_with("s1", |b| b.workers(2));
+    let client = bus.client(Codec::MsgPack);
+    client
+        .cast(&ctx(), "record", &json!({"id": "first"}))
+        .unwrap();
+    let first = next(&tap, "the first cast", |m| m.routing_key == bus.topic);
+    for i in 0..1000 {
+        client.cast(&ctx(), "record", &json!({"id": i})).unwrap();
+    }
+    bus.expect_events(1001, WAIT);
+    assert_eq!(tap.publish(&first), 1);
+    client
+        .cast(&ctx(), "record", &json!({"id": "last"}))
+        .unwrap();
+    let after: Vec<Value> = bus
+        .expect_events(1, WAIT)
+        .into_iter()
+        .map(|e| e.value["id"].clone())
+        .collect();
+    assert_eq!(
+        after,
+        ["last"],
+        "the copy of the first cast was handled again"
+    );
+    bus.expect_quiet(Duration::from_millis(100));
+    // Past the window, the copy runs again (the window has the size it claims).
+    for i in 0..4096 {
+        client.cast(&ctx(), "record", &json!({"id": i})).unwrap();
+    }
+    bus.expect_events(4096, WAIT);
+    assert_eq!(tap.publish(&first), 1);
+    let again: Vec<Value> = bus
+        .expect_events(1, WAIT)
+        .into_iter()
+        .map(|e| e.value["id"].clone())
+        .collect();
+    assert_eq!(again, ["first"]);
+
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let endpoint = NotificationEndpoint::new().on(Priority::Info, move |n: &Notification| {
+        let _ = seen_tx.send(n.payload["id"].clone());
+        NotificationResult::Handled
+    });
+    let topic = unique("dedup_notifications");
+    let listener = NotificationListener::builder(&transport, vec![Target::new(topic.as_str())])
+        .endpoint(endpoint)
+        .build()
+        .unwrap();
+    listener.start().unwrap();
+    let notifier = Notifier::new(&transport, "claims.host-1").topics([topic.as_str()]);
+    let queue = format!("{topic}.info");
+    notifier
+        .info(&ctx(), "claims.first", &json!({"id": "first"}))
+        .unwrap();
+    let first = next(&tap, "the first notification", |m| m.routing_key == queue);
+    for i in 0..1000 {
+        notifier
+            .info(&ctx(), "claims.other", &json!({"id": i}))
+            .unwrap();
+    }
+    for _ in 0..1001 {
+        seen.recv_timeout(WAIT).expect("a notification handled");
+    }
+    assert_eq!(tap.publish(&first), 1);
+    notifier
+        .info(&ctx(), "claims.last", &json!({"id": "last"}))
+        .unwrap();
+    assert_eq!(
+        seen.recv_timeout(WAIT).unwrap(),
+        json!("last"),
+        "the copy was handled again"
+    );
+    assert!(seen.recv_timeout(Duration::from_millis(100)).is_err());
+    listener.stop();
+    listener.wait();
 }
 
 /// Transport URL and options: "oslo 18.3.1 options warren does not act on are accepted with a

@@ -678,6 +678,16 @@ fn nacked_publishes_are_sent_again_within_their_timeout() {
     channel
         .basic_publish(exchange.as_str(), Publish::new(b"first", topic.as_str()))
         .unwrap();
+    // The queue is full before warren publishes (the broker counts the message a moment after
+    // taking the publish).
+    eventually(
+        "the first message is in the queue",
+        Duration::from_secs(10),
+        || {
+            let queue = channel.queue_declare_passive(topic.as_str()).unwrap();
+            queue.declared_message_count() == Some(1)
+        },
+    );
     let transport = Transport::builder(&broker_url())
         .control_exchange(exchange.as_str())
         .build()

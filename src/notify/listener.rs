@@ -157,7 +157,8 @@ impl NotificationListenerBuilder {
         self
     }
 
-    /// Recent `_unique_id`s remembered to drop duplicates (default 16, as oslo).
+    /// Recent `_unique_id`s remembered to drop duplicates (default 4,096; oslo keeps 16; see
+    /// [`RpcServerBuilder::duplicate_window`](crate::RpcServerBuilder::duplicate_window)).
     pub fn duplicate_window(mut self, window: usize) -> Self {
         self.duplicate_window = window;
         self
@@ -308,7 +309,7 @@ impl NotificationListener {
             allow_requeue: false,
             workers: None,
             retry: None,
-            duplicate_window: 16,
+            duplicate_window: crate::server::dedup::DEFAULT_WINDOW,
         }
     }
 

@@ -117,9 +117,12 @@ impl RpcServerBuilder {
         self
     }
 
-    /// How many recent `_unique_id`s the server remembers to drop duplicates (default 16, as
-    /// oslo). Make it larger than what can be redelivered at once (prefetch × consumers) when
-    /// relying on [`AckMode::AfterHandling`] across broker restarts.
+    /// How many recent `_unique_id`s the server remembers to drop duplicates (default 4,096;
+    /// oslo keeps 16, a few milliseconds of traffic under load, so a copy sent again after a
+    /// reconnect could arrive after its original was forgotten). Make it larger than what can
+    /// be handled between a message and its copy (a publish timeout's worth of traffic, or
+    /// what can be redelivered at once: prefetch × consumers) when relying on
+    /// [`AckMode::AfterHandling`] across broker restarts. Each id costs 16 bytes.
     pub fn duplicate_window(mut self, window: usize) -> Self {
         self.duplicate_window = window;
         self
@@ -271,7 +274,7 @@ impl RpcServer {
             policy: AccessPolicy::Default,
             retry: None,
             ack_mode: AckMode::BeforeDispatch,
-            duplicate_window: 16,
+            duplicate_window: crate::server::dedup::DEFAULT_WINDOW,
             confirm_replies: true,
         }
     }
