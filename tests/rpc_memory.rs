@@ -103,6 +103,10 @@ fn a_tap_sees_requests_and_replies_with_their_properties() {
     assert_eq!(field(&reply, "result"), json!(who));
     assert_eq!(field(&reply, "ending"), json!(true));
     assert_eq!(field(&reply, "failure"), Value::Null);
+    assert!(
+        reply.mandatory,
+        "a confirmed reply is mandatory: a missing queue is seen"
+    );
 
     // A fanout cast goes to `<topic>_fanout`, one copy per server's fanout queue.
     client
@@ -698,4 +702,193 @@ fn keep_alives_come_every_interval_and_stop_with_the_call() {
     std::thread::sleep(Duration::from_millis(2500));
     let after = tap.drain().into_iter().filter(|m| ours(m)).count();
     assert!(after <= 1, "{after} keep-alives after the reply");
+}
+
+/// Reliability, "a call whose reply queue does not exist is retried by the server's
+/// reply-retry thread, never by a worker": on the in-process broker too, the reply is sent
+/// again until its queue appears, while the only worker answers other calls.
+#[test]
+fn a_reply_to_a_missing_queue_is_sent_again_once_the_queue_appears() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+    let _: String = client.call(&ctx(), "whoami", &()).unwrap();
+    let call = next(&tap, "the call", |m| {
+        m.routing_key == bus.topic && m.field("_reply_q").is_some()
+    });
+    let reply_q = call.field("_reply_q").expect("a reply queue");
+    let late = common::unique("reply_late");
+    let body = String::from_utf8(call.body.clone()).expect("JSON text");
+    let mut copy = call.clone();
+    copy.body = body.replace(&reply_q, &late).into_bytes();
+    let copy = with_new_unique_id(&copy);
+    let msg_id = copy.field("_msg_id");
+    assert_eq!(tap.publish(&copy), 1);
+    let to_late = |m: &TappedMessage| m.exchange.is_empty() && m.routing_key == late;
+    let missed = next(&tap, "the first reply to the missing queue", to_late);
+    assert!(missed.queues.is_empty() && missed.mandatory, "{missed:?}");
+    assert_eq!(missed.field("_msg_id"), msg_id);
+    // The worker moved on.
+    let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1");
+    // The retry thread tries again (its first round)...
+    let retried = next(&tap, "the reply sent again", to_late);
+    assert!(retried.queues.is_empty(), "{retried:?}");
+    // The queue appears (a server of that topic declares it): the reply reaches it.
+    let transport = bus.transport(Codec::Json);
+    let late_server = RpcServer::builder(&transport, Target::new(late.as_str()).with_server("x"))
+        .workers(1)
+        .build()
+        .unwrap();
+    late_server.start().unwrap();
+    // ... and once the queue exists, its reply reaches it.
+    let delivered = next(&tap, "the reply delivered", |m| {
+        to_late(m) && !m.queues.is_empty()
+    });
+    assert_eq!(delivered.queues, std::slice::from_ref(&late));
+    assert_eq!(delivered.field("_msg_id"), msg_id);
+    late_server.stop();
+    late_server.wait();
+}
+
+/// "Duplicates are dropped" holds for a cast whose handler failed too: with oslo's
+/// ack-before-dispatch, its `_unique_id` is remembered when it is taken, not when it succeeds.
+#[test]
+fn a_failed_cast_delivered_again_is_dropped_as_a_duplicate() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+    let failing = json!({"class": "ValueError", "module": "builtins", "message": "once"});
+    client.cast(&ctx(), "fail", &failing).unwrap();
+    let cast = next(&tap, "the failing cast", |m| m.routing_key == bus.topic);
+    assert_eq!(values(&bus.expect_events(1, WAIT)), [json!("once")]);
+    assert_eq!(tap.publish(&cast), 1, "the same bytes again");
+    client
+        .cast(&ctx(), "record", &json!({"id": "next"}))
+        .unwrap();
+    assert_eq!(
+        values(&bus.expect_events(1, WAIT)),
+        [json!({"id": "next"})],
+        "the failed cast ran again"
+    );
+}
+
+/// Limits, "message body": a request of exactly `max_message_size` bytes is served; one byte
+/// more is refused (a call with a `MessageTooLarge` failure).
+#[test]
+fn a_request_of_exactly_max_message_size_is_served_and_one_byte_more_refused() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let client = bus.client(Codec::Json);
+    // Calls of the same arguments have the same size (fixed-length ids); nobody serves the
+    // first.
+    // Big enough that the server's `MessageTooLarge` reply fits under the same limit.
+    let args = json!({"id": "s".repeat(2000)});
+    let unserved = client
+        .prepare()
+        .timeout(Duration::from_millis(100))
+        .call::<_, Value>(&ctx(), "echo", &args);
+    assert!(
+        matches!(unserved, Err(Error::Timeout { .. })),
+        "{unserved:?}"
+    );
+    let call = next(&tap, "the call", |m| m.routing_key == bus.topic);
+    let call_size = call.body.len();
+    client
+        .cast(&ctx(), "record", &json!({"id": "sized"}))
+        .unwrap();
+    let cast = next(&tap, "the cast", |m| m.routing_key == bus.topic);
+    let size = cast.body.len();
+    assert!(call_size > size);
+    let mut calls = Bus::new(&format!("{}?max_message_size={call_size}", bus.url));
+    calls.topic = bus.topic.clone();
+    calls.exchange = bus.exchange.clone();
+    calls.start_server("s0", 1);
+    let echoed: Value = client
+        .prepare()
+        .timeout(WAIT)
+        .call(&ctx(), "echo", &args)
+        .unwrap();
+    assert_eq!(echoed, args);
+    let refused = client.prepare().timeout(WAIT).call::<_, Value>(
+        &ctx(),
+        "echo",
+        &json!({"id": "s".repeat(2001)}),
+    );
+    assert_eq!(remote(refused).class, "MessageTooLarge");
+    drop(calls);
+    bus.url = format!("{}?max_message_size={size}", bus.url);
+    bus.start_server("s1", 1);
+    assert_eq!(tap.publish(&cast), 1);
+    assert_eq!(
+        values(&bus.expect_events(1, WAIT)),
+        [json!({"id": "sized"})]
+    );
+    // JSON allows a space before the closing brace of the envelope.
+    let mut longer = with_new_unique_id(&cast);
+    let brace = longer.body.pop().expect("a closing brace");
+    longer.body.extend_from_slice(&[b' ', brace]);
+    assert_eq!(longer.body.len(), size + 1);
+    assert_eq!(tap.publish(&longer), 1);
+    bus.expect_quiet(Duration::from_millis(200));
+}
+
+/// `confirm_replies(false)`: a reply is neither confirmed nor mandatory (without a confirm, a
+/// return could not be seen).
+#[test]
+fn unconfirmed_replies_are_not_mandatory() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server_with("s1", |b| b.workers(1).confirm_replies(false));
+    let who: String = bus.client(Codec::Json).call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1");
+    let reply = next(&tap, "the reply", |m| m.exchange.is_empty());
+    assert!(!reply.mandatory);
+}
+
+/// Reliability: "a stopping server does not hold its shutdown for a caller that went away": a
+/// reply to a missing queue, sent while the server stops, is dropped at once with a warning
+/// (not handed to the retry thread, which stops with the server).
+#[test]
+fn a_stopping_server_drops_a_reply_to_a_missing_queue_at_once() {
+    common::logs::capture_logs_at(log::LevelFilter::Warn);
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    bus.start_server("s1", 1);
+    let client = bus.client(Codec::Json);
+    let _: u64 = client.call(&ctx(), "slow", &json!({"ms": 1})).unwrap();
+    let call = next(&tap, "the call", |m| {
+        m.routing_key == bus.topic && m.field("method").as_deref() == Some("slow")
+    });
+    bus.expect_events(1, WAIT);
+    let reply_q = call.field("_reply_q").expect("a reply queue");
+    let gone = common::unique("reply_gone");
+    let body = String::from_utf8(call.body.clone())
+        .expect("JSON text")
+        .replace(&reply_q, &gone)
+        .replace(r#"\"ms\": 1"#, r#"\"ms\": 300"#);
+    let mut copy = call.clone();
+    copy.body = body.into_bytes();
+    let copy = with_new_unique_id(&copy);
+    let msg_id = copy.field("_msg_id").expect("a _msg_id");
+    assert_eq!(field(&copy, "args"), json!({"ms": 300}));
+    assert_eq!(tap.publish(&copy), 1);
+    assert_eq!(
+        values(&bus.expect_events(1, WAIT)),
+        [json!(300)],
+        "it started"
+    );
+    let server = bus.server("s1");
+    server.stop();
+    server.wait();
+    let dropped = format!(
+        "reply queue {gone} does not exist and the server is stopping; dropping the reply to {msg_id}"
+    );
+    assert!(
+        common::logs::captured().contains(&dropped),
+        "{}",
+        common::logs::captured()
+    );
 }

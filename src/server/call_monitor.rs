@@ -226,4 +226,120 @@ mod tests {
         assert_eq!(keep_alive_interval(Duration::from_millis(1999)), None);
         assert_eq!(keep_alive_interval(Duration::ZERO), None);
     }
+
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    /// A monitor on its own in-process broker, a tap on it, and a reply queue that exists.
+    fn monitored(name: &str) -> (CallMonitor, crate::MemoryTap, String) {
+        let transport = Transport::new(&format!("memory://unit-call-monitor-{name}/")).unwrap();
+        let tap = transport.memory_tap().unwrap();
+        let reply_q = transport
+            .driver()
+            .reply_queue(&SendOptions::default())
+            .unwrap();
+        (CallMonitor::start(transport).unwrap(), tap, reply_q)
+    }
+
+    fn caller(reply_q: &str) -> Caller {
+        Caller {
+            codec: Codec::Json,
+            msg_id: "m1".into(),
+            reply_q: reply_q.into(),
+        }
+    }
+
+    /// When each keep-alive reached the tap, from `since`.
+    fn keep_alives(tap: &crate::MemoryTap, since: Instant, within: Duration) -> Vec<Duration> {
+        let deadline = Instant::now() + within;
+        let mut at = Vec::new();
+        while let Some(message) =
+            tap.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let fields = message.message().unwrap();
+            assert_eq!(
+                fields["ending"], false,
+                "a keep-alive does not end the call"
+            );
+            assert_eq!(fields["_msg_id"], "m1");
+            assert!(fields.get("result").is_none_or(serde_json::Value::is_null));
+            at.push(since.elapsed());
+        }
+        at
+    }
+
+    #[test]
+    fn keep_alives_come_every_interval_until_the_watch_ends() {
+        let (monitor, tap, reply_q) = monitored("every");
+        let started = Instant::now();
+        let watch = monitor.watch(caller(&reply_q), INTERVAL);
+        let at = keep_alives(&tap, started, Duration::from_millis(550));
+        // Never early: the k-th is sent at least k intervals after the watch began, so at
+        // most 5 arrive within 5.5 intervals (a loaded machine may only make them later).
+        assert!((2..=5).contains(&at.len()), "keep-alives at {at:?}");
+        assert!(at[0] >= INTERVAL, "the first came early: {at:?}");
+        drop(watch);
+        // One may have been due as the watch ended; then none.
+        let after = keep_alives(&tap, started, 4 * INTERVAL);
+        assert!(
+            after.len() <= 1,
+            "keep-alives after the watch ended: {after:?}"
+        );
+    }
+
+    #[test]
+    fn a_keep_alive_nobody_can_receive_ends_that_calls_keep_alives_only() {
+        let (monitor, tap, reply_q) = monitored("gone");
+        let gone = monitor.watch(caller("reply_nobody"), INTERVAL);
+        let started = Instant::now();
+        let kept = monitor.watch(caller(&reply_q), INTERVAL);
+        let deadline = Instant::now() + 5 * INTERVAL;
+        let (mut to_gone, mut to_kept) = (0, 0);
+        while let Some(message) =
+            tap.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if message.routing_key == "reply_nobody" {
+                assert!(
+                    message.mandatory,
+                    "only a mandatory keep-alive can find the caller gone"
+                );
+                assert!(message.queues.is_empty());
+                to_gone += 1;
+            } else {
+                to_kept += 1;
+            }
+        }
+        assert_eq!(to_gone, 1, "tried once, then no more");
+        assert!(
+            to_kept >= 2,
+            "the other call's keep-alives go on ({to_kept} in {:?})",
+            started.elapsed()
+        );
+        drop((gone, kept));
+    }
+
+    #[test]
+    fn keep_alives_to_a_direct_reply_to_address_are_not_mandatory() {
+        let (monitor, tap, _) = monitored("direct");
+        let watch = monitor.watch(caller(&format!("{DIRECT_REPLY_TO}.g1")), INTERVAL);
+        let message = tap.recv_timeout(10 * INTERVAL).expect("a keep-alive");
+        assert!(!message.mandatory);
+        drop(watch);
+    }
+
+    #[test]
+    fn stopping_the_monitor_ends_its_thread_and_its_keep_alives() {
+        let (mut monitor, tap, reply_q) = monitored("stop");
+        std::mem::forget(monitor.watch(caller(&reply_q), INTERVAL));
+        tap.recv_timeout(10 * INTERVAL).expect("a keep-alive");
+        let thread = monitor.thread.as_ref().map(|t| t.thread().id());
+        assert!(thread.is_some());
+        monitor.stop();
+        assert!(monitor.thread.is_none(), "joined");
+        tap.drain();
+        assert_eq!(
+            tap.recv_timeout(3 * INTERVAL),
+            None,
+            "no keep-alive after stop"
+        );
+    }
 }

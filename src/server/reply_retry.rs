@@ -56,12 +56,20 @@ pub(crate) struct GoneQueues(Mutex<HashMap<String, Instant>>);
 impl GoneQueues {
     /// `true` if replies to `reply_q` are being dropped.
     pub fn contains(&self, reply_q: &str) -> bool {
+        self.contains_at(reply_q, Instant::now())
+    }
+
+    fn contains_at(&self, reply_q: &str, now: Instant) -> bool {
         let mut gone = self.0.lock();
-        gone.retain(|_, since| since.elapsed() < GONE_FOR);
+        gone.retain(|_, since| now.saturating_duration_since(*since) < GONE_FOR);
         gone.contains_key(reply_q)
     }
 
     fn insert(&self, reply_q: &str) {
+        self.insert_at(reply_q, Instant::now());
+    }
+
+    fn insert_at(&self, reply_q: &str, now: Instant) {
         let mut gone = self.0.lock();
         if gone.len() >= GONE_MAX {
             if let Some(oldest) = gone
@@ -72,7 +80,7 @@ impl GoneQueues {
                 gone.remove(&oldest);
             }
         }
-        gone.insert(reply_q.to_string(), Instant::now());
+        gone.insert(reply_q.to_string(), now);
     }
 }
 
@@ -179,6 +187,32 @@ fn run(
     }
 }
 
+/// What one try's result means for a pending reply.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The broker took it: done.
+    Delivered,
+    /// Its queue is missing or the broker could not be reached, before its deadline: the next
+    /// round tries again.
+    TryAgain,
+    /// Its queue was still missing at its deadline: dropped, and the queue remembered as gone.
+    QueueGone,
+    /// Any other failure at its deadline: dropped.
+    Failed,
+}
+
+/// The [`Verdict`] on a try's `result` at `now`, for a reply to give up at `give_up` (a try at
+/// the deadline itself is the last).
+fn verdict(result: &Result<()>, now: Instant, give_up: Instant) -> Verdict {
+    let in_time = now < give_up;
+    match result {
+        Ok(()) => Verdict::Delivered,
+        Err(_) if in_time => Verdict::TryAgain,
+        Err(Error::Undeliverable { .. }) => Verdict::QueueGone,
+        Err(_) => Verdict::Failed,
+    }
+}
+
 /// Tries `reply` once; `true` when it needs no further try.
 fn settled(transport: &Transport, gone: &GoneQueues, reply: &PendingReply) -> bool {
     let outgoing = Outgoing {
@@ -197,16 +231,19 @@ fn settled(transport: &Transport, gone: &GoneQueues, reply: &PendingReply) -> bo
         retry: Some(0),
         unconfirmed: false,
     };
-    match transport.send(&outgoing, &options) {
-        Ok(()) => {
-            debug!(
-                "replied to {} on {} after retrying",
-                reply.msg_id, reply.reply_q
-            );
-            true
+    let result = transport.send(&outgoing, &options);
+    match verdict(&result, Instant::now(), reply.give_up) {
+        Verdict::Delivered => debug!(
+            "replied to {} on {} after retrying",
+            reply.msg_id, reply.reply_q
+        ),
+        Verdict::TryAgain => {
+            if let Err(e) = result {
+                debug!("retrying the reply to {} later: {e}", reply.msg_id);
+            }
+            return false;
         }
-        Err(Error::Undeliverable { .. }) if Instant::now() < reply.give_up => false,
-        Err(Error::Undeliverable { .. }) => {
+        Verdict::QueueGone => {
             gone.insert(&reply.reply_q);
             warn!(
                 "the reply to {} could not be sent: reply queue {} still does not exist; dropping it, and replies to that queue for {}s",
@@ -214,15 +251,245 @@ fn settled(transport: &Transport, gone: &GoneQueues, reply: &PendingReply) -> bo
                 reply.reply_q,
                 GONE_FOR.as_secs()
             );
-            true
         }
-        Err(e) if Instant::now() < reply.give_up => {
-            debug!("retrying the reply to {} later: {e}", reply.msg_id);
-            false
+        Verdict::Failed => {
+            if let Err(e) = result {
+                error!("could not send the reply to {}: {e}", reply.msg_id);
+            }
         }
-        Err(e) => {
-            error!("could not send the reply to {}: {e}", reply.msg_id);
-            true
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A retry thread on its own in-process broker, and a tap on that broker.
+    fn retrying(name: &str) -> (ReplyRetry, Arc<GoneQueues>, Transport, crate::MemoryTap) {
+        let transport = Transport::new(&format!("memory://unit-reply-retry-{name}/")).unwrap();
+        let tap = transport.memory_tap().unwrap();
+        let gone = Arc::new(GoneQueues::default());
+        let retry = ReplyRetry::start(transport.clone(), gone.clone()).unwrap();
+        (retry, gone, transport, tap)
+    }
+
+    fn reply_to(reply_q: &str, give_up_in: Duration) -> PendingReply {
+        PendingReply {
+            codec: Codec::Json,
+            msg_id: format!("call-to-{reply_q}"),
+            reply_q: reply_q.into(),
+            body: b"{}".to_vec(),
+            give_up: Instant::now() + give_up_in,
         }
+    }
+
+    /// Declares queue `name` on the transport's broker (as a cast with `at_least_once` does).
+    fn declare(transport: &Transport, name: &str) {
+        let outgoing = Outgoing {
+            route: Route::Topic {
+                exchange: "unit",
+                routing_key: name,
+            },
+            body: b"{}",
+            codec: Codec::Json,
+            expiration: None,
+            mandatory: false,
+            redelivery: None,
+            declare_queue: Some(name),
+        };
+        transport.send(&outgoing, &SendOptions::default()).unwrap();
+    }
+
+    /// The tries the tap sees within `within`: (routing key, reached a queue, when since `since`).
+    fn tries(
+        tap: &crate::MemoryTap,
+        since: Instant,
+        within: Duration,
+    ) -> Vec<(String, bool, Duration)> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Some(m) = tap.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if m.exchange.is_empty() {
+                assert!(m.mandatory, "a retried reply is mandatory");
+                seen.push((m.routing_key, !m.queues.is_empty(), since.elapsed()));
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn a_reply_is_tried_every_round_until_its_queue_appears_then_no_more() {
+        let (retry, gone, transport, tap) = retrying("appears");
+        let handed = Instant::now();
+        retry.retry(reply_to("reply_later", Duration::from_secs(30)));
+        let before = tries(&tap, handed, 2 * RETRY_EVERY + RETRY_EVERY / 2);
+        // A round after the hand-off, then a round after that (never sooner; a loaded machine
+        // can only make them later).
+        assert!(!before.is_empty(), "never tried");
+        assert!(before
+            .iter()
+            .all(|(q, reached, _)| q == "reply_later" && !reached));
+        assert!(
+            before[0].2 >= RETRY_EVERY,
+            "the first try came early: {before:?}"
+        );
+        assert!(
+            before.len() <= 2,
+            "tried more than once a round: {before:?}"
+        );
+        declare(&transport, "reply_later");
+        tap.drain();
+        let after = tries(&tap, handed, 4 * RETRY_EVERY);
+        assert!(
+            matches!(&after[..], [(q, true, _)] if q == "reply_later"),
+            "delivered once its queue exists, then not sent again: {after:?}"
+        );
+        assert!(!gone.contains("reply_later"));
+    }
+
+    #[test]
+    fn a_reply_whose_queue_never_appears_is_dropped_at_its_deadline_and_the_queue_remembered() {
+        let (retry, gone, _transport, tap) = retrying("never");
+        let handed = Instant::now();
+        retry.retry(reply_to("reply_never", 5 * RETRY_EVERY));
+        let seen = tries(&tap, handed, 10 * RETRY_EVERY);
+        // Tried at the rounds before its deadline (at least two of them on a loaded machine),
+        // once more at the first round past it, then dropped.
+        assert!((2..=6).contains(&seen.len()), "{seen:?}");
+        assert!(seen.iter().all(|(_, reached, _)| !reached));
+        assert!(gone.contains("reply_never"));
+        assert!(!gone.contains("reply_other"));
+    }
+
+    #[test]
+    fn replies_handed_over_while_others_wait_are_taken_and_tried_too() {
+        let (retry, _gone, _transport, tap) = retrying("many");
+        let handed = Instant::now();
+        // Fewer than the hand-off holds: none is dropped, however slowly the thread takes them.
+        for i in 0..60 {
+            retry.retry(reply_to(
+                &format!("reply_missing_{i}"),
+                Duration::from_secs(30),
+            ));
+            if i == 0 {
+                std::thread::sleep(RETRY_EVERY / 5);
+            }
+        }
+        let seen = tries(&tap, handed, 3 * RETRY_EVERY);
+        let queues: std::collections::BTreeSet<_> = seen.iter().map(|(q, _, _)| q).collect();
+        assert_eq!(queues.len(), 60, "every waiting reply is tried each round");
+    }
+
+    /// Replies in the hand-off to the thread.
+    fn handed_over(retry: &ReplyRetry) -> usize {
+        retry.pending.as_ref().map_or(0, Sender::len)
+    }
+
+    fn until_taken(retry: &ReplyRetry) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handed_over(retry) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the thread stopped taking replies"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn at_most_max_pending_replies_wait_and_a_full_thread_keeps_trying_them() {
+        let (retry, _gone, _transport, tap) = retrying("full");
+        let held = MAX_PENDING - HANDOFF;
+        for i in 0..held {
+            retry.retry(reply_to(
+                &format!("reply_full_{i}"),
+                Duration::from_secs(30),
+            ));
+            if i % 32 == 31 {
+                until_taken(&retry);
+            }
+        }
+        until_taken(&retry);
+        // The thread holds all it may: the next ones stay in the hand-off, and once that is
+        // full, one more is dropped.
+        for i in held..=MAX_PENDING {
+            retry.retry(reply_to(
+                &format!("reply_full_{i}"),
+                Duration::from_secs(30),
+            ));
+        }
+        std::thread::sleep(RETRY_EVERY / 5);
+        assert_eq!(handed_over(&retry), HANDOFF, "the full thread took more");
+        let seen = tries(&tap, Instant::now(), 2 * RETRY_EVERY + RETRY_EVERY / 2);
+        let first = seen.iter().filter(|(q, _, _)| q == "reply_full_0").count();
+        assert!(
+            first >= 2,
+            "a full thread still tries what it holds every round ({first} tries)"
+        );
+        let late = seen
+            .iter()
+            .filter(|(q, _, _)| q[11..].parse::<usize>().is_ok_and(|i| i >= held))
+            .count();
+        assert_eq!(
+            late, 0,
+            "replies beyond what the thread holds are not tried yet"
+        );
+        assert_eq!(handed_over(&retry), HANDOFF);
+    }
+
+    #[test]
+    fn stopping_drops_what_waits_and_joins_the_thread() {
+        let (mut retry, _gone, _transport, tap) = retrying("stop");
+        retry.retry(reply_to("reply_stop", Duration::from_secs(30)));
+        assert!(!tries(&tap, Instant::now(), 2 * RETRY_EVERY).is_empty());
+        retry.stop();
+        assert!(retry.thread.is_none(), "joined");
+        retry.retry(reply_to("reply_after_stop", Duration::from_secs(30)));
+        tap.drain();
+        assert_eq!(tries(&tap, Instant::now(), 2 * RETRY_EVERY), []);
+    }
+
+    #[test]
+    fn a_try_is_judged_by_its_result_and_the_deadline() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let missing = || {
+            Err(Error::Undeliverable {
+                exchange: String::new(),
+                routing_key: "reply_x".into(),
+            })
+        };
+        assert_eq!(verdict(&Ok(()), later, now), Verdict::Delivered);
+        assert_eq!(verdict(&missing(), now, later), Verdict::TryAgain);
+        assert_eq!(verdict(&Err(Error::Closed), now, later), Verdict::TryAgain);
+        // At the deadline itself, the try was the last.
+        assert_eq!(verdict(&missing(), now, now), Verdict::QueueGone);
+        assert_eq!(verdict(&missing(), later, now), Verdict::QueueGone);
+        assert_eq!(verdict(&Err(Error::Closed), now, now), Verdict::Failed);
+    }
+
+    #[test]
+    fn a_gone_queue_is_remembered_for_gone_for_then_forgotten() {
+        let gone = GoneQueues::default();
+        let since = Instant::now();
+        gone.insert_at("reply_gone", since);
+        assert!(gone.contains_at("reply_gone", since + GONE_FOR - Duration::from_millis(1)));
+        assert!(!gone.contains_at("reply_gone", since + GONE_FOR));
+    }
+
+    #[test]
+    fn gone_queues_are_remembered_up_to_their_limit_oldest_first_out() {
+        let gone = GoneQueues::default();
+        assert!(!gone.contains("q0"));
+        let start = Instant::now();
+        for i in 0..GONE_MAX {
+            gone.insert_at(&format!("q{i}"), start + Duration::from_millis(i as u64));
+        }
+        assert!((0..GONE_MAX).all(|i| gone.contains(&format!("q{i}"))));
+        gone.insert("one-more");
+        assert!(gone.contains("one-more"));
+        assert!(!gone.contains("q0"), "the oldest made room");
+        assert!(gone.contains("q1"));
     }
 }

@@ -468,10 +468,7 @@ impl WorkerContext {
             // The caller's reply queue is missing, perhaps while its consumer reconnects: the
             // retry thread keeps trying for a while, as oslo does, and this worker moves on.
             // A stopping server does not hold its shutdown for a caller that went away.
-            // (A call with direct reply-to whose caller is gone: nothing to retry.)
-            Err(Error::Undeliverable { .. }) if reply_q.starts_with(DIRECT_REPLY_TO) => {
-                debug!("the caller of {msg_id} is gone (direct reply-to); reply dropped")
-            }
+            // (A reply to a direct reply-to address is not mandatory, so never returned.)
             Err(Error::Undeliverable { .. }) if !self.is_stopping() => {
                 debug!("reply queue {reply_q} of {msg_id} is missing; retrying off the worker");
                 retry.retry(PendingReply {
