@@ -415,3 +415,107 @@ impl<'de> Deserialize<'de> for ReplyHeader {
         deserializer.deserialize_map(HeaderVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Codec, Document};
+    use serde_json::{json, Map};
+
+    #[test]
+    fn a_monitor_timeout_is_a_positive_number_of_seconds_below_a_billion() {
+        let header = |timeout: Value| RequestHeader {
+            timeout,
+            ..RequestHeader::default()
+        };
+        let s = Duration::from_secs_f64;
+        assert_eq!(header(json!(4)).monitor_timeout(), Some(s(4.0)));
+        assert_eq!(header(json!(0.5)).monitor_timeout(), Some(s(0.5)));
+        assert_eq!(
+            header(json!(999_999_999)).monitor_timeout(),
+            Some(s(999_999_999.0))
+        );
+        for refused in [
+            json!(0),
+            json!(-1),
+            json!(-0.5),
+            json!(1e9),
+            json!(1e300),
+            json!("4"),
+            Value::Null,
+        ] {
+            assert_eq!(header(refused.clone()).monitor_timeout(), None, "{refused}");
+        }
+    }
+
+    fn opened(fields: &Value) -> Result<OpenedRequest, String> {
+        let body = Codec::MsgPack.encode(fields).unwrap();
+        OpenedRequest::open(Some(Codec::MsgPack.content_type()), body)
+    }
+
+    #[test]
+    fn a_request_header_is_checked_before_it_is_kept() {
+        let call = json!({"method": "m", "args": {}, "_msg_id": "a", "_reply_q": "reply_a",
+                          "_unique_id": "u", "_timeout": null});
+        let taken = opened(&call).unwrap();
+        assert_eq!(taken.header.reply_q.as_deref(), Some("reply_a"));
+        let long = "x".repeat(limits::MAX_ID_LEN + 1);
+        let cases = [
+            ("method", json!(long.as_str()), "method"),
+            ("_msg_id", json!(long.as_str()), "_msg_id"),
+            ("_unique_id", json!("u\u{7}"), "_unique_id"),
+            ("_reply_q", json!("r".repeat(256)), "_reply_q"),
+            ("_reply_q", json!(""), "empty _reply_q"),
+        ];
+        for (field, value, says) in cases {
+            let mut bad = call.clone();
+            bad[field] = value;
+            let err = opened(&bad).expect_err(field);
+            assert!(err.contains(says), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_message_that_is_not_a_map_is_refused_as_such() {
+        let err = opened(&json!(["method", "m"])).expect_err("an array");
+        assert!(err.contains("expected a request map"), "{err}");
+        let body = Codec::MsgPack.encode(&json!(["result", 1])).unwrap();
+        let doc = Document::open(Some(Codec::MsgPack.content_type()), body).unwrap();
+        let err = doc
+            .decode::<ReplyHeader>()
+            .expect_err("an array")
+            .to_string();
+        assert!(err.contains("expected a reply map"), "{err}");
+        let err = doc
+            .decode::<FieldOf<Value, ResultField>>()
+            .err()
+            .expect("an array is refused")
+            .to_string();
+        assert!(err.contains("expected a message map"), "{err}");
+    }
+
+    /// The arguments are serialized by the codec's own serializer: a type that looks at
+    /// `is_human_readable` (an IP address) is text in JSON and bytes in MessagePack.
+    #[test]
+    fn arguments_keep_the_codecs_human_readable_choice() {
+        let ip = std::net::Ipv4Addr::new(10, 0, 0, 1);
+        let context = RequestContext::new();
+        let request = Request {
+            method: "m",
+            args: &ip,
+            namespace: None,
+            version: None,
+            call: None,
+            unique_id: "u",
+            context: &context,
+        };
+        let args = |codec: Codec| -> Value {
+            let body = codec.encode(&request).unwrap();
+            let doc = Document::open(Some(codec.content_type()), body).unwrap();
+            let mut fields: Map<String, Value> = doc.decode().unwrap();
+            fields.remove("args").unwrap()
+        };
+        assert_eq!(args(Codec::Json), json!("10.0.0.1"));
+        assert_eq!(args(Codec::MsgPack), json!([10, 0, 0, 1]));
+    }
+}

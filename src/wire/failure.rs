@@ -273,6 +273,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn accessors_give_back_what_was_built() {
+        let kwargs: Map<String, Value> = [("code".to_string(), Value::from(42))]
+            .into_iter()
+            .collect();
+        let failure = Failure::new("ValueError", "builtins", "bad").with_kwargs(kwargs.clone());
+        assert_eq!(failure.kwargs(), &kwargs);
+        assert!(
+            !failure.is_expected(),
+            "a failure is unexpected unless marked"
+        );
+        assert!(failure.expected().is_expected());
+    }
+
+    #[test]
     fn wire_round_trip_keeps_six_fields_in_oslo_order() {
         let failure = Failure::new("ValueError", "builtins", "bad \"value\"")
             .with_traceback(vec!["Traceback (most recent call last):\n".into()])
