@@ -46,6 +46,18 @@ fn with_new_unique_id(message: &TappedMessage) -> TappedMessage {
     copy
 }
 
+/// A new request (another `_unique_id`) made of a JSON `message` with each `(old, new)` text
+/// replaced in its body.
+fn edited_copy(message: &TappedMessage, edits: &[(&str, &str)]) -> TappedMessage {
+    let mut body = String::from_utf8(message.body.clone()).expect("JSON text");
+    for (old, new) in edits {
+        body = body.replace(old, new);
+    }
+    let mut copy = message.clone();
+    copy.body = body.into_bytes();
+    with_new_unique_id(&copy)
+}
+
 fn values(events: &[Event]) -> Vec<Value> {
     events.iter().map(|e| e.value.clone()).collect()
 }
@@ -719,10 +731,7 @@ fn a_reply_to_a_missing_queue_is_sent_again_once_the_queue_appears() {
     });
     let reply_q = call.field("_reply_q").expect("a reply queue");
     let late = common::unique("reply_late");
-    let body = String::from_utf8(call.body.clone()).expect("JSON text");
-    let mut copy = call.clone();
-    copy.body = body.replace(&reply_q, &late).into_bytes();
-    let copy = with_new_unique_id(&copy);
+    let copy = edited_copy(&call, &[(&reply_q, &late)]);
     let msg_id = copy.field("_msg_id");
     assert_eq!(tap.publish(&copy), 1);
     let to_late = |m: &TappedMessage| m.exchange.is_empty() && m.routing_key == late;
@@ -865,13 +874,10 @@ fn a_stopping_server_drops_a_reply_to_a_missing_queue_at_once() {
     bus.expect_events(1, WAIT);
     let reply_q = call.field("_reply_q").expect("a reply queue");
     let gone = common::unique("reply_gone");
-    let body = String::from_utf8(call.body.clone())
-        .expect("JSON text")
-        .replace(&reply_q, &gone)
-        .replace(r#"\"ms\": 1"#, r#"\"ms\": 300"#);
-    let mut copy = call.clone();
-    copy.body = body.into_bytes();
-    let copy = with_new_unique_id(&copy);
+    let copy = edited_copy(
+        &call,
+        &[(&reply_q, &gone), (r#"\"ms\": 1"#, r#"\"ms\": 300"#)],
+    );
     let msg_id = copy.field("_msg_id").expect("a _msg_id");
     assert_eq!(field(&copy, "args"), json!({"ms": 300}));
     assert_eq!(tap.publish(&copy), 1);

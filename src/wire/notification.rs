@@ -139,6 +139,42 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Every day from 1970 to 2500 against a calendar counted a day at a time.
+    #[test]
+    fn civil_dates_match_a_day_by_day_calendar() {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let length = |y: i64, m: u32| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1970_i64, 1_u32, 1_u32);
+        for days in 0..(530 * 366) {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            d += 1;
+            if d > length(y, m) {
+                (d, m) = (1, m + 1);
+                if m > 12 {
+                    (m, y) = (1, y + 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_notification_that_is_not_a_map_is_refused_as_such() {
+        let body = crate::wire::Codec::MsgPack
+            .encode(&serde_json::json!(["event_type", "x"]))
+            .unwrap();
+        let doc = crate::wire::Document::open(Some("application/msgpack"), body).unwrap();
+        let err = doc
+            .decode::<NotificationIn>()
+            .expect_err("an array is refused")
+            .to_string();
+        assert!(err.contains("expected a notification map"), "{err}");
+    }
+
     #[test]
     fn timestamps_like_python_utcnow() {
         let at = |secs: u64, micros: u64| {
