@@ -331,8 +331,7 @@ mod tests {
         let (mut monitor, tap, reply_q) = monitored("stop");
         std::mem::forget(monitor.watch(caller(&reply_q), INTERVAL));
         tap.recv_timeout(10 * INTERVAL).expect("a keep-alive");
-        let thread = monitor.thread.as_ref().map(|t| t.thread().id());
-        assert!(thread.is_some());
+        assert!(monitor.thread.is_some(), "running");
         monitor.stop();
         assert!(monitor.thread.is_none(), "joined");
         tap.drain();
