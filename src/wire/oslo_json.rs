@@ -304,9 +304,32 @@ mod tests {
             read,
             json!({"a": null, "b": [null, null, 1.5], "s": "NaN -Infinity \" NaN", "t": "x\\"})
         );
-        // A body without them is returned untouched.
+        // A body without them is returned untouched: the same buffer, not a copy.
         let plain = br#"{"a": 1}"#.to_vec();
-        assert_eq!(python_literals_as_null(plain.clone()), plain);
+        let buffer = plain.as_ptr();
+        assert_eq!(python_literals_as_null(plain).as_ptr(), buffer);
+    }
+
+    #[test]
+    fn each_non_finite_token_alone_is_read_as_null() {
+        for (python, expected) in [
+            (&br#"{"a": NaN}"#[..], json!({"a": null})),
+            (br#"{"a": Infinity}"#, json!({"a": null})),
+            (br#"{"a": -Infinity}"#, json!({"a": null})),
+        ] {
+            let read: serde_json::Value =
+                serde_json::from_slice(&python_literals_as_null(python.to_vec())).unwrap();
+            assert_eq!(read, expected, "{}", String::from_utf8_lossy(python));
+        }
+    }
+
+    #[test]
+    fn a_token_after_a_string_with_escapes_is_read_as_null() {
+        // The escape ends with the character it escapes: the string still closes.
+        let python = br#"{"s": "q\"\\", "n": NaN}"#;
+        let read: serde_json::Value =
+            serde_json::from_slice(&python_literals_as_null(python.to_vec())).unwrap();
+        assert_eq!(read, json!({"s": "q\"\\", "n": null}));
     }
 
     #[test]
@@ -334,6 +357,19 @@ mod tests {
             to_python_json(&"\u{1}\u{8}\u{c}\t\r").unwrap(),
             r#""\u0001\b\f\t\r""#
         );
+    }
+
+    #[test]
+    fn f32_values_are_written_as_python_reads_their_f64() {
+        assert_eq!(to_python_json(&1.5_f32).unwrap(), "1.5");
+        // Python has only doubles: the f32 nearest 0.1, widened exactly.
+        assert_eq!(to_python_json(&0.1_f32).unwrap(), "0.10000000149011612");
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_says_an_object_was_expected() {
+        let err = unwrap_envelope(b"[1, 2]".to_vec()).unwrap_err();
+        assert!(err.contains("expected a JSON object"), "{err}");
     }
 
     #[test]
