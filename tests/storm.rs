@@ -32,6 +32,9 @@ const OUTAGE: Duration = Duration::from_secs(2);
 /// a 2 s outage: attempts at 0 s, 1 s, then 1 + 3 s; with 1 s of jitter up to ~8 s).
 const RECOVERY_BOUND: Duration = Duration::from_secs(15);
 const BUCKET: Duration = Duration::from_millis(100);
+/// How long the machine needs to wake the whole fleet and let it connect (one wave of
+/// attempts without jitter): ~300 ms on 2 quiet cores, ~500 ms with both cores loaded.
+const WAVE: Duration = Duration::from_millis(500);
 /// Quiet time after the recovery in which no further connection attempt may arrive.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -168,8 +171,8 @@ struct Figures {
     threads: usize,
     /// Connection attempts at the proxy from the cut to the recovery, per 100 ms.
     buckets: Vec<usize>,
-    /// Most attempts in any 100 ms window (not aligned on buckets).
-    peak_window: usize,
+    /// When each attempt came, from the cut (sorted).
+    attempts_at: Vec<Duration>,
     /// Servers still consuming at the end of the outage (all should have noticed the loss).
     consuming_at_end_of_outage: usize,
     /// Per server, from the cut to consuming again (`None`: not within the bound).
@@ -185,6 +188,15 @@ struct Figures {
 impl Figures {
     fn attempts(&self) -> usize {
         self.buckets.iter().sum()
+    }
+
+    /// Most attempts in any window of `width` (not aligned on buckets).
+    fn busiest(&self, width: Duration) -> usize {
+        let at = &self.attempts_at;
+        (0..at.len())
+            .map(|i| at[i..].iter().take_while(|t| **t < at[i] + width).count())
+            .max()
+            .unwrap_or(0)
     }
 
     fn peak_bucket(&self) -> usize {
@@ -289,17 +301,6 @@ fn storm(splay: &'static str, n: usize) -> Figures {
     for t in &storm {
         buckets[(t.as_millis() / BUCKET.as_millis()) as usize] += 1;
     }
-    let peak_window = storm
-        .iter()
-        .enumerate()
-        .map(|(i, from)| {
-            storm[i..]
-                .iter()
-                .take_while(|t| **t < *from + BUCKET)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
     let connections_after = proxy.open_connections();
     let queues_after = fleet.queues_on_broker();
     let consumers_after = consumers_with_prefix(&fleet.topic);
@@ -310,7 +311,7 @@ fn storm(splay: &'static str, n: usize) -> Figures {
         servers: n,
         threads,
         buckets,
-        peak_window,
+        attempts_at: storm,
         consuming_at_end_of_outage,
         recoveries,
         attempts_after_recovery,
@@ -332,11 +333,12 @@ fn print(runs: &[&Figures]) {
         OUTAGE.as_secs_f64()
     );
     eprintln!(
-        "{:>6} {:>8} {:>11} {:>11} {:>8} {:>10} {:>9} {:>9} {:>7} {:>6} {:>9} {:>5} {:>7}",
+        "{:>6} {:>8} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9} {:>9} {:>7} {:>6} {:>9} {:>5} {:>7}",
         "splay",
         "attempts",
         "peak 100ms",
         "peak win100",
+        "peak win500",
         "peak 1s",
         "busy 100ms",
         "recov med",
@@ -349,11 +351,12 @@ fn print(runs: &[&Figures]) {
     );
     for f in runs {
         eprintln!(
-            "{:>6} {:>8} {:>11} {:>11} {:>8} {:>10} {:>9} {:>9} {:>7} {:>6} {:>9} {:>5} {:>7}",
+            "{:>6} {:>8} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9} {:>9} {:>7} {:>6} {:>9} {:>5} {:>7}",
             f.splay,
             f.attempts(),
             f.peak_bucket(),
-            f.peak_window,
+            f.busiest(BUCKET),
+            f.busiest(WAVE),
             f.peak_second(),
             f.busy_buckets(),
             secs(Some(f.median_recovery())),
@@ -440,28 +443,29 @@ fn jitter_spreads_a_reconnect_storm_of_many_servers() {
     assert_recovered_cleanly(&synchronised);
     assert_recovered_cleanly(&jittered);
     // Without jitter the schedule alone synchronises the fleet: every server attempts right
-    // after the cut, 1 s later, and 4 s later. On 2 shared cores 200 threads need ~300 ms to
-    // wake and connect, so a wave fills two or three buckets; measured (3 runs), its fullest
-    // 100 ms window held 0.65-0.77 N (aligned bucket 0.56-0.69 N). Asserted: at least 0.4 N.
+    // after the cut, 1 s later, and 4 s later, each wave as wide as the machine needs to wake
+    // 200 threads and connect them. Measured on 2 cores: a wave fills two or three 100 ms
+    // buckets when they are quiet (fullest 100 ms window 0.65-0.77 N, 3 runs), five with
+    // both loaded by stress-ng (fullest 100 ms window 0.39 N, but 0.99 N within 500 ms).
+    // Asserted: the fleet's first attempts come in one wave, at least 0.8 N within [`WAVE`].
+    let synchronised_wave = synchronised.busiest(WAVE);
     assert!(
-        synchronised.peak_window * 5 >= n * 2,
-        "without jitter the attempts are synchronised: {} of {n} in one 100 ms window",
-        synchronised.peak_window
+        synchronised_wave * 5 >= n * 4,
+        "without jitter the attempts are synchronised: {synchronised_wave} of {n} in one {WAVE:?} window"
     );
-    // With up to 1 s of jitter before each attempt, a 100 ms bucket sees about a tenth of the
-    // fleet; a loaded machine clumps some (the proxy's acceptor lags while it opens the
-    // upstream connections of a recovery). Measured: peak bucket 0.19-0.26 of the synchronised
-    // one, fullest window 0.14-0.19 N. Asserted: at most half the synchronised peak bucket,
-    // and no 100 ms window holding a third of the fleet.
+    // With up to 1 s of jitter before each attempt, a 100 ms window sees about a tenth of the
+    // fleet and half a second about half of it; a loaded machine clumps some (the proxy's
+    // acceptor lags while it opens the upstream connections of a recovery). Measured: fullest
+    // 100 ms window 0.14-0.19 N quiet, 0.17 N loaded; fullest 500 ms window 0.55 N loaded.
+    // Asserted: no 100 ms window holding a third of the fleet, no [`WAVE`] holding 0.7 N.
+    let jittered_wave = jittered.busiest(WAVE);
     assert!(
-        jittered.peak_bucket() * 2 <= synchronised.peak_bucket(),
-        "with jitter the peak bucket ({}) holds at most half the synchronised one ({})",
-        jittered.peak_bucket(),
-        synchronised.peak_bucket()
+        jittered_wave * 10 <= n * 7,
+        "with jitter no {WAVE:?} window holds 70% of the fleet: {jittered_wave} of {n}"
     );
+    let jittered_window = jittered.busiest(BUCKET);
     assert!(
-        jittered.peak_window * 3 <= n,
-        "with jitter no 100 ms window holds a third of the fleet: {} of {n}",
-        jittered.peak_window
+        jittered_window * 3 <= n,
+        "with jitter no 100 ms window holds a third of the fleet: {jittered_window} of {n}"
     );
 }
