@@ -338,6 +338,36 @@ fn notifications_carry_oslo_upper_case_priorities_on_the_wire() {
     listener.wait();
 }
 
+/// Each priority's shorthand (`notifier.audit(..)`, ...) publishes at that priority.
+#[test]
+fn each_priority_shorthand_publishes_at_its_priority() {
+    let bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let transport = bus.transport(Codec::MsgPack);
+    let notifier = Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str()]);
+    type Shorthand = fn(&Notifier, &RequestContext, &str, &Value) -> warren::Result<()>;
+    let shorthands: [(Shorthand, &str); 7] = [
+        (|n, c, e, p| n.audit(c, e, p), "AUDIT"),
+        (|n, c, e, p| n.debug(c, e, p), "DEBUG"),
+        (|n, c, e, p| n.info(c, e, p), "INFO"),
+        (|n, c, e, p| n.warn(c, e, p), "WARN"),
+        (|n, c, e, p| n.error(c, e, p), "ERROR"),
+        (|n, c, e, p| n.critical(c, e, p), "CRITICAL"),
+        (|n, c, e, p| n.sample(c, e, p), "SAMPLE"),
+    ];
+    for (send, wire) in shorthands {
+        let event_type = format!("compute.instance.{wire}");
+        send(&notifier, &ctx(), &event_type, &json!({"n": 1})).unwrap();
+        let sent = next(&tap, "notification", |m| !m.exchange.is_empty());
+        assert_eq!(sent.field("priority").as_deref(), Some(wire));
+        assert_eq!(sent.field("event_type"), Some(event_type));
+        assert_eq!(
+            sent.routing_key,
+            format!("{}.{}", bus.topic, wire.to_lowercase())
+        );
+    }
+}
+
 #[test]
 fn remote_error_args_and_kwargs_reach_the_caller() {
     let bus = Bus::new(&memory_url());
