@@ -307,7 +307,8 @@ mod tests {
         // A body without them is returned untouched: the same buffer, not a copy.
         let plain = br#"{"a": 1}"#.to_vec();
         let buffer = plain.as_ptr();
-        assert_eq!(python_literals_as_null(plain).as_ptr(), buffer);
+        let returned = python_literals_as_null(plain);
+        assert_eq!(returned.as_ptr(), buffer);
     }
 
     #[test]
