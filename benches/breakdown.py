@@ -14,6 +14,7 @@ over the rounds. The broker is shared: run it on a quiet machine.
 
 import argparse
 import collections
+import json
 import os
 import re
 import statistics
@@ -46,8 +47,7 @@ def cpu_ticks(pid):
 
 def group(thread):
     """A thread's group: its name without the tid perf appends and without numbers."""
-    name = thread.rsplit("-", 1)[0] if re.search(r"-\d+$", thread) else thread
-    return re.sub(r"[-\d]+$", "", name) or name
+    return re.sub(r"[-\d]+$", "", thread) or thread
 
 
 def measure(tool, workload, options):
@@ -65,7 +65,7 @@ def measure(tool, workload, options):
     after = cpu_ticks(beam) if beam else None
     stdout, _ = proc.communicate(timeout=options.duration * 6 + 60)
     lines = [line for line in stdout.splitlines() if line.strip()]
-    result = compare.json.loads(lines[-1])
+    result = json.loads(lines[-1])
     operations = result["throughput_per_s"] * window
     switches = collections.Counter()
     cpu_ms = collections.Counter()
