@@ -19,7 +19,7 @@ use serde_json::{Map, Number, Value};
 use crate::dispatcher::{Dispatcher, Endpoint, NoArgs};
 use crate::notify::{Notification, NotificationFilter, NotificationMetadata, Priority};
 use crate::options::TransportOptions;
-use crate::server::dedup::RecentIds;
+use crate::server::dedup::{self, RecentIds};
 use crate::url::TransportUrl;
 use crate::version::Version;
 use crate::wire::envelope::{ArgsOf, Reply, ReplyHeader, RequestHeader, ResultOf};
@@ -191,11 +191,10 @@ pub fn request(data: &[u8]) {
         return;
     };
     if let Some(unique_id) = &header.unique_id {
-        let mut recent = recent().lock();
-        if recent.contains(unique_id) {
+        let Some(claim) = dedup::claim(recent(), unique_id) else {
             return;
-        }
-        recent.insert(unique_id);
+        };
+        claim.handled();
     }
     let _ = header.monitor_timeout();
     let mut context = header.context.clone();
@@ -329,11 +328,12 @@ pub fn notification(data: &[u8]) {
         return;
     };
     let _ = priority.wire_name();
-    if let Some(unique_id) = &received.unique_id {
-        let mut recent = recent().lock();
-        if !recent.contains(unique_id) {
-            recent.insert(unique_id);
-        }
+    if let Some(claim) = received
+        .unique_id
+        .as_deref()
+        .and_then(|id| dedup::claim(recent(), id))
+    {
+        claim.handled();
     }
     let notification = Notification {
         priority,

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::notify::{
     Notification, NotificationFilter, NotificationMetadata, NotificationResult, Priority,
 };
-use crate::server::dedup::RecentIds;
+use crate::server::dedup::{self, RecentIds};
 use crate::server::lifecycle::Lifecycle;
 use crate::server::worker_pool::Handler;
 use crate::target::Target;
@@ -469,13 +469,20 @@ impl Handler for Dispatch {
                 return;
             }
         };
-        if let Some(unique_id) = &received.unique_id {
-            if self.recent.lock().contains(unique_id) {
-                info!("ignoring duplicate notification {unique_id}");
-                let _ = acker.ack();
-                return;
-            }
-        }
+        // Claimed while the handlers run: a copy delivered meanwhile to another worker is a
+        // duplicate too. Recorded once acknowledged, as oslo does: a requeued one is taken
+        // again.
+        let claim = match &received.unique_id {
+            Some(unique_id) => match dedup::claim(&self.recent, unique_id) {
+                Some(claim) => Some(claim),
+                None => {
+                    info!("ignoring duplicate notification {unique_id}");
+                    let _ = acker.ack();
+                    return;
+                }
+            },
+            None => None,
+        };
         let notification = Notification {
             priority,
             ctxt: received.context,
@@ -493,12 +500,13 @@ impl Handler for Dispatch {
                 "requeueing notification {}",
                 limits::preview(&notification.metadata.message_id)
             );
+            // Given up first: the requeued notification must not find its id still claimed.
+            drop(claim);
             acker.reject(true);
             return;
         }
-        // Recorded once acknowledged, as oslo does: a requeued one is taken again.
-        if let Some(unique_id) = &received.unique_id {
-            self.recent.lock().insert(unique_id);
+        if let Some(claim) = claim {
+            claim.handled();
         }
         if let Err(e) = acker.ack() {
             warn!(

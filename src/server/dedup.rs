@@ -1,5 +1,5 @@
 //! Duplicate detection by `_unique_id` (oslo's `_MsgIdCache`): the last N ids a service has
-//! taken or handled.
+//! taken or handled, and the ids its workers are handling right now.
 //!
 //! oslo keeps 16 ids. Under load that is a few milliseconds of traffic, less than it takes a
 //! client to reconnect and send again a message whose confirm a cut connection lost, or a
@@ -7,10 +7,18 @@
 //! left the window and is handled twice. warren's default window is
 //! [`DEFAULT_WINDOW`] ids, kept as keyed 64-bit hashes so its memory does not depend on how
 //! long the ids a peer sends are.
+//!
+//! A message acknowledged only once it is handled (`AckMode::AfterHandling`, notifications)
+//! enters the window only then: one that fails goes back to its queue and must be taken again.
+//! Until then it is *claimed* ([`claim`]): a copy taken meanwhile (a publisher's re-send whose
+//! original outlived a broker crash, delivered to another worker at the same time) is a
+//! duplicate too. oslo has no such state and handles both copies.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashSet, VecDeque};
 use std::hash::BuildHasher;
+
+use parking_lot::Mutex;
 
 /// How many recent `_unique_id`s servers and notification listeners remember by default
 /// (about 4 s of traffic at 1,000 messages/s; 16 bytes each).
@@ -28,6 +36,9 @@ pub(crate) struct RecentIds {
     capacity: usize,
     /// The key the ids are hashed with.
     key: RandomState,
+    /// Hashes of the claimed ids: messages a worker is handling and will acknowledge once
+    /// handled. Not part of the window until they are.
+    claimed: HashSet<u64>,
 }
 
 impl RecentIds {
@@ -37,15 +48,24 @@ impl RecentIds {
             ids: HashSet::new(),
             capacity,
             key: RandomState::new(),
+            claimed: HashSet::new(),
         }
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.ids.contains(&self.key.hash_one(id))
+    /// `true` if `id` is in the window or claimed.
+    #[cfg(test)]
+    fn contains(&self, id: &str) -> bool {
+        let hash = self.key.hash_one(id);
+        self.ids.contains(&hash) || self.claimed.contains(&hash)
     }
 
-    pub fn insert(&mut self, id: &str) {
+    #[cfg(test)]
+    fn insert(&mut self, id: &str) {
         let hash = self.key.hash_one(id);
+        self.insert_hash(hash);
+    }
+
+    fn insert_hash(&mut self, hash: u64) {
         if self.capacity == 0 || !self.ids.insert(hash) {
             return;
         }
@@ -54,6 +74,53 @@ impl RecentIds {
             if let Some(oldest) = self.order.pop_front() {
                 self.ids.remove(&oldest);
             }
+        }
+    }
+}
+
+/// A worker's claim on the `_unique_id` of a message it handles before acknowledging it: while
+/// the claim lives, the id counts as seen. [`Claim::handled`] moves it into the window;
+/// dropping the claim (the message failed and goes back to its queue, or the worker panicked)
+/// forgets it, so the message is taken again when it comes back. Drop it *before* sending the
+/// message back, or the copy could reach another worker while the id is still claimed.
+pub(crate) struct Claim<'a> {
+    /// The window the claim is recorded in.
+    recent: &'a Mutex<RecentIds>,
+    /// The claimed id's hash (`None`: the window is off, nothing was claimed).
+    hash: Option<u64>,
+}
+
+/// Claims `id` for a worker that acknowledges its message once handled; `None` if `id` is in
+/// the window or claimed already (a duplicate). With a window of 0, nothing is claimed and
+/// every id is new.
+pub(crate) fn claim<'a>(recent: &'a Mutex<RecentIds>, id: &str) -> Option<Claim<'a>> {
+    let mut ids = recent.lock();
+    let hash = ids.key.hash_one(id);
+    if ids.ids.contains(&hash) || ids.claimed.contains(&hash) {
+        return None;
+    }
+    let hash = (ids.capacity > 0).then(|| {
+        ids.claimed.insert(hash);
+        hash
+    });
+    Some(Claim { recent, hash })
+}
+
+impl Claim<'_> {
+    /// The message was handled: its id moves from the claims into the window.
+    pub fn handled(mut self) {
+        if let Some(hash) = self.hash.take() {
+            let mut ids = self.recent.lock();
+            ids.claimed.remove(&hash);
+            ids.insert_hash(hash);
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(hash) = self.hash.take() {
+            self.recent.lock().claimed.remove(&hash);
         }
     }
 }
@@ -89,5 +156,31 @@ mod tests {
         assert!(ids[1..].iter().all(|id| recent.contains(id)));
         assert!(!recent.contains("never-seen"));
         assert_eq!(recent.ids.len(), DEFAULT_WINDOW);
+    }
+
+    #[test]
+    fn a_claimed_id_is_seen_until_handled_or_given_up() {
+        let recent = Mutex::new(RecentIds::new(4));
+        let first = claim(&recent, "a").expect("a new id");
+        assert!(claim(&recent, "a").is_none(), "a claimed id is a duplicate");
+        assert!(recent.lock().contains("a"));
+        assert!(claim(&recent, "b").is_some(), "other ids are new");
+        drop(first);
+        assert!(!recent.lock().contains("a"), "given up: forgotten");
+        let again = claim(&recent, "a").expect("taken again once given up");
+        again.handled();
+        let ids = recent.lock();
+        assert!(ids.contains("a") && ids.claimed.is_empty() && ids.order.len() == 1);
+        drop(ids);
+        assert!(claim(&recent, "a").is_none(), "handled: in the window");
+    }
+
+    #[test]
+    fn a_window_of_zero_claims_nothing() {
+        let recent = Mutex::new(RecentIds::new(0));
+        let first = claim(&recent, "a").expect("a new id");
+        assert!(claim(&recent, "a").is_some(), "no window: every id is new");
+        first.handled();
+        assert!(!recent.lock().contains("a"));
     }
 }

@@ -25,7 +25,7 @@ use crate::driver::{
 use crate::error::{Error, Result};
 use crate::observe::{Event, Outcome, RequestKind, ServerRequest};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
-use crate::server::dedup::RecentIds;
+use crate::server::dedup::{self, RecentIds};
 use crate::server::reply_retry::{GoneQueues, PendingReply, ReplyRetry};
 use crate::server::worker_pool::Handler;
 use crate::server::AckMode;
@@ -224,18 +224,21 @@ impl WorkerContext {
             }
             return;
         }
+        // The id counts as seen from here: recorded at once if the request is acknowledged
+        // already, claimed until it is handled otherwise.
+        let mut claim = None;
         if let Some(unique_id) = &header.unique_id {
-            let mut recent = self.recent.lock();
-            if recent.contains(unique_id) {
-                drop(recent);
+            let Some(claimed) = dedup::claim(&self.recent, unique_id) else {
                 info!("ignoring duplicate message {unique_id} ({})", header.method);
                 if let Some(acker) = acker {
                     let _ = acker.ack();
                 }
                 return;
-            }
-            if !ack_after {
-                recent.insert(unique_id);
+            };
+            if ack_after {
+                claim = Some(claimed);
+            } else {
+                claimed.handled();
             }
         }
         match (&header.msg_id, &header.reply_q) {
@@ -283,6 +286,13 @@ impl WorkerContext {
         if let (Some(msg_id), Some(reply_q)) = (&header.msg_id, &header.reply_q) {
             self.reply(doc.codec, msg_id, reply_q, &outcome, &threads.retry);
         } else if let Some(acker) = acker {
+            // The claim ends before the cast is settled: a handled cast's id enters the window
+            // before its ack; a failed one's is forgotten before the cast goes back to its
+            // queue (the copy must not find the id still claimed).
+            match claim {
+                Some(claim) if outcome.is_ok() => claim.handled(),
+                given_up => drop(given_up),
+            }
             self.settle_cast(
                 acker,
                 &doc,
@@ -330,9 +340,6 @@ impl WorkerContext {
         attempts: u32,
     ) {
         let Some(failure) = failure else {
-            if let Some(unique_id) = &header.unique_id {
-                self.recent.lock().insert(unique_id);
-            }
             if let Err(e) = acker.ack() {
                 warn!("cast {} was handled but its ack failed ({e}); a redelivery will be dropped as a duplicate", header.method);
             }
