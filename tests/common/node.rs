@@ -6,6 +6,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct RabbitNode {
@@ -30,12 +31,36 @@ pub struct NodeConfig {
     pub wait_for_ports: Vec<u16>,
 }
 
-/// A port nobody listens on right now (for a node's extra listeners).
+/// The ports private nodes are given: below the kernel's ephemeral range (32768–60999 on
+/// Debian), so that between a port's choice and the node's start (seconds) neither a
+/// `bind(0)` (a test's proxy) nor an outgoing connection can take it. Ports were once chosen
+/// by `bind(0)`: a CI run found its crash test's node dead before the crash, its AMQP port
+/// apparently open but nothing served on it, and its log deleted; a port taken by another
+/// node's distribution listener fits that, and [`RabbitNode::start_with`] now checks that the
+/// node runs, says why it did not, and keeps its log's end.
+const NODE_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port nobody listens on right now (for a node's listeners), from [`NODE_PORTS`], never the
+/// same twice in one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(NODE_PORTS.end - NODE_PORTS.start);
+    // Test processes of one run start at different places of the range.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let offset = start.wrapping_add(step) % span;
+        let port = NODE_PORTS.start + u16::try_from(offset).expect("offset < span, a u16");
+        let v4_free = TcpListener::bind(("0.0.0.0", port)).is_ok();
+        // RabbitMQ listens on IPv6 too where the host has it.
+        let v6_free = TcpListener::bind(("::", port))
+            .err()
+            .is_none_or(|e| e.kind() != std::io::ErrorKind::AddrInUse);
+        if v4_free && v6_free {
+            return port;
+        }
+    }
+    panic!("no free port in {NODE_PORTS:?}")
 }
 
 fn port_open(port: u16) -> bool {
@@ -53,6 +78,24 @@ impl RabbitNode {
     /// (`warren_<label>_<pid>@localhost`): a process must not run two nodes with one label at
     /// the same time.
     pub fn start_with(label: &str, config: NodeConfig) -> RabbitNode {
+        // A node that fails to start (a port of it taken after all) is tried again on new
+        // ports of its own; `config`'s ports stay.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let node = RabbitNode::prepare(label, &config);
+            match node.launch() {
+                Ok(()) => return node,
+                Err(failure) => {
+                    eprintln!("{failure}; trying again on other ports");
+                    failures.push(failure);
+                }
+            }
+        }
+        panic!("node {label} did not start three times: {failures:#?}")
+    }
+
+    /// A node's directory and environment, on new AMQP and distribution ports.
+    fn prepare(label: &str, config: &NodeConfig) -> RabbitNode {
         let port = free_port();
         let dist_port = free_port();
         let name = format!("warren_{label}_{}@localhost", std::process::id());
@@ -82,36 +125,81 @@ impl RabbitNode {
             ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), d("enabled_plugins")),
             ("RABBITMQ_CONFIG_FILE".into(), d("rabbitmq")),
         ];
-        let node = RabbitNode {
+        RabbitNode {
             name,
             port,
             dir,
             env,
-            more_ports: config.wait_for_ports,
-        };
-        node.launch();
-        node
+            more_ports: config.wait_for_ports.clone(),
+        }
     }
 
-    fn launch(&self) {
+    /// Starts the node and waits until it runs and its ports accept connections; on failure,
+    /// says why, with the end of its log (dropping the node cleans up what is left of it).
+    fn launch(&self) -> Result<(), String> {
+        self.try_launch()
+            .map_err(|why| format!("node {}: {why}\n{}", self.name, self.log_tail(30)))
+    }
+
+    fn try_launch(&self) -> Result<(), String> {
         let status = Command::new("rabbitmq-server")
             .arg("-detached")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .status()
-            .expect("rabbitmq-server runs");
-        assert!(status.success(), "rabbitmq-server -detached failed");
+            .map_err(|e| format!("rabbitmq-server does not run: {e}"))?;
+        if !status.success() {
+            return Err(format!("rabbitmq-server -detached failed: {status}"));
+        }
         let deadline = Instant::now() + Duration::from_secs(90);
         for &port in std::iter::once(&self.port).chain(&self.more_ports) {
             while !port_open(port) {
-                assert!(
-                    Instant::now() < deadline,
-                    "node {} did not open port {port} (log: {})",
-                    self.name,
-                    self.dir.join("log").display()
-                );
+                if Instant::now() >= deadline {
+                    return Err(format!("port {port} not open after 90 s"));
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        // An open port is not yet this node's: another process may hold it. A node that runs
+        // holds its listeners (RabbitMQ stops booting when one cannot bind).
+        let output = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.name, "await_startup", "--timeout", "60"])
+            .output()
+            .map_err(|e| format!("rabbitmqctl does not run: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let why = stderr
+                .lines()
+                .find(|line| line.contains("epmd reports"))
+                .or_else(|| stderr.lines().next())
+                .unwrap_or_default();
+            return Err(format!(
+                "its ports are open but the node is not running: {}",
+                why.trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of the node's log files (not its crash dump), for a failure
+    /// message.
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("log")) else {
+            return "(no log directory)".into();
+        };
+        let mut tail = String::new();
+        let logs = entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "log"));
+        for entry in logs {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            tail.push_str(&format!("--- {} (end)\n", entry.path().display()));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                tail.push_str(line);
+                tail.push('\n');
+            }
+        }
+        tail
     }
 
     /// Runs `rabbitmqctl -q -n <node> <args>` and fails the test if it fails.
@@ -196,12 +284,22 @@ impl RabbitNode {
 
     /// Starts the node again on the same data (durable queues and persistent messages kept).
     pub fn restart(&self) {
-        self.launch();
+        if let Err(failure) = self.launch() {
+            panic!("restarting: {failure}");
+        }
     }
 }
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
+        // A failing test shows how its node ended (its directory is deleted below).
+        if std::thread::panicking() {
+            eprintln!(
+                "node {} when the test failed:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+        }
         let stopped = Command::new("rabbitmqctl")
             .args(["-q", "-n", &self.name, "stop"])
             .status()
