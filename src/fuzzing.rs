@@ -191,10 +191,9 @@ pub fn request(data: &[u8]) {
         return;
     };
     if let Some(unique_id) = &header.unique_id {
-        let Some(claim) = dedup::claim(recent(), unique_id) else {
+        if !dedup::record(recent(), unique_id) {
             return;
-        };
-        claim.handled();
+        }
     }
     let _ = header.monitor_timeout();
     let mut context = header.context.clone();
@@ -328,12 +327,8 @@ pub fn notification(data: &[u8]) {
         return;
     };
     let _ = priority.wire_name();
-    if let Some(claim) = received
-        .unique_id
-        .as_deref()
-        .and_then(|id| dedup::claim(recent(), id))
-    {
-        claim.handled();
+    if let Some(unique_id) = &received.unique_id {
+        dedup::record(recent(), unique_id);
     }
     let notification = Notification {
         priority,

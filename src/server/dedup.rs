@@ -78,6 +78,18 @@ impl RecentIds {
     }
 }
 
+/// Records `id` for a message acknowledged on receipt, under one lock: `false` if it is in the
+/// window or claimed already (a duplicate).
+pub(crate) fn record(recent: &Mutex<RecentIds>, id: &str) -> bool {
+    let mut ids = recent.lock();
+    let hash = ids.key.hash_one(id);
+    if ids.ids.contains(&hash) || ids.claimed.contains(&hash) {
+        return false;
+    }
+    ids.insert_hash(hash);
+    true
+}
+
 /// A worker's claim on the `_unique_id` of a message it handles before acknowledging it: while
 /// the claim lives, the id counts as seen. [`Claim::handled`] moves it into the window;
 /// dropping the claim (the message failed and goes back to its queue, or the worker panicked)
@@ -173,6 +185,12 @@ mod tests {
         assert!(ids.contains("a") && ids.claimed.is_empty() && ids.order.len() == 1);
         drop(ids);
         assert!(claim(&recent, "a").is_none(), "handled: in the window");
+        assert!(!record(&recent, "a"), "in the window");
+        let b = claim(&recent, "b").expect("b is new");
+        assert!(!record(&recent, "b"), "claimed");
+        drop(b);
+        assert!(record(&recent, "b"), "given up, then recorded");
+        assert!(recent.lock().contains("b") && claim(&recent, "b").is_none());
     }
 
     #[test]

@@ -228,17 +228,18 @@ impl WorkerContext {
         // already, claimed until it is handled otherwise.
         let mut claim = None;
         if let Some(unique_id) = &header.unique_id {
-            let Some(claimed) = dedup::claim(&self.recent, unique_id) else {
+            let new = if ack_after {
+                claim = dedup::claim(&self.recent, unique_id);
+                claim.is_some()
+            } else {
+                dedup::record(&self.recent, unique_id)
+            };
+            if !new {
                 info!("ignoring duplicate message {unique_id} ({})", header.method);
                 if let Some(acker) = acker {
                     let _ = acker.ack();
                 }
                 return;
-            };
-            if ack_after {
-                claim = Some(claimed);
-            } else {
-                claimed.handled();
             }
         }
         match (&header.msg_id, &header.reply_q) {
