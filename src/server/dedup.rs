@@ -55,7 +55,11 @@ impl RecentIds {
     /// `true` if `id` is in the window or claimed.
     #[cfg(test)]
     fn contains(&self, id: &str) -> bool {
-        let hash = self.key.hash_one(id);
+        self.seen(self.key.hash_one(id))
+    }
+
+    /// `true` if the id hashed to `hash` is in the window or claimed.
+    fn seen(&self, hash: u64) -> bool {
         self.ids.contains(&hash) || self.claimed.contains(&hash)
     }
 
@@ -83,7 +87,7 @@ impl RecentIds {
 pub(crate) fn record(recent: &Mutex<RecentIds>, id: &str) -> bool {
     let mut ids = recent.lock();
     let hash = ids.key.hash_one(id);
-    if ids.ids.contains(&hash) || ids.claimed.contains(&hash) {
+    if ids.seen(hash) {
         return false;
     }
     ids.insert_hash(hash);
@@ -108,7 +112,7 @@ pub(crate) struct Claim<'a> {
 pub(crate) fn claim<'a>(recent: &'a Mutex<RecentIds>, id: &str) -> Option<Claim<'a>> {
     let mut ids = recent.lock();
     let hash = ids.key.hash_one(id);
-    if ids.ids.contains(&hash) || ids.claimed.contains(&hash) {
+    if ids.seen(hash) {
         return None;
     }
     let hash = (ids.capacity > 0).then(|| {
