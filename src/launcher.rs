@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::clock;
 use crate::error::{Error, Result};
 use crate::notify::NotificationListener;
 use crate::server::RpcServer;
@@ -275,7 +276,8 @@ impl Launcher {
         self
     }
 
-    /// How long the messages already taken may run once the shutdown begins (default 60 s).
+    /// How long the messages already taken may run once the shutdown begins (default 60 s;
+    /// `Duration::MAX`: until they are done).
     pub fn drain_timeout(mut self, timeout: Duration) -> Launcher {
         self.drain_timeout = timeout;
         self
@@ -416,7 +418,7 @@ fn drain(services: Vec<Box<dyn Service>>, timeout: Duration, requests: &Receiver
             return Shutdown::DrainTimedOut;
         }
     };
-    let deadline = Instant::now() + timeout;
+    let deadline = clock::after(Instant::now(), timeout);
     crossbeam_channel::select! {
         recv(done) -> _ => {
             let _ = drainer.join();
@@ -461,5 +463,17 @@ impl Drop for SignalForwarder {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_timeout_of_duration_max_waits_for_the_services() {
+        let (_requests_tx, requests) = crossbeam_channel::unbounded();
+        let shutdown = drain(Vec::new(), Duration::MAX, &requests);
+        assert!(matches!(shutdown, Shutdown::Drained));
     }
 }

@@ -607,6 +607,23 @@ impl TransportOptions {
                 "must be at least 1",
             ));
         }
+        // What a URL cannot say (`parse_seconds` stops at 10^9 s) a program cannot set either:
+        // these pauses and timeouts are added to the clock.
+        for (name, value) in [
+            ("rpc_response_timeout", self.rpc_response_timeout),
+            ("rabbit_retry_interval", self.retry_interval),
+            ("rabbit_retry_backoff", self.retry_backoff),
+            ("rabbit_interval_max", self.interval_max),
+            ("kombu_reconnect_splay", self.reconnect_splay),
+            (
+                "kombu_missing_consumer_retry_timeout",
+                self.missing_consumer_retry_timeout,
+            ),
+        ] {
+            if value >= MAX_SECONDS {
+                return Err(Error::invalid_option(name, "must be under 10^9 seconds"));
+            }
+        }
         if self.transient_queues_ttl.as_millis() > i32::MAX as u128 {
             return Err(Error::invalid_option(
                 "rabbit_transient_queues_ttl",
@@ -623,6 +640,9 @@ fn parse_int<T: std::str::FromStr>(name: &str, value: &str) -> Result<T> {
         .parse()
         .map_err(|_| Error::invalid_option(name, format!("{value:?} is not an integer in range")))
 }
+
+/// Durations stop below this, from a URL (as oslo's options are seconds, a float) or from Rust.
+const MAX_SECONDS: Duration = Duration::from_secs(1_000_000_000);
 
 fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
     match value.trim().parse::<f64>() {
@@ -1086,6 +1106,27 @@ mod tests {
         let most = Duration::from_millis(i32::MAX as u64);
         assert!(valid(&|o| o.transient_queues_ttl = most).is_ok());
         assert!(valid(&|o| o.transient_queues_ttl = most + Duration::from_millis(1)).is_err());
+        // Durations a URL can give can be set from Rust; longer ones would overflow the clock.
+        let under = MAX_SECONDS - Duration::from_nanos(1);
+        type Set = fn(&mut TransportOptions, Duration);
+        let durations: [(&str, Set); 6] = [
+            ("rpc_response_timeout", |o, d| o.rpc_response_timeout = d),
+            ("rabbit_retry_interval", |o, d| o.retry_interval = d),
+            ("rabbit_retry_backoff", |o, d| o.retry_backoff = d),
+            ("rabbit_interval_max", |o, d| o.interval_max = d),
+            ("kombu_reconnect_splay", |o, d| o.reconnect_splay = d),
+            ("kombu_missing_consumer_retry_timeout", |o, d| {
+                o.missing_consumer_retry_timeout = d
+            }),
+        ];
+        for (name, set) in durations {
+            assert!(valid(&|o| set(o, under)).is_ok(), "{name}");
+            match valid(&|o| set(o, MAX_SECONDS)) {
+                Err(Error::InvalidOption { name: refused, .. }) => assert_eq!(refused, name),
+                other => panic!("{name} = 10^9 s: {other:?}"),
+            }
+            assert!(valid(&|o| set(o, Duration::MAX)).is_err(), "{name}");
+        }
         // EXTERNAL needs TLS *and* a client certificate.
         let external = |tls: bool, cert: bool| {
             valid(&move |o: &mut TransportOptions| {

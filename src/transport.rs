@@ -211,13 +211,33 @@ impl Transport {
 /// assert!(transport.options().durable_queues);
 /// # Ok::<(), warren::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TransportBuilder {
+    /// The URL as given, parsed by `build()` (so that a bad URL is an error there, not here);
+    /// it may hold passwords, so the `Debug` impl below prints it redacted.
     url: String,
     options: TransportOptions,
     /// Query keys of the options set through a setter.
     explicit: Vec<&'static str>,
     hook: Hook,
+}
+
+/// Passwords never appear: the URL is shown as [`TransportUrl`]'s `Display` shows it, or
+/// masked the way an unparseable URL's error masks it.
+impl fmt::Debug for TransportBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = match TransportUrl::parse(&self.url) {
+            Ok(url) => url.to_string(),
+            Err(Error::InvalidUrl { url, .. }) => url,
+            Err(_) => "<unparseable>".to_string(),
+        };
+        f.debug_struct("TransportBuilder")
+            .field("url", &url)
+            .field("options", &self.options)
+            .field("explicit", &self.explicit)
+            .field("hook", &self.hook)
+            .finish()
+    }
 }
 
 impl TransportBuilder {
@@ -393,5 +413,24 @@ impl TransportBuilder {
                 hook: self.hook,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builders_debug_hides_the_password_of_a_good_or_a_bad_url() {
+        for url in [
+            "rabbit://nova:s3cret@rabbit1:5672,nova:s3cret@rabbit2/?ssl=true",
+            // Unparseable (a port that is no number, an unencoded `@`): still masked.
+            "rabbit://us@er:s3cret@rabbit1:notaport/",
+        ] {
+            let shown = format!("{:?}", Transport::builder(url).workers(3));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("rabbit1"), "{shown}");
+            assert!(shown.contains("workers: 3"), "{shown}");
+        }
     }
 }

@@ -429,22 +429,32 @@ fn remote_error_args_and_kwargs_reach_the_caller() {
     server.wait();
 }
 
-#[test]
-fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
-    let mut bus = Bus::new(&memory_url());
-    let tap = tap(&bus);
+/// A one-worker server of `bus`'s topic under `AckMode::AfterHandling { requeue_limit: 2 }`
+/// (three attempts); the name of its dead-letter queue.
+fn start_failing_cast_server(bus: &mut Bus) -> String {
     let server = bus.start_server_with("s1", |b| {
         b.workers(1)
             .ack_mode(AckMode::AfterHandling { requeue_limit: 2 })
     });
-    let dlq = server
+    server
         .dead_letter_queue()
         .expect("a dead-letter queue")
-        .to_string();
+        .to_string()
+}
+
+/// The arguments of a `fail` cast: the failure it raises.
+fn no_way() -> Value {
+    json!({"class": "ValueError", "module": "builtins", "message": "no way"})
+}
+
+#[test]
+fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let dlq = start_failing_cast_server(&mut bus);
     assert_eq!(dlq, format!("{}_dlq", bus.topic));
     let client = bus.client(Codec::Json);
-    let failing = json!({"class": "ValueError", "module": "builtins", "message": "no way"});
-    client.cast(&ctx(), "fail", &failing).unwrap();
+    client.cast(&ctx(), "fail", &no_way()).unwrap();
 
     // Every re-send goes through the default exchange, its attempts counted.
     let mut requeued = Vec::new();
@@ -484,6 +494,41 @@ fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
         ["fail", "fail", "fail", "record"],
         "requeue_limit 2: three attempts, then the dead-letter queue"
     );
+}
+
+/// A peer's `x-warren-attempts` of `u32::MAX` is counted as used up, neither wrapped to 0
+/// (which starts the count again) nor a panic of the worker (which left it unsettled).
+#[test]
+fn a_cast_claiming_the_most_attempts_is_dead_lettered_at_once() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let dlq = start_failing_cast_server(&mut bus);
+    let client = bus.client(Codec::Json);
+    client.cast(&ctx(), "fail", &no_way()).unwrap();
+    let sent = next(&tap, "the cast", |m| !m.exchange.is_empty());
+    next(&tap, "its dead letter", |m| m.routing_key == dlq);
+
+    let mut most = with_new_unique_id(&sent);
+    most.headers
+        .insert("x-warren-attempts".into(), json!(u32::MAX));
+    tap.publish(&most);
+    let dead = next(&tap, "the re-sent copy", |m| m.exchange.is_empty());
+    assert_eq!(dead.routing_key, dlq, "no attempt left: {dead:?}");
+    assert_eq!(
+        dead.headers.get("x-warren-attempts"),
+        Some(&json!(u32::MAX))
+    );
+    assert_eq!(tap.queue_len(&dlq), Some(2));
+    // The worker lives on.
+    client
+        .cast(&ctx(), "record", &json!({"after": true}))
+        .unwrap();
+    let methods: Vec<String> = bus
+        .expect_events(5, WAIT)
+        .into_iter()
+        .map(|e| e.method)
+        .collect();
+    assert_eq!(methods, ["fail", "fail", "fail", "fail", "record"]);
 }
 
 /// Two servers of one topic whose `work` cast reports `(server, n)`; `s1`'s waits at `gate`.

@@ -6,11 +6,16 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Publish};
-use common::{broker_url, consumers_with_prefix, eventually, queue_count, rabbitmqctl_json, Bus};
+use common::{
+    broker_url, consumers_with_prefix, ctx, eventually, queue_count, rabbitmqctl_json, Bus,
+};
 use serde_json::{json, Value};
+use warren::observe::{ConnectionState, Event as ObservedEvent};
 use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
 
 scenario_tests!(common::broker_url());
@@ -288,6 +293,57 @@ fn stop_and_wait_leave_no_consumers_and_delete_the_fanout_queue() {
     );
     // The shared topic queues stay, as oslo leaves them.
     assert!(queues.iter().any(|q| q["name"] == bus.topic.as_str()));
+}
+
+/// A fanout exchange is auto-delete: it goes with the last server's fanout queue. A client
+/// that declared it before casts to it again afterwards: the cast is not an error, the send
+/// connection is not dropped for it (the broker closes only the channel), and the next
+/// server of the topic gets the fanout casts sent after it started.
+#[test]
+fn a_fanout_cast_after_the_last_server_left_neither_fails_nor_drops_the_connection() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("s1", 1);
+    let lost = Arc::new(AtomicUsize::new(0));
+    let counter = lost.clone();
+    let transport = Transport::builder(&bus.url)
+        .control_exchange(bus.exchange.as_str())
+        .observer(Arc::new(move |event: &ObservedEvent<'_>| {
+            if let ObservedEvent::Connection {
+                state: ConnectionState::Lost,
+                ..
+            } = event
+            {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }))
+        .build()
+        .unwrap();
+    let fanout = RpcClient::new(&transport, Target::new(bus.topic.as_str())).fanout(true);
+    for unconfirmed in [false, true] {
+        let client = fanout.clone().confirm(!unconfirmed);
+        client.cast(&ctx(), "record", &json!({"n": 1})).unwrap();
+    }
+    bus.expect_events(2, Duration::from_secs(10));
+    let server = bus.server("s1");
+    server.stop();
+    server.wait();
+    // Unconfirmed first: the broker closes that channel while it sits in the pool, and the
+    // last cast must not pick it up again.
+    for unconfirmed in [true, false, true] {
+        let client = fanout.clone().confirm(!unconfirmed);
+        client
+            .cast(&ctx(), "record", &json!({"n": 2}))
+            .unwrap_or_else(|e| panic!("fanout cast to nobody (unconfirmed: {unconfirmed}): {e}"));
+    }
+    bus.start_server("s2", 1);
+    fanout.cast(&ctx(), "record", &json!({"n": 3})).unwrap();
+    let got = bus.expect_events(1, Duration::from_secs(10));
+    assert_eq!(got[0].value, json!({"n": 3}), "{got:?}");
+    assert_eq!(
+        lost.load(Ordering::SeqCst),
+        0,
+        "the send connection was dropped"
+    );
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clock;
+
 /// The deadlines of one call being waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct CallDeadlines {
@@ -33,7 +35,7 @@ impl CallDeadlines {
         CallDeadlines {
             overall,
             monitor,
-            next_sign_of_life: monitor.map(|m| now + m),
+            next_sign_of_life: monitor.map(|m| clock::after(now, m)),
         }
     }
 
@@ -47,7 +49,7 @@ impl CallDeadlines {
 
     /// A message from the server arrived at `now`: the monitor deadline starts again.
     pub fn heard_from_server(&mut self, now: Instant) {
-        self.next_sign_of_life = self.monitor.map(|m| now + m);
+        self.next_sign_of_life = self.monitor.map(|m| clock::after(now, m));
     }
 
     /// Nothing arrived until `now` (at or after [`wait_until`](Self::wait_until)): which
@@ -60,9 +62,10 @@ impl CallDeadlines {
     }
 }
 
-/// The deadline of a call or cast with `timeout`, sent at `now`.
+/// The deadline of a call or cast with `timeout`, sent at `now` (a century at most, so that
+/// `Duration::MAX` means "no limit" instead of an overflow).
 pub(crate) fn deadline_of(timeout: Duration, now: Instant) -> Instant {
-    now + timeout
+    clock::after(now, timeout)
 }
 
 /// A request's AMQP `expiration`: the time left until its caller stops waiting, so it expires

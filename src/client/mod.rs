@@ -27,7 +27,9 @@ use reply_waiter::CallReplies;
 
 /// `_timeout` is whole seconds on the wire (oslo sends what the caller gave, usually an int).
 fn whole_seconds(monitor: Duration) -> u64 {
-    monitor.as_secs() + u64::from(monitor.subsec_nanos() > 0)
+    monitor
+        .as_secs()
+        .saturating_add(u64::from(monitor.subsec_nanos() > 0))
 }
 
 /// Sends calls and casts to a [`Target`] (oslo's `RPCClient`).
@@ -122,7 +124,8 @@ impl RpcClient {
     }
 
     /// How long a call waits for its reply (default: the transport's `rpc_response_timeout`).
-    /// Also bounds how long a cast waits for the broker.
+    /// Also bounds how long a cast waits for the broker. `Duration::MAX` waits as long as it
+    /// takes (a deadline lies at most a century ahead).
     pub fn timeout(mut self, timeout: Duration) -> RpcClient {
         self.timeout = Some(timeout);
         self

@@ -178,6 +178,11 @@ impl ReplyWaiter {
     /// for other calls); `None` once `until` passed without one.
     pub fn next(&self, waiting: &Waiting, until: Instant) -> Option<ReplyEvent> {
         loop {
+            // A select takes a ready operation before it looks at its deadline: without this,
+            // a backlog of other calls' replies would keep a caller past its own deadline.
+            if Instant::now() >= until {
+                return waiting.replies.try_recv().ok();
+            }
             let Some(feed) = self.live_feed() else {
                 let recheck = self.fed.load(Ordering::Acquire);
                 let wait_until = match recheck {
@@ -391,6 +396,21 @@ mod tests {
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(50), "{waited:?}");
         assert!(waited < Duration::from_millis(1000), "{waited:?}");
+    }
+
+    #[test]
+    fn a_backlog_of_other_replies_does_not_keep_a_caller_past_its_deadline() {
+        let waiter = Arc::new(ReplyWaiter::new());
+        let feed = feed(&waiter);
+        let (a, _b) = (waiter.register("a"), waiter.register("b"));
+        for _ in 0..3 {
+            feed.send(Some(reply("b", "for b"))).unwrap();
+        }
+        assert!(a.next(Instant::now()).is_none());
+        assert_eq!(feed.len(), 3, "read past the deadline");
+        // Its own reply, already routed to it, is still taken at the deadline.
+        waiter.deliver(reply("a", "mine"));
+        assert_eq!(a.next(Instant::now()).map(result).as_deref(), Some("mine"));
     }
 
     #[test]

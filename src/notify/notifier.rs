@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::clock;
 use crate::context::RequestContext;
 use crate::driver::{Outgoing, Route, SendOptions};
 use crate::error::{Error, Result};
@@ -131,7 +132,7 @@ impl Notifier {
     }
 
     /// How long a notification may take to be confirmed (default: the transport's
-    /// `rpc_response_timeout`).
+    /// `rpc_response_timeout`; `Duration::MAX`: as long as it takes).
     pub fn timeout(mut self, timeout: Duration) -> Notifier {
         self.timeout = Some(timeout);
         self
@@ -181,24 +182,7 @@ impl Notifier {
             context.insert("auth_token", Value::Null);
         }
         let message_id = uuid::Uuid::new_v4().hyphenated().to_string();
-        let unique_id = crate::id::new_id();
         let timestamp = utc_timestamp(SystemTime::now());
-        let message = NotificationOut {
-            message_id: &message_id,
-            publisher_id: &self.publisher_id,
-            event_type,
-            priority: &priority.wire_name(),
-            payload,
-            timestamp: &timestamp,
-            unique_id: &unique_id,
-            context: &context,
-        };
-        let body = match self.format {
-            NotificationFormat::V2 => Codec::Json.encode(&message)?,
-            NotificationFormat::V1 => oslo_json::to_python_json(&message)
-                .map_err(Error::encode)?
-                .into_bytes(),
-        };
         let exchange = self
             .exchange
             .clone()
@@ -207,11 +191,31 @@ impl Notifier {
             .timeout
             .unwrap_or(self.transport.options().rpc_response_timeout);
         let options = SendOptions {
-            deadline: Some(Instant::now() + timeout),
+            deadline: Some(clock::after(Instant::now(), timeout)),
             retry: self.retry,
             unconfirmed: false,
         };
         for topic in &self.topics {
+            // A fresh `_unique_id` per topic, as oslo's driver adds one per send: a listener
+            // of two of the topics (or a pool bound to both) must not take the second copy
+            // for a duplicate of the first.
+            let unique_id = crate::id::new_id();
+            let message = NotificationOut {
+                message_id: &message_id,
+                publisher_id: &self.publisher_id,
+                event_type,
+                priority: &priority.wire_name(),
+                payload,
+                timestamp: &timestamp,
+                unique_id: &unique_id,
+                context: &context,
+            };
+            let body = match self.format {
+                NotificationFormat::V2 => Codec::Json.encode(&message)?,
+                NotificationFormat::V1 => oslo_json::to_python_json(&message)
+                    .map_err(Error::encode)?
+                    .into_bytes(),
+            };
             let routing_key = format!("{topic}.{}", priority.as_str());
             let outgoing = Outgoing {
                 route: Route::Topic {

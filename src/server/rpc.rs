@@ -350,7 +350,7 @@ impl WorkerContext {
             return;
         };
         let redelivery = Redelivery {
-            attempts: attempts + 1,
+            attempts: attempts.saturating_add(1),
             failure: Some(failure.to_string()),
         };
         let (target, what) = match &self.dead_letter_queue {

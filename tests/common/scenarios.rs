@@ -50,6 +50,8 @@ macro_rules! scenario_tests {
             notifications_reach_endpoints_by_priority_and_filter,
             notification_pools_each_get_a_copy,
             requeued_notifications_come_back_only_when_allowed,
+            a_notification_to_two_topics_reaches_a_listener_of_both_twice,
+            a_timeout_of_duration_max_means_no_limit,
         );
     };
     (@each $url:expr; $($name:ident),* $(,)?) => {
@@ -946,4 +948,76 @@ pub fn requeued_notifications_come_back_only_when_allowed(url: &str) {
         listener.stop();
         listener.wait();
     }
+}
+
+/// oslo's driver gives each topic's copy its own `_unique_id`: a listener of both topics
+/// handles both copies (with one id, the second was dropped as a duplicate).
+pub fn a_notification_to_two_topics_reaches_a_listener_of_both_twice(url: &str) {
+    let mut bus = Bus::new(url);
+    let other = unique("topic");
+    track_notification_queues(&mut bus, &[]);
+    bus.track_queue(format!("{other}.info"));
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let listener = NotificationListener::builder(
+        &transport,
+        vec![Target::new(bus.topic.as_str()), Target::new(other.as_str())],
+    )
+    .endpoint(recording("both", &[Priority::Info], &seen_tx))
+    .workers(1)
+    .build()
+    .unwrap();
+    listener.start().unwrap();
+    let notifier =
+        Notifier::new(&transport, "compute.host-1").topics([bus.topic.as_str(), other.as_str()]);
+    notifier
+        .info(&ctx(), "compute.instance.create.end", &json!({"id": 7}))
+        .unwrap();
+    let copies = collect(&seen, 2);
+    // The same notification (oslo keeps one message_id across topics), once per topic.
+    assert_eq!(
+        copies[0].1.metadata.message_id,
+        copies[1].1.metadata.message_id
+    );
+    assert!(
+        seen.recv_timeout(Duration::from_millis(300)).is_err(),
+        "one copy per topic"
+    );
+    listener.stop();
+    listener.wait();
+}
+
+/// `Duration::MAX` as a timeout means "as long as it takes": calls, monitored calls, casts
+/// and notifications go through (no overflow, and RabbitMQ gets an expiration it accepts).
+pub fn a_timeout_of_duration_max_means_no_limit(url: &str) {
+    let mut bus = Bus::new(url);
+    bus.start_server("s1", 1);
+    track_notification_queues(&mut bus, &[]);
+    let client = bus.client(Codec::Json).timeout(Duration::MAX);
+    let sum: i64 = client
+        .call(&ctx(), "add", &json!({"a": 1, "b": 2}))
+        .unwrap();
+    assert_eq!(sum, 3);
+    let monitored = client.clone().call_monitor_timeout(Duration::MAX);
+    let sum: i64 = monitored
+        .call(&ctx(), "add", &json!({"a": 2, "b": 2}))
+        .unwrap();
+    assert_eq!(sum, 4);
+    client.cast(&ctx(), "record", &json!({"id": 1})).unwrap();
+    bus.expect_events(1, WAIT);
+    let transport = bus.transport(Codec::Json);
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    let listener = NotificationListener::builder(&transport, vec![Target::new(bus.topic.as_str())])
+        .endpoint(recording("all", &[Priority::Info], &seen_tx))
+        .build()
+        .unwrap();
+    listener.start().unwrap();
+    Notifier::new(&transport, "compute.host-1")
+        .topics([bus.topic.as_str()])
+        .timeout(Duration::MAX)
+        .info(&ctx(), "compute.instance.create.end", &json!({}))
+        .unwrap();
+    collect(&seen, 1);
+    listener.stop();
+    listener.wait();
 }

@@ -65,9 +65,12 @@ pub(crate) const ATTEMPTS_HEADER: &str = "x-warren-attempts";
 /// Header holding the last failure of a dead-lettered cast.
 pub(crate) const FAILURE_HEADER: &str = "x-warren-failure";
 
+/// The largest per-message TTL RabbitMQ accepts (`expiration`, in ms: 2^32 - 1).
+const MAX_EXPIRATION_MS: u32 = u32::MAX;
+
 /// The AMQP properties oslo puts on every message: content type and encoding, empty headers,
-/// persistent delivery, priority 0, and `expiration` (ms) on calls. A re-sent cast also
-/// carries warren's attempt count and last failure as headers.
+/// persistent delivery, priority 0, and `expiration` (ms, at most [`MAX_EXPIRATION_MS`]) on
+/// calls. A re-sent cast also carries warren's attempt count and last failure as headers.
 pub(crate) fn properties(
     codec: Codec,
     expiration: Option<Duration>,
@@ -93,7 +96,13 @@ pub(crate) fn properties(
         .with_delivery_mode(2)
         .with_priority(0);
     match expiration {
-        Some(e) => properties.with_expiration(e.as_millis().max(1).to_string()),
+        // RabbitMQ refuses (closes the channel on) an expiration over 2^32 - 1 ms (49.7 days):
+        // a longer timeout keeps the message at least that long.
+        Some(e) => properties.with_expiration(
+            e.as_millis()
+                .clamp(1, u128::from(MAX_EXPIRATION_MS))
+                .to_string(),
+        ),
         None => properties,
     }
 }
@@ -225,8 +234,17 @@ impl Publisher {
         };
         let mut losses = 0_u32;
         let mut nack_pause = NACK_PAUSE_FIRST;
+        let mut declared_again = false;
         loop {
             match self.publish_once(message, policy, options.unconfirmed, direct) {
+                // The channel remembered declaring an exchange that is gone since (a fanout
+                // exchange is auto-delete: it goes with the last server's fanout queue). The
+                // broker refused the publish and closed the channel; the next channel
+                // declares it again. Once: a second 404 is the answer.
+                Err(Error::Refused { code: 404, text }) if !declared_again => {
+                    debug!("publish refused ({text}); declaring again on a new channel");
+                    declared_again = true;
+                }
                 // A nacked message was never queued (e.g. its queue's leader was moving to
                 // another node): sending it again within the deadline keeps at-most-once.
                 // The pause never runs past half the time left, so the last try comes close to
@@ -309,7 +327,7 @@ impl Publisher {
     fn checkout_direct(&self, policy: RetryPolicy, confirming: bool) -> Result<Option<PubChannel>> {
         let generation = self.generation.load(Ordering::Acquire);
         while let Ok(channel) = self.idle[pool_of(confirming, true)].rx.try_recv() {
-            if channel.generation == generation {
+            if channel.generation == generation && !channel.closed_by_server() {
                 return Ok(Some(channel));
             }
             self.discard(channel);
@@ -374,7 +392,9 @@ impl Publisher {
                     }
                 }
             };
-            if channel.generation == self.generation.load(Ordering::Acquire) {
+            if channel.generation == self.generation.load(Ordering::Acquire)
+                && !channel.closed_by_server()
+            {
                 return Ok(channel);
             }
             self.discard(channel);
@@ -600,6 +620,21 @@ impl Publisher {
 }
 
 impl PubChannel {
+    /// Whether the broker closed this idle channel (it refused an unconfirmed publish, which
+    /// nobody waited for): such a channel is discarded instead of used.
+    fn closed_by_server(&self) -> bool {
+        match self.channel.closed_by_server() {
+            Some(closed) => {
+                debug!(
+                    "pooled channel to {} was closed by the broker: {closed}",
+                    self.address
+                );
+                true
+            }
+            None => false,
+        }
+    }
+
     fn publish(
         &mut self,
         message: &Outgoing<'_>,
@@ -664,10 +699,16 @@ impl PubChannel {
                     })
                 }
                 Err(RecvTimeoutError::Disconnected) => {
+                    // The confirm listener ends with the channel: the broker closed it (it
+                    // refused this publish) or the connection died. Only the latter is a
+                    // reason to drop the connection.
+                    if let Some(closed) = self.channel.closed_by_server() {
+                        return Err(amqp_error(closed, &self.address));
+                    }
                     return Err(Error::Connection {
                         host: self.address.clone(),
                         source: "connection lost while waiting for a publisher confirm".into(),
-                    })
+                    });
                 }
             };
             match confirm {
@@ -804,6 +845,18 @@ mod tests {
                 (&None, &None, &None)
             );
         }
+    }
+
+    #[test]
+    fn an_expiration_stays_within_what_rabbitmq_accepts() {
+        let ms = |e: Duration| properties(Codec::Json, Some(e), None).expiration().clone();
+        assert_eq!(ms(Duration::from_secs(60)).as_deref(), Some("60000"));
+        assert_eq!(ms(Duration::ZERO).as_deref(), Some("1"));
+        assert_eq!(
+            ms(Duration::from_millis(u64::from(u32::MAX))).as_deref(),
+            Some("4294967295")
+        );
+        assert_eq!(ms(Duration::MAX).as_deref(), Some("4294967295"));
     }
 
     #[test]

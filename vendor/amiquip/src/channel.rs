@@ -110,6 +110,13 @@ impl Channel {
         self.inner.borrow_mut().close()
     }
 
+    /// (warren patch) If the server closed this channel, the `ServerClosedChannel` error it
+    /// left, taken without blocking and without sending anything; `None` while the channel is
+    /// open. Call it only when no other call on the channel is outstanding.
+    pub fn closed_by_server(&self) -> Option<crate::Error> {
+        self.inner.borrow_mut().closed_by_server()
+    }
+
     /// Return integral ID of this channel. No two open channels on the same connection may have
     /// the same channel ID, but channel IDs can be reused if a channel is opened then closed; its
     /// ID becomes available for use by a new channel.

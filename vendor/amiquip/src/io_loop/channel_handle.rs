@@ -97,6 +97,11 @@ impl ChannelHandle {
         self.handle.channel_id()
     }
 
+    // warren patch: see `IoLoopHandle::closed_by_server`.
+    pub(crate) fn closed_by_server(&mut self) -> Option<crate::Error> {
+        self.handle.closed_by_server()
+    }
+
     #[inline]
     pub(crate) fn set_return_handler(
         &mut self,

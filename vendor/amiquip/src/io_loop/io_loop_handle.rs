@@ -48,6 +48,16 @@ impl IoLoopHandle {
         self.channel_id
     }
 
+    // warren patch: the error a server-initiated `channel.close` left for this channel, read
+    // without blocking and without sending anything (a frame on a closed channel would be a
+    // connection error). `None` while the channel is open and no call is outstanding.
+    pub(super) fn closed_by_server(&mut self) -> Option<Error> {
+        match self.rx.try_recv() {
+            Ok(Err(err @ Error::ServerClosedChannel { .. })) => Some(err),
+            _ => None,
+        }
+    }
+
     fn make_buf<M: IntoAmqpClass>(&mut self, method: M) -> OutputBuffer {
         debug_assert!(self.buf.is_empty());
         self.buf.push_method(self.channel_id, method);
