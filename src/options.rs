@@ -646,7 +646,7 @@ const MAX_SECONDS: Duration = Duration::from_secs(1_000_000_000);
 
 fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
     match value.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < MAX_SECONDS.as_secs_f64() => {
             Ok(Duration::from_secs_f64(secs))
         }
         _ => Err(Error::invalid_option(
@@ -658,7 +658,7 @@ fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
 
 fn parse_seconds_or_zero(name: &str, value: &str) -> Result<Duration> {
     match value.trim().parse::<f64>() {
-        Ok(secs) if secs.is_finite() && (0.0..1e9).contains(&secs) => {
+        Ok(secs) if secs.is_finite() && (0.0..MAX_SECONDS.as_secs_f64()).contains(&secs) => {
             Ok(Duration::from_secs_f64(secs))
         }
         _ => Err(Error::invalid_option(
