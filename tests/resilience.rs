@@ -321,6 +321,33 @@ fn a_blackholed_host_is_detected_and_the_second_host_takes_over() {
     first.blackhole(false);
 }
 
+/// With heartbeats off nothing notices a broker that stopped answering (here: its connection
+/// blackholed), so closing the transport once waited for the broker's close-ok forever; the
+/// socket is shut down after the connect timeout (10 s without heartbeats) instead.
+#[test]
+fn closing_a_transport_whose_broker_stopped_answering_ends_after_the_connect_timeout() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
+    let transport = Transport::new(&url).unwrap();
+    let client = RpcClient::new(&transport, Target::new(unique("answerless").as_str()));
+    client.cast(&ctx(), "anything", &()).unwrap();
+    proxy.blackhole(true);
+    let (done, finished) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let started = Instant::now();
+        transport.close();
+        let _ = done.send(started.elapsed());
+    });
+    let waited = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("closing still waits for the broker 30 s later");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+        "closing took {waited:?}: the connect timeout is 10 s without heartbeats"
+    );
+    proxy.blackhole(false);
+}
+
 /// (4) The server's queue is deleted under it: the broker cancels the consumer, the server
 /// re-declares its queues and serves again.
 #[test]
@@ -594,9 +621,13 @@ fn failing_casts_end_in_the_dead_letter_queue_after_their_attempts() {
 }
 
 /// A broker resource alarm blocks publishing connections (`connection.blocked`): a publish
-/// then waits, but never past its timeout, and goes through again once the alarm clears.
+/// then waits, but never past its timeout, and goes through again once the alarm clears. The
+/// broker reads nothing from a blocked connection, so neither a publish that needs a channel
+/// method (a fanout exchange's declaration) nor closing the transport may wait for its answer:
+/// both once waited until the alarm cleared.
 #[test]
 fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
+    common::logs::capture_logs_at(log::LevelFilter::Warn);
     let node = RabbitNode::start("blocked");
     let url = with_query(&node.url(), FAST);
     let transport = Transport::new(&url).unwrap();
@@ -618,16 +649,55 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
         assert!(status.success());
     };
     watermark("0");
+    let in_time =
+        |waited: Duration| waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3);
     let started = Instant::now();
     let blocked = client.cast(&ctx(), "anything", &());
     let waited = started.elapsed();
     assert!(matches!(blocked, Err(Error::Timeout { .. })), "{blocked:?}");
-    assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3),
-        "{waited:?}"
+    assert!(in_time(waited), "{waited:?}");
+
+    // Run on threads, so that the test fails instead of hanging when they wait for the alarm.
+    let in_background = |work: Box<dyn FnOnce() -> Result<(), Error> + Send>| {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let started = Instant::now();
+            let result = work();
+            let _ = done.send((result, started.elapsed()));
+        });
+        finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("still waiting 10 s later: it waits for the alarm to clear")
+    };
+    eventually(
+        "the broker's connection.blocked",
+        Duration::from_secs(10),
+        || common::logs::captured().contains("the broker blocked the send connection"),
     );
+    let fanout = client.prepare().fanout(true);
+    let (declaring, waited) = in_background(Box::new(move || fanout.cast(&ctx(), "anything", &())));
+    assert!(
+        matches!(declaring, Err(Error::Timeout { .. })),
+        "{declaring:?}"
+    );
+    assert!(in_time(waited), "{waited:?}");
+    let closing = transport.clone();
+    let (closed, waited) = in_background(Box::new(move || {
+        closing.close();
+        Ok(())
+    }));
+    assert!(closed.is_ok());
+    // At once: the socket of a blocked connection is shut down without waiting for an answer
+    // (a close that waited, up to 2 s here, for one that never comes would not pass).
+    assert!(
+        waited < Duration::from_millis(1500),
+        "closing took {waited:?}"
+    );
+
     watermark("0.4");
-    let unblocked = client.prepare().timeout(Duration::from_secs(10));
+    let transport = Transport::new(&url).unwrap();
+    let unblocked =
+        RpcClient::new(&transport, Target::new(topic.as_str())).timeout(Duration::from_secs(10));
     unblocked.cast(&ctx(), "anything", &()).unwrap();
 }
 

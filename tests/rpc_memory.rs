@@ -496,6 +496,37 @@ fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
     );
 }
 
+/// A failed cast that cannot be re-sent (here: its dead-letter queue was deleted) goes back to
+/// its queue after a pause, so it is handled again about once a second, not in a hot loop.
+#[test]
+fn a_failed_cast_that_cannot_be_dead_lettered_is_handled_again_only_after_a_pause() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let dlq = start_failing_cast_server(&mut bus);
+    assert!(
+        tap.delete_queue(&dlq),
+        "the server declared its dead-letter queue"
+    );
+    assert!(!tap.delete_queue(&dlq));
+    let client = bus.client(Codec::Json);
+    let started = std::time::Instant::now();
+    client.cast(&ctx(), "fail", &no_way()).unwrap();
+    // requeue_limit 2: two requeues, then every try goes to the missing dead-letter queue.
+    let window = Duration::from_millis(1500);
+    let mut to_dlq = 0;
+    while let Some(m) = tap.recv_timeout(window.saturating_sub(started.elapsed())) {
+        if m.routing_key == dlq {
+            assert!(m.queues.is_empty(), "the queue is gone: {m:?}");
+            to_dlq += 1;
+        }
+    }
+    // The first try, and at most one more after a 1 s pause (never more: a loaded machine
+    // only makes them later). Without the pause: thousands.
+    assert!((1..=2).contains(&to_dlq), "{to_dlq} tries in {window:?}");
+    let handled = bus.events.try_iter().filter(|e| e.method == "fail").count();
+    assert!(handled <= 4, "handled {handled} times in {window:?}");
+}
+
 /// A peer's `x-warren-attempts` of `u32::MAX` is counted as used up, neither wrapped to 0
 /// (which starts the count again) nor a panic of the worker (which left it unsettled).
 #[test]

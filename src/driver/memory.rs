@@ -859,6 +859,16 @@ impl MemoryTap {
         reached
     }
 
+    /// Deletes queue `queue`, its messages and its bindings, as an operator's `rabbitmqctl
+    /// delete_queue` would; `false` if there was no such queue. Unlike RabbitMQ, the broker
+    /// does not cancel the queue's consumers (they just get nothing more): meant for queues
+    /// nobody consumes, such as a server's dead-letter queue.
+    pub fn delete_queue(&self, queue: &str) -> bool {
+        let existed = self.broker.queues.lock().contains_key(queue);
+        self.broker.delete(queue);
+        existed
+    }
+
     /// Messages waiting in queue `queue` for a consumer (not those dealt to one), or `None`
     /// if no such queue exists: what a dead-letter queue holds, say.
     pub fn queue_len(&self, queue: &str) -> Option<usize> {

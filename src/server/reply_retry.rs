@@ -10,14 +10,16 @@
 //!
 //! What it holds is bounded: at most [`MAX_PENDING`] replies (more are dropped with a warning)
 //! and [`GONE_MAX`] gone queues. Replies still pending when the server stops are dropped: a
-//! stopping server does not wait for a caller that went away.
+//! stopping server does not wait for a caller that went away, nor for a round of tries (each
+//! may wait up to [`SEND_TIMEOUT`] for an unreachable broker): a stop ends it after the try
+//! in progress.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use log::{debug, error, warn};
 use parking_lot::Mutex;
 
@@ -171,19 +173,39 @@ fn run(
                 waiting.push(reply);
             }
             Err(RecvTimeoutError::Timeout) => {
-                waiting.retain(|reply| !settled(transport, gone, reply));
+                if !round(&mut waiting, stop, |reply| settled(transport, gone, reply)) {
+                    return drop_all(waiting);
+                }
                 next_round = Instant::now() + RETRY_EVERY;
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                for reply in waiting {
-                    warn!(
-                        "the server stopped; dropping the reply to {} (reply queue {} does not exist)",
-                        reply.msg_id, reply.reply_q
-                    );
-                }
-                return;
-            }
+            Err(RecvTimeoutError::Disconnected) => return drop_all(waiting),
         }
+    }
+}
+
+/// One round: tries each waiting reply once (`try_one` returns `true` when it needs no further
+/// try) and keeps the others. Returns `false`, leaving the rest untried, as soon as the server
+/// stops (`stop` disconnected).
+fn round(
+    waiting: &mut Vec<PendingReply>,
+    stop: &Receiver<()>,
+    mut try_one: impl FnMut(&PendingReply) -> bool,
+) -> bool {
+    let mut stopped = false;
+    waiting.retain(|reply| {
+        stopped = stopped || matches!(stop.try_recv(), Err(TryRecvError::Disconnected));
+        stopped || !try_one(reply)
+    });
+    !stopped
+}
+
+/// The server stopped: drops what still waits, each with a warning.
+fn drop_all(waiting: Vec<PendingReply>) {
+    for reply in waiting {
+        warn!(
+            "the server stopped; dropping the reply to {} (reply queue {} does not exist)",
+            reply.msg_id, reply.reply_q
+        );
     }
 }
 
@@ -316,6 +338,46 @@ mod tests {
             }
         }
         seen
+    }
+
+    /// `n` replies waiting for `reply_0`, `reply_1`...
+    fn replies(n: usize) -> Vec<PendingReply> {
+        (0..n)
+            .map(|i| reply_to(&format!("reply_{i}"), Duration::from_secs(30)))
+            .collect()
+    }
+
+    #[test]
+    fn a_stop_ends_a_round_after_the_try_in_progress() {
+        let mut waiting = replies(3);
+        let (stopping, stop) = crossbeam_channel::bounded::<()>(0);
+        let mut stopping = Some(stopping);
+        let mut tried = Vec::new();
+        let went_on = round(&mut waiting, &stop, |reply| {
+            tried.push(reply.reply_q.clone());
+            // The server stops while this try waits for the broker.
+            stopping = None;
+            false
+        });
+        assert!(!went_on);
+        assert_eq!(tried, ["reply_0"], "no try after the stop");
+        assert_eq!(waiting.len(), 3, "left for the caller to drop");
+        assert!(stopping.is_none());
+    }
+
+    #[test]
+    fn a_round_keeps_the_replies_that_need_another_try() {
+        let mut waiting = replies(4);
+        let (_running, stop) = crossbeam_channel::bounded::<()>(0);
+        let mut tried = 0;
+        let went_on = round(&mut waiting, &stop, |reply| {
+            tried += 1;
+            reply.reply_q.ends_with(['1', '3'])
+        });
+        assert!(went_on);
+        assert_eq!(tried, 4);
+        let left: Vec<_> = waiting.iter().map(|r| r.reply_q.as_str()).collect();
+        assert_eq!(left, ["reply_0", "reply_2"]);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -35,6 +36,9 @@ use crate::wire::failure::Failure;
 use crate::wire::limits::clip;
 use crate::wire::{Codec, Document};
 
+/// How long a worker waits before it returns a failed cast it could not re-send (with
+/// `AckMode::AfterHandling`) to its queue.
+pub(crate) const RESEND_FAILED_PAUSE: Duration = Duration::from_secs(1);
 /// How long a worker tries to get one publish (reply, requeue) confirmed.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -381,11 +385,14 @@ impl WorkerContext {
                 );
                 acker.reject(false);
             }
+            // Back to its queue, after a pause: it is delivered and handled again at once, and
+            // a cause that lasts (its dead-letter queue deleted) would make that a hot loop.
             Err(e) => {
                 warn!(
-                    "could not re-send failed cast {} to {target} ({e}); returning it to its queue",
+                    "could not re-send failed cast {} to {target} ({e}); returning it to its queue in {RESEND_FAILED_PAUSE:?}",
                     header.method
                 );
+                thread::sleep(RESEND_FAILED_PAUSE);
                 acker.reject(true);
             }
         }

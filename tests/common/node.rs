@@ -40,17 +40,33 @@ pub struct NodeConfig {
 /// node runs, says why it did not, and keeps its log's end.
 const NODE_PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-/// A port nobody listens on right now (for a node's listeners), from [`NODE_PORTS`], never the
+/// Of those, the ports of the cluster tests' nodes. `scripts/test` runs tests/cluster.rs beside
+/// the other test binaries, and a cluster test restarts a node on the ports it had: another
+/// process must not take them while the node is down.
+const CLUSTER_PORTS: std::ops::Range<u16> = 20_000..23_000;
+
+/// The part of [`NODE_PORTS`] this test binary takes its ports from.
+fn node_ports() -> std::ops::Range<u16> {
+    // Compiled into each test binary: the name of the one this copy is part of.
+    if env!("CARGO_CRATE_NAME") == "cluster" {
+        CLUSTER_PORTS
+    } else {
+        CLUSTER_PORTS.end..NODE_PORTS.end
+    }
+}
+
+/// A port nobody listens on right now (for a node's listeners), from [`node_ports`], never the
 /// same twice in one process.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let span = u32::from(NODE_PORTS.end - NODE_PORTS.start);
+    let ports = node_ports();
+    let span = u32::from(ports.end - ports.start);
     // Test processes of one run start at different places of the range.
     let start = std::process::id().wrapping_mul(7919);
     for _ in 0..span {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
         let offset = start.wrapping_add(step) % span;
-        let port = NODE_PORTS.start + u16::try_from(offset).expect("offset < span, a u16");
+        let port = ports.start + u16::try_from(offset).expect("offset < span, a u16");
         let v4_free = TcpListener::bind(("0.0.0.0", port)).is_ok();
         // RabbitMQ listens on IPv6 too where the host has it.
         let v6_free = TcpListener::bind(("::", port))
@@ -60,7 +76,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free port in {NODE_PORTS:?}")
+    panic!("no free port in {ports:?}")
 }
 
 fn port_open(port: u16) -> bool {

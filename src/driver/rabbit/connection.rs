@@ -11,16 +11,19 @@
 //!
 //! Sockets are configured by warren: `TCP_NODELAY` (without it amiquip request/reply runs at
 //! ~23 calls/s because of Nagle + delayed ACK), a bounded TCP connect, then the AMQP handshake
-//! through amiquip's `insecure_open_stream`.
+//! through amiquip's `insecure_open_stream`. warren keeps a second handle on each socket: a
+//! connection whose broker does not answer its close (a broker that blocked it for a resource
+//! alarm reads nothing from it) is shut down, so closing never waits for the alarm to clear.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use amiquip::{Auth, Channel, ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning};
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
 
 use crate::error::{BoxError, Error, Result};
@@ -220,6 +223,12 @@ pub(crate) struct Connection {
     liveness: Option<Receiver<ConnectionBlockedNotification>>,
     /// The transport's observer, told when this connection closes.
     hook: Hook,
+    /// A second handle on the connection's TCP socket (`None` if it could not be made):
+    /// shutting it down ends amiquip's I/O thread at once, when the broker does not answer.
+    socket: Option<TcpStream>,
+    /// How long a polite close may take before the socket is shut down: as long as connecting
+    /// may take (twice the heartbeat, 2 to 10 s).
+    close_timeout: Duration,
 }
 
 impl Connection {
@@ -261,7 +270,7 @@ impl Connection {
                     role,
                     timeout,
                 ) {
-                    Ok(mut inner) => {
+                    Ok((mut inner, socket)) => {
                         hosts.succeeded(index);
                         if attempts > 1 {
                             info!("reconnected to AMQP server on {} ({role}) after {attempts} attempts", host.address());
@@ -278,6 +287,9 @@ impl Connection {
                             role,
                             liveness,
                             hook: hosts.hook.clone(),
+                            socket,
+                            close_timeout: connect_timeout(options, None)
+                                .unwrap_or(CONNECT_TIMEOUT_MAX),
                         });
                     }
                     Err(e) => {
@@ -379,7 +391,8 @@ impl Connection {
         self.shut();
     }
 
-    /// Closes the connection and joins amiquip's I/O thread.
+    /// Closes the connection and joins amiquip's I/O thread: politely, then, if the broker has
+    /// not answered within twice the heartbeat (2 to 10 s), by shutting the socket down.
     pub fn close(self) {
         self.hook.emit(|| Event::Connection {
             role: ConnectionRole::from_name(self.role),
@@ -389,17 +402,58 @@ impl Connection {
         self.shut();
     }
 
-    /// Closes the connection (lost or closed: already reported).
+    /// Shuts the socket down, so that amiquip's I/O thread ends and every wait on this
+    /// connection (a channel's, a close's) ends at once with a connection error. For a
+    /// connection the broker blocked (it reads nothing from it until the alarm clears): a
+    /// close would otherwise wait for the alarm.
+    pub fn abort(&self) {
+        if let Some(socket) = &self.socket {
+            debug!(
+                "shutting down the socket of the connection to {} ({})",
+                self.address, self.role
+            );
+            // Fails only if the socket is already shut down or gone: nothing left to end.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Closes the connection (lost or closed: already reported): politely, then by shutting
+    /// its socket down if the broker has not answered within `close_timeout`.
     fn shut(self) {
         let Connection {
             inner,
             address,
             role,
+            socket,
+            close_timeout,
             ..
         } = self;
+        let (closed, watched) = crossbeam_channel::bounded::<()>(0);
+        let watchdog = socket.and_then(|socket| {
+            let host = address.clone();
+            thread::Builder::new()
+                .name("warren-close".into())
+                .spawn(move || {
+                    if watched.recv_timeout(close_timeout) == Err(RecvTimeoutError::Timeout) {
+                        warn!(
+                            "the broker on {host} did not answer closing the connection ({role}) within {close_timeout:?}; shutting its socket down"
+                        );
+                        let _ = socket.shutdown(Shutdown::Both);
+                    }
+                })
+                // Without a watchdog the close is only bounded by the heartbeat, as before.
+                .map_err(|e| debug!("no watchdog for closing the connection to {address}: {e}"))
+                .ok()
+        });
         match inner.close() {
             Ok(()) => debug!("closed connection to {address} ({role})"),
             Err(e) => debug!("closing connection to {address} ({role}): {e}"),
+        }
+        drop(closed);
+        if let Some(watchdog) = watchdog {
+            if watchdog.join().is_err() {
+                warn!("the close watchdog of the connection to {address} panicked");
+            }
         }
     }
 }
@@ -421,6 +475,8 @@ fn connect_timeout(options: &TransportOptions, deadline: Option<Instant>) -> Opt
     }
 }
 
+/// Connects to `host` and logs in within `timeout`; the connection and a second handle on its
+/// socket (for [`Connection::abort`]).
 fn open_host(
     host: &Host,
     tls: Option<&native_tls::TlsConnector>,
@@ -428,7 +484,7 @@ fn open_host(
     options: &TransportOptions,
     role: &'static str,
     timeout: Duration,
-) -> Result<amiquip::Connection> {
+) -> Result<(amiquip::Connection, Option<TcpStream>)> {
     let fail = |source: BoxError| Error::Connection {
         host: host.address(),
         source,
@@ -460,6 +516,7 @@ fn open_host(
         })
     })?;
     stream.set_nodelay(true).map_err(|e| fail(Box::new(e)))?;
+    let socket = stream.try_clone().ok();
     let stream = mio::net::TcpStream::from_stream(stream).map_err(|e| fail(Box::new(e)))?;
     let handshake = timeout
         .saturating_sub(started.elapsed())
@@ -495,7 +552,9 @@ fn open_host(
             ConnectionTuning::default(),
         ),
     };
-    opened.map_err(|e| connect_error(e, &host.address(), tls.is_some()))
+    opened
+        .map(|connection| (connection, socket))
+        .map_err(|e| connect_error(e, &host.address(), tls.is_some()))
 }
 
 /// `true` when connecting timed out (TCP or the AMQP handshake): near a deadline, the attempt

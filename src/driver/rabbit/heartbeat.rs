@@ -6,8 +6,9 @@
 //! anybody: an idle connection dies silently. This thread watches the send connection's
 //! liveness receiver (disconnected when the I/O thread ends) and, when the connection dies
 //! while idle, drops it and reconnects right away, so the next publish finds a live
-//! connection. It also logs the broker's `connection.blocked` / `unblocked` (resource alarms)
-//! once each: publishes wait while blocked, bounded by their deadline.
+//! connection. It also passes the broker's `connection.blocked` / `unblocked` (resource alarms)
+//! on to the publisher, and logs each once: publishes wait while blocked, bounded by their
+//! deadline.
 //!
 //! Consuming connections (a server's listener, the reply consumer) notice a death through
 //! their consumers and reconnect on their own threads.
@@ -106,10 +107,16 @@ fn run(publisher: &Publisher, watch: &Receiver<Watch>, stop: &Receiver<()>, back
             Event::Stop => return,
             Event::Watch(w) => current = Some(w),
             Event::Notice(ConnectionBlockedNotification::Blocked(reason)) => {
-                warn!("the broker blocked the send connection ({reason}); publishes wait until it unblocks")
+                warn!("the broker blocked the send connection ({reason}); publishes wait until it unblocks, each within its timeout");
+                if let Some((generation, _)) = &current {
+                    publisher.set_blocked(*generation, Some(reason));
+                }
             }
             Event::Notice(ConnectionBlockedNotification::Unblocked) => {
-                info!("the broker unblocked the send connection")
+                info!("the broker unblocked the send connection");
+                if let Some((generation, _)) = &current {
+                    publisher.set_blocked(*generation, None);
+                }
             }
             Event::Died => {
                 let Some((generation, _)) = current.take() else {

@@ -17,6 +17,12 @@
 //! is retried on a new connection (to the next host if the current one is down) as its
 //! `retry` and deadline allow. The [heartbeat](super::heartbeat) thread also reconnects a send
 //! connection that died while idle, before the next publish needs it.
+//!
+//! While the broker blocks the send connection (a memory or disk alarm: it then reads nothing
+//! from it), a publish sends nothing and waits for the unblock within its deadline: a channel
+//! open, a declaration or a confirm would only wait for the alarm to clear, however long. The
+//! heartbeat thread tells the publisher of `connection.blocked` / `unblocked`; closing a
+//! blocked connection shuts its socket down instead of waiting for the broker's answer.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +36,7 @@ use amiquip::{
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, warn};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::driver::{
     recv_parked, DirectReplies, Outgoing, RawMessage, Redelivery, Route, SendOptions,
@@ -134,6 +140,13 @@ struct PubChannel {
 /// A new send connection's liveness receiver, for the [heartbeat](super::heartbeat) thread.
 pub(crate) type Watch = (u64, Receiver<ConnectionBlockedNotification>);
 
+/// The broker's block of the send connection of `generation` (`connection.blocked`).
+struct Block {
+    generation: u64,
+    /// The broker's words, e.g. "low on memory": for the error of a publish that waited.
+    reason: String,
+}
+
 pub(crate) struct Publisher {
     url: Arc<TransportUrl>,
     hosts: Arc<HostCycle>,
@@ -149,6 +162,12 @@ pub(crate) struct Publisher {
     direct_channels: AtomicUsize,
     closed: AtomicBool,
     watch: Sender<Watch>,
+    /// Set while the broker blocks the send connection (told by the heartbeat thread).
+    blocked: Mutex<Option<Block>>,
+    /// `blocked` is `Some`: lets publishes skip its lock while nothing is blocked.
+    any_block: AtomicBool,
+    /// Signalled when `blocked` clears, the connection is dropped or the publisher closes.
+    unblocked: Condvar,
 }
 
 /// A pool of idle channels of one kind.
@@ -189,6 +208,66 @@ impl Publisher {
             direct_channels: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             watch,
+            blocked: Mutex::new(None),
+            any_block: AtomicBool::new(false),
+            unblocked: Condvar::new(),
+        }
+    }
+
+    /// The broker blocked (`Some(reason)`) or unblocked (`None`) the send connection of
+    /// `generation`; called by the heartbeat thread.
+    pub fn set_blocked(&self, generation: u64, reason: Option<String>) {
+        let mut blocked = self.blocked.lock();
+        self.any_block.store(reason.is_some(), Ordering::Release);
+        *blocked = reason.map(|reason| Block { generation, reason });
+        self.unblocked.notify_all();
+    }
+
+    /// Forgets the block of the connection of `generation`, which is being dropped or closed,
+    /// and wakes the publishes waiting for it to look again; `true` if it was blocked.
+    fn end_block(&self, generation: u64) -> bool {
+        let mut blocked = self.blocked.lock();
+        let was = blocked
+            .as_ref()
+            .is_some_and(|block| block.generation == generation);
+        if was {
+            *blocked = None;
+            self.any_block.store(false, Ordering::Release);
+        }
+        self.unblocked.notify_all();
+        was
+    }
+
+    /// Waits while the broker blocks the current send connection, until `deadline`
+    /// ([`Error::Timeout`]); returns at once when the connection is dropped (the next one starts
+    /// unblocked) or the publisher closes.
+    ///
+    /// A block announced just after this returned is not seen: the publish then waits for its
+    /// confirm until its deadline, but a channel open or a declaration in that window waits
+    /// for the alarm to clear (or the connection to die).
+    fn wait_unblocked(&self, deadline: Instant) -> Result<()> {
+        if !self.any_block.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut blocked = self.blocked.lock();
+        loop {
+            let reason = match &*blocked {
+                Some(block)
+                    if block.generation == self.generation.load(Ordering::Acquire)
+                        && !self.closed.load(Ordering::Acquire) =>
+                {
+                    block.reason.clone()
+                }
+                _ => return Ok(()),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    msg_id: String::new(),
+                    method: format!("publish (the broker blocks the connection: {reason})"),
+                    timeout: Duration::ZERO,
+                });
+            }
+            self.unblocked.wait_until(&mut blocked, deadline);
         }
     }
 
@@ -288,6 +367,7 @@ impl Publisher {
         direct: bool,
     ) -> Result<Option<PubChannel>> {
         let deadline = policy.deadline.unwrap_or_else(Instant::now);
+        self.wait_unblocked(deadline)?;
         // A mandatory message's return is only seen through its confirm.
         let confirming = !unconfirmed || message.mandatory;
         let mut channel = if direct {
@@ -598,6 +678,9 @@ impl Publisher {
         };
         match old {
             Some(send) => {
+                if self.end_block(send.generation) {
+                    send.connection.abort();
+                }
                 send.connection.abandon(&self.hosts);
                 true
             }
@@ -608,13 +691,30 @@ impl Publisher {
     /// Closes every channel and the connection. Later publishes fail with [`Error::Closed`].
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        for idle in &self.idle {
-            while let Ok(channel) = idle.rx.try_recv() {
-                self.discard(channel);
+        // Taken out first, and the lock released: closing may take a while.
+        let send = self.connection.lock().take();
+        // Wakes the publishes waiting for an unblock: they find the publisher closed. The
+        // broker reads nothing from a blocked connection: neither a channel's close nor the
+        // connection's would be answered before the alarm clears.
+        let generation = send.as_ref().map_or(u64::MAX, |send| send.generation);
+        if self.end_block(generation) {
+            if let Some(send) = &send {
+                send.connection.abort();
             }
         }
-        if let Some(send) = self.connection.lock().take() {
+        // The connection's close ends its channels too; closed before it, one at a time, each
+        // would wait for the broker's answer, and nothing bounds that wait (the connection's
+        // close is bounded: see `Connection::close`). After it they fail at once.
+        let idle: Vec<PubChannel> = self
+            .idle
+            .iter()
+            .flat_map(|idle| idle.rx.try_iter())
+            .collect();
+        if let Some(send) = send {
             send.connection.close();
+        }
+        for channel in idle {
+            self.discard(channel);
         }
     }
 }
