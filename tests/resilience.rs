@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -20,7 +21,7 @@ use common::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren::{
-    AckMode, Codec, Endpoint, Error, Failure, RequestContext, RpcClient, RpcServer, Target,
+    AckMode, Codec, Endpoint, Error, Failure, NoArgs, RequestContext, RpcClient, RpcServer, Target,
     Transport,
 };
 
@@ -321,31 +322,127 @@ fn a_blackholed_host_is_detected_and_the_second_host_takes_over() {
     first.blackhole(false);
 }
 
-/// With heartbeats off nothing notices a broker that stopped answering (here: its connection
-/// blackholed), so closing the transport once waited for the broker's close-ok forever; the
-/// socket is shut down after the connect timeout (10 s without heartbeats) instead.
+/// With heartbeats off nothing notices a broker that stopped answering (here: its connections
+/// blackholed), so closing the transport once waited forever: for the reply consumer's cancel
+/// (a call had started it), then for the send connection's close-ok. The whole close has one
+/// deadline, the connect timeout (10 s without heartbeats), at which the sockets are shut down.
 #[test]
 fn closing_a_transport_whose_broker_stopped_answering_ends_after_the_connect_timeout() {
+    let mut bus = Bus::new(&broker_url());
+    bus.start_server("s1", 1);
     let proxy = Proxy::start("127.0.0.1:5672");
     let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
-    let transport = Transport::new(&url).unwrap();
-    let client = RpcClient::new(&transport, Target::new(unique("answerless").as_str()));
+    let transport = Transport::builder(&url)
+        .control_exchange(bus.exchange.as_str())
+        .build()
+        .unwrap();
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    let who: String = client.call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1", "the reply consumer runs");
     client.cast(&ctx(), "anything", &()).unwrap();
     proxy.blackhole(true);
-    let (done, finished) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let started = Instant::now();
-        transport.close();
-        let _ = done.send(started.elapsed());
-    });
-    let waited = finished
-        .recv_timeout(Duration::from_secs(30))
-        .expect("closing still waits for the broker 30 s later");
+    let waited = closing_time(move || transport.close());
     assert!(
         waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
         "closing took {waited:?}: the connect timeout is 10 s without heartbeats"
     );
     proxy.blackhole(false);
+}
+
+/// A call opening a channel on the send connection holds it while it waits for the broker's
+/// answer; a broker that stopped answering once held the transport's close with it, forever
+/// without heartbeats. The close shuts the socket down at its deadline instead.
+#[test]
+fn closing_while_a_call_opens_its_channel_on_an_answerless_broker_ends_in_time() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = with_query(
+        &proxy.url(&broker_url()),
+        "heartbeat_timeout_threshold=0&direct_reply_to=true",
+    );
+    let transport = Transport::new(&url).unwrap();
+    let client = RpcClient::new(&transport, Target::new(unique("answerless").as_str()))
+        .timeout(Duration::from_secs(60));
+    // Connects, and leaves a publishing channel idle, but none for direct reply-to.
+    client.cast(&ctx(), "anything", &()).unwrap();
+    proxy.blackhole(true);
+    let calling = client.clone();
+    let call = thread::spawn(move || calling.call::<_, Value>(&ctx(), "anything", &()));
+    eventually(
+        "the call's channel.open reaching the proxy",
+        Duration::from_secs(10),
+        || proxy.swallowed_from_clients() > 0,
+    );
+    let waited = closing_time(move || transport.close());
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+        "closing took {waited:?}: the connect timeout is 10 s without heartbeats"
+    );
+    let called = call.join().expect("the caller");
+    assert!(called.is_err(), "{called:?}");
+    proxy.blackhole(false);
+}
+
+/// A server's `stop()` cancels its consumers and waits for the broker's answer: a broker that
+/// stopped answering (heartbeats off) once held it forever. The socket is shut down at the
+/// connect timeout; `wait()` and the transport's close then end at once.
+#[test]
+fn stopping_a_server_whose_broker_stopped_answering_ends_after_the_connect_timeout() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
+    let topic = unique("answerless");
+    let transport = Transport::new(&url).unwrap();
+    let endpoint =
+        Endpoint::new().method("noop", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()));
+    let server = RpcServer::builder(&transport, Target::new(topic.as_str()).with_server("s1"))
+        .endpoint(endpoint)
+        .build()
+        .unwrap();
+    server.start().unwrap();
+    // Never dropped by this thread: were the stop to hang, dropping them as the test fails
+    // would hang with it instead of failing.
+    let server = ManuallyDrop::new(Arc::new(server));
+    let transport = ManuallyDrop::new(transport);
+    eventually("the listener consumes", Duration::from_secs(5), || {
+        server.is_consuming()
+    });
+    proxy.blackhole(true);
+    let stopping = Arc::clone(&server);
+    let waited = closing_time(move || stopping.stop());
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+        "stopping took {waited:?}: the connect timeout is 10 s without heartbeats"
+    );
+    let waiting = Arc::clone(&server);
+    let waited = closing_time(move || waiting.wait());
+    assert!(waited < Duration::from_secs(3), "wait() took {waited:?}");
+    let closing = Transport::clone(&transport);
+    let waited = closing_time(move || closing.close());
+    assert!(waited < Duration::from_secs(3), "closing took {waited:?}");
+    proxy.blackhole(false);
+    // The listener could not delete its fanout queue; the other two outlive it anyway.
+    let ours: Vec<String> = rabbitmqctl_json(&["list_queues", "name"])
+        .iter()
+        .filter_map(|q| q["name"].as_str())
+        .filter(|name| name.starts_with(topic.as_str()))
+        .map(String::from)
+        .collect();
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    delete_on_broker(&broker_url(), &ours, &[]);
+    drop(ManuallyDrop::into_inner(server));
+    drop(ManuallyDrop::into_inner(transport));
+}
+
+/// How long `close` took on another thread; fails the test if it still runs 30 s later.
+fn closing_time(close: impl FnOnce() + Send + 'static) -> Duration {
+    let (done, finished) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let started = Instant::now();
+        close();
+        let _ = done.send(started.elapsed());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("still waiting for the broker 30 s later")
 }
 
 /// (4) The server's queue is deleted under it: the broker cancels the consumer, the server
@@ -635,6 +732,17 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
     let client = RpcClient::new(&transport, Target::new(topic.as_str()))
         .timeout(Duration::from_millis(1500));
     client.cast(&ctx(), "anything", &()).unwrap();
+    // And one connection for everything: its reply consumer shares the send connection.
+    let mut bus = Bus::new(&url);
+    bus.start_server("s1", 1);
+    let single = Transport::builder(&with_query(&url, "single_connection=true"))
+        .control_exchange(bus.exchange.as_str())
+        .build()
+        .unwrap();
+    let single_client = RpcClient::new(&single, Target::new(bus.topic.as_str()))
+        .timeout(Duration::from_millis(1500));
+    let who: String = single_client.call(&ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, "s1", "the reply consumer runs");
     let watermark = |value: &str| {
         let status = std::process::Command::new("rabbitmqctl")
             .args([
@@ -692,6 +800,33 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
     assert!(
         waited < Duration::from_millis(1500),
         "closing took {waited:?}"
+    );
+
+    // Sharing the blocked connection, the reply consumer's teardown would wait for answers
+    // that do not come either: the socket is shut down first.
+    let blocked = single_client.cast(&ctx(), "anything", &());
+    assert!(matches!(blocked, Err(Error::Timeout { .. })), "{blocked:?}");
+    // RabbitMQ blocks a connection when it publishes during the alarm: the first transport's
+    // and now this one's. (Were every connection told at once, this one's would have been
+    // logged with the others, long before its cast timed out.)
+    eventually(
+        "the broker's connection.blocked of the single connection",
+        Duration::from_secs(10),
+        || {
+            common::logs::captured()
+                .matches("the broker blocked the send connection")
+                .count()
+                >= 2
+        },
+    );
+    let (closed, waited) = in_background(Box::new(move || {
+        single.close();
+        Ok(())
+    }));
+    assert!(closed.is_ok());
+    assert!(
+        waited < Duration::from_millis(1500),
+        "closing the single connection took {waited:?}"
     );
 
     watermark("0.4");

@@ -527,6 +527,38 @@ fn a_failed_cast_that_cannot_be_dead_lettered_is_handled_again_only_after_a_paus
     assert!(handled <= 4, "handled {handled} times in {window:?}");
 }
 
+/// The pause before such a cast goes back to its queue does not hold its worker: the only
+/// worker serves the next cast meanwhile (a worker sleeping through the 1 s pause would not).
+#[test]
+fn the_pause_before_a_failed_cast_goes_back_does_not_hold_the_worker() {
+    let mut bus = Bus::new(&memory_url());
+    let tap = tap(&bus);
+    let dlq = start_failing_cast_server(&mut bus);
+    assert!(tap.delete_queue(&dlq));
+    let client = bus.client(Codec::Json);
+    client.cast(&ctx(), "fail", &no_way()).unwrap();
+    // The third handling's re-send goes to the missing dead-letter queue: its pause begins.
+    next(&tap, "the try to dead-letter the cast", |m| {
+        m.routing_key == dlq
+    });
+    let paused = std::time::Instant::now();
+    client.cast(&ctx(), "record", &json!({"n": 1})).unwrap();
+    let mut methods = Vec::new();
+    while methods.last().map(String::as_str) != Some("record") {
+        methods.push(bus.expect_events(1, WAIT).remove(0).method);
+    }
+    let served_after = paused.elapsed();
+    assert_eq!(
+        methods,
+        ["fail", "fail", "fail", "record"],
+        "the cast waited for the pause"
+    );
+    assert!(
+        served_after < Duration::from_millis(800),
+        "served {served_after:?} into the 1 s pause: the worker waited it out"
+    );
+}
+
 /// A peer's `x-warren-attempts` of `u32::MAX` is counted as used up, neither wrapped to 0
 /// (which starts the count again) nor a panic of the worker (which left it unsettled).
 #[test]

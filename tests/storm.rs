@@ -271,8 +271,12 @@ fn storm(splay: &'static str, n: usize) -> Figures {
     // `None`, which `assert_recovered_cleanly` reports).
     let mut recoveries: Vec<Option<Duration>> = vec![None; n];
     while recoveries.iter().any(Option::is_none) && cut.elapsed() < RECOVERY_BOUND {
+        // The time is read after the flags: read before, a poll delayed between the two (a
+        // loaded machine) would date a recovery before the connection attempt it came from,
+        // which then counted as an attempt after recovery.
+        let flags = fleet.consuming_flags();
         let now = cut.elapsed();
-        for (i, consuming) in fleet.consuming_flags().into_iter().enumerate() {
+        for (i, consuming) in flags.into_iter().enumerate() {
             if consuming && recoveries[i].is_none() {
                 recoveries[i] = Some(now);
             }

@@ -17,12 +17,14 @@ use crate::url::Scheme;
 
 mod call_monitor;
 pub(crate) mod dedup;
+mod delayed_requeue;
 pub(crate) mod lifecycle;
 mod reply_retry;
 mod rpc;
 pub(crate) mod worker_pool;
 
 use call_monitor::CallMonitor;
+use delayed_requeue::DelayedRequeue;
 use lifecycle::Lifecycle;
 use reply_retry::ReplyRetry;
 use rpc::{RpcHandler, WorkerContext};
@@ -312,6 +314,7 @@ impl RpcServer {
                     context: self.context.clone(),
                     monitor: CallMonitor::start(transport.clone())?,
                     retry: ReplyRetry::start(transport.clone(), self.context.gone.clone())?,
+                    requeue: DelayedRequeue::start()?,
                 };
                 Ok(Arc::new(handler))
             })

@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -27,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::observe::{Event, Outcome, RequestKind, ServerRequest};
 use crate::server::call_monitor::{keep_alive_interval, CallMonitor, Caller};
 use crate::server::dedup::{self, RecentIds};
+use crate::server::delayed_requeue::DelayedRequeue;
 use crate::server::reply_retry::{GoneQueues, PendingReply, ReplyRetry};
 use crate::server::worker_pool::Handler;
 use crate::server::AckMode;
@@ -134,11 +134,13 @@ pub(crate) fn screen(
 }
 
 /// A running RPC server's [`Handler`]: the shared context and the threads beside the workers
-/// (call monitor, reply retry), which stop when the last worker has let go of this.
+/// (call monitor, reply retry, delayed requeue), which stop when the last worker has let go of
+/// this.
 pub(crate) struct RpcHandler {
     pub context: Arc<WorkerContext>,
     pub monitor: CallMonitor,
     pub retry: ReplyRetry,
+    pub requeue: DelayedRequeue,
 }
 
 impl Handler for RpcHandler {
@@ -298,7 +300,7 @@ impl WorkerContext {
                 Some(claim) if outcome.is_ok() => claim.handled(),
                 given_up => drop(given_up),
             }
-            self.settle_cast(
+            let requeue_later = self.settle_cast(
                 acker,
                 &doc,
                 &header,
@@ -306,6 +308,9 @@ impl WorkerContext {
                 &message.queue,
                 message.attempts,
             );
+            if let Some(acker) = requeue_later {
+                threads.requeue.requeue_after(acker, RESEND_FAILED_PAUSE);
+            }
         }
         if let (Some(started), Some(request)) = (started, request) {
             hook.emit(|| Event::RequestFinished {
@@ -334,7 +339,8 @@ impl WorkerContext {
 
     /// `AckMode::AfterHandling`: ack a handled cast; re-queue a failed one (to the back of its
     /// queue, counting attempts) or, past the limit, move it to the dead-letter queue. A cast
-    /// that cannot be re-sent goes back to its queue unacknowledged: nothing is lost.
+    /// that cannot be re-sent is returned, to go back to its queue unacknowledged after
+    /// [`RESEND_FAILED_PAUSE`]: nothing is lost.
     fn settle_cast(
         &self,
         acker: Acker,
@@ -343,15 +349,15 @@ impl WorkerContext {
         failure: Option<&Failure>,
         queue: &str,
         attempts: u32,
-    ) {
+    ) -> Option<Acker> {
         let Some(failure) = failure else {
             if let Err(e) = acker.ack() {
                 warn!("cast {} was handled but its ack failed ({e}); a redelivery will be dropped as a duplicate", header.method);
             }
-            return;
+            return None;
         };
         let AckMode::AfterHandling { requeue_limit } = self.ack_mode else {
-            return;
+            return None;
         };
         let redelivery = Redelivery {
             attempts: attempts.saturating_add(1),
@@ -375,6 +381,7 @@ impl WorkerContext {
                         header.method
                     );
                 }
+                None
             }
             // A copy that cannot be written would fail the same way on every redelivery:
             // reject it for good (a dead-letter policy sees it) instead of looping.
@@ -384,16 +391,17 @@ impl WorkerContext {
                     header.method
                 );
                 acker.reject(false);
+                None
             }
-            // Back to its queue, after a pause: it is delivered and handled again at once, and
-            // a cause that lasts (its dead-letter queue deleted) would make that a hot loop.
+            // Back to its queue, after a pause (on the requeue thread: this worker moves on):
+            // it is delivered and handled again at once, and a cause that lasts (its
+            // dead-letter queue deleted) would make that a hot loop.
             Err(e) => {
                 warn!(
                     "could not re-send failed cast {} to {target} ({e}); returning it to its queue in {RESEND_FAILED_PAUSE:?}",
                     header.method
                 );
-                thread::sleep(RESEND_FAILED_PAUSE);
-                acker.reject(true);
+                Some(acker)
             }
         }
     }

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::Deref;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -364,6 +365,9 @@ fn watchdog(nodes: &[RabbitNode]) -> Option<Child> {
     );
     Command::new("sh")
         .args(["-c", &script])
+        // A group of its own: an interrupted `scripts/test` signals the test process's group,
+        // and this must outlive the test process to clean up after it.
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -29,6 +29,8 @@ struct State {
     upstream_ports: Mutex<Vec<u16>>,
     /// When each connection was accepted, refused ones included.
     attempts: Mutex<Vec<Instant>>,
+    /// Chunks from clients the blackhole swallowed.
+    swallowed_from_clients: AtomicU64,
 }
 
 pub struct Proxy {
@@ -116,6 +118,12 @@ impl Proxy {
     pub fn attempts(&self) -> Vec<Instant> {
         self.state.attempts.lock().clone()
     }
+
+    /// How many chunks (reads) from clients the blackhole swallowed: that a client sent
+    /// something while it was on.
+    pub fn swallowed_from_clients(&self) -> u64 {
+        self.state.swallowed_from_clients.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Proxy {
@@ -163,15 +171,21 @@ fn accept(listener: &TcpListener, upstream: SocketAddr, state: &Arc<State>) {
             upstream: upstream_stream,
             open: open.clone(),
         });
-        for (from, to) in [(c1, u1), (u2, c2)] {
+        for (from, to, from_client) in [(c1, u1, true), (u2, c2, false)] {
             let state = state.clone();
             let open = open.clone();
-            thread::spawn(move || pump(from, to, &state, &open));
+            thread::spawn(move || pump(from, to, from_client, &state, &open));
         }
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, open: &AtomicBool) {
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    from_client: bool,
+    state: &State,
+    open: &AtomicBool,
+) {
     let mut buffer = vec![0_u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buffer) {
@@ -179,6 +193,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, open: &AtomicBool
             Ok(n) => n,
         };
         if state.blackhole.load(Ordering::Acquire) {
+            if from_client {
+                state.swallowed_from_clients.fetch_add(1, Ordering::AcqRel);
+            }
             continue;
         }
         let delay = state.delay_ms.load(Ordering::Acquire);

@@ -11,19 +11,25 @@
 //!
 //! Sockets are configured by warren: `TCP_NODELAY` (without it amiquip request/reply runs at
 //! ~23 calls/s because of Nagle + delayed ACK), a bounded TCP connect, then the AMQP handshake
-//! through amiquip's `insecure_open_stream`. warren keeps a second handle on each socket: a
-//! connection whose broker does not answer its close (a broker that blocked it for a resource
-//! alarm reads nothing from it) is shut down, so closing never waits for the alarm to clear.
+//! through amiquip's `insecure_open_stream`. warren keeps a second handle on each socket, an
+//! [`AbortHandle`]: shutting the socket down ends amiquip's I/O thread and with it every wait
+//! on the connection. The waits for the broker's answers while closing or stopping (a
+//! consumer's cancel, a queue's delete, a channel's or the connection's close) are bounded by a
+//! [`Watchdog`] that does so when the answer is late (a broker that blocked the connection for
+//! a resource alarm, or one that stopped answering), at twice the heartbeat (2 to 10 s). Not
+//! covered: a consumer declaring its queues after a reconnect (a stop waits for it, bounded by
+//! the heartbeat only).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use amiquip::{Auth, Channel, ConnectionBlockedNotification, ConnectionOptions, ConnectionTuning};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info, warn};
 
 use crate::error::{BoxError, Error, Result};
@@ -223,12 +229,96 @@ pub(crate) struct Connection {
     liveness: Option<Receiver<ConnectionBlockedNotification>>,
     /// The transport's observer, told when this connection closes.
     hook: Hook,
-    /// A second handle on the connection's TCP socket (`None` if it could not be made):
-    /// shutting it down ends amiquip's I/O thread at once, when the broker does not answer.
-    socket: Option<TcpStream>,
-    /// How long a polite close may take before the socket is shut down: as long as connecting
-    /// may take (twice the heartbeat, 2 to 10 s).
-    close_timeout: Duration,
+    /// Shuts the socket down when the broker does not answer (a close, a teardown).
+    abort: AbortHandle,
+    /// The second handle on the socket that `abort` refers to (`None` if it could not be
+    /// made). Owned here alone, so that handles kept past the connection's end do not keep its
+    /// socket open.
+    socket: Option<Arc<TcpStream>>,
+}
+
+/// A second handle on a connection's TCP socket: shutting it down, from any thread, ends
+/// amiquip's I/O thread at once, and every wait on the connection (a channel's open or close,
+/// a cancel, the connection's close) with a connection error. Cheap to clone; once the
+/// [`Connection`] is gone it does nothing (and never keeps the socket open).
+#[derive(Clone)]
+pub(crate) struct AbortHandle {
+    /// The connection's second handle on its socket (empty if it could not be made: then
+    /// nothing bounds a wait but the heartbeat).
+    socket: Weak<TcpStream>,
+    /// `host:port`, for the log.
+    address: String,
+    role: &'static str,
+    /// How long a polite close or teardown may wait for the broker: as long as connecting may
+    /// take (twice the heartbeat, 2 to 10 s).
+    patience: Duration,
+}
+
+impl AbortHandle {
+    /// Shuts the socket down (see the type's documentation).
+    pub fn abort(&self) {
+        if let Some(socket) = self.socket.upgrade() {
+            debug!(
+                "shutting down the socket of the connection to {} ({})",
+                self.address, self.role
+            );
+            // Fails only if the socket is already shut down or gone: nothing left to end.
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Shuts the socket down at `deadline` unless the returned guard is dropped first: bounds
+    /// `what` (for the log), a wait for the broker's answers.
+    pub fn watchdog(&self, deadline: Instant, what: &'static str) -> Watchdog {
+        if self.socket.strong_count() == 0 {
+            // Nothing to shut down: the connection is gone, or its socket has no second handle.
+            return Watchdog {
+                disarm: None,
+                thread: None,
+            };
+        }
+        let (disarm, disarmed) = crossbeam_channel::bounded::<()>(0);
+        let abort = self.clone();
+        let thread = thread::Builder::new()
+            .name("warren-watchdog".into())
+            .spawn(move || {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if disarmed.recv_timeout(left) == Err(RecvTimeoutError::Timeout) {
+                    warn!(
+                        "the broker on {} did not answer {what} ({}) in time; shutting the socket down",
+                        abort.address, abort.role
+                    );
+                    abort.abort();
+                }
+            })
+            // Without a watchdog the wait is only bounded by the heartbeat, as before.
+            .map_err(|e| debug!("no watchdog for {what} on {}: {e}", self.address))
+            .ok();
+        Watchdog {
+            disarm: Some(disarm),
+            thread,
+        }
+    }
+}
+
+/// Shuts a socket down unless dropped in time ([`AbortHandle::watchdog`]); dropping it joins
+/// its thread.
+#[must_use = "dropping the watchdog disarms it at once"]
+pub(crate) struct Watchdog {
+    /// Dropped to disarm.
+    disarm: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("a connection watchdog panicked");
+            }
+        }
+    }
 }
 
 impl Connection {
@@ -271,6 +361,7 @@ impl Connection {
                     timeout,
                 ) {
                     Ok((mut inner, socket)) => {
+                        let socket = socket.map(Arc::new);
                         hosts.succeeded(index);
                         if attempts > 1 {
                             info!("reconnected to AMQP server on {} ({role}) after {attempts} attempts", host.address());
@@ -287,9 +378,13 @@ impl Connection {
                             role,
                             liveness,
                             hook: hosts.hook.clone(),
+                            abort: AbortHandle {
+                                socket: socket.as_ref().map_or_else(Weak::new, Arc::downgrade),
+                                address: host.address(),
+                                role,
+                                patience: patience(options),
+                            },
                             socket,
-                            close_timeout: connect_timeout(options, None)
-                                .unwrap_or(CONNECT_TIMEOUT_MAX),
                         });
                     }
                     Err(e) => {
@@ -388,74 +483,66 @@ impl Connection {
     pub fn abandon(self, hosts: &HostCycle) {
         hosts.failed(self.host);
         hosts.lost(self.role, &self.address);
-        self.shut();
+        let deadline = Instant::now() + self.abort.patience;
+        self.shut(deadline);
     }
 
     /// Closes the connection and joins amiquip's I/O thread: politely, then, if the broker has
     /// not answered within twice the heartbeat (2 to 10 s), by shutting the socket down.
     pub fn close(self) {
+        let deadline = Instant::now() + self.abort.patience;
+        self.close_by(deadline);
+    }
+
+    /// [`close`](Self::close), shutting the socket down at `deadline` if the broker has not
+    /// answered by then (one deadline for a whole teardown).
+    pub fn close_by(self, deadline: Instant) {
         self.hook.emit(|| Event::Connection {
             role: ConnectionRole::from_name(self.role),
             state: ConnectionState::Closed,
             address: &self.address,
         });
-        self.shut();
+        self.shut(deadline);
     }
 
-    /// Shuts the socket down, so that amiquip's I/O thread ends and every wait on this
-    /// connection (a channel's, a close's) ends at once with a connection error. For a
-    /// connection the broker blocked (it reads nothing from it until the alarm clears): a
-    /// close would otherwise wait for the alarm.
+    /// The handle that shuts this connection's socket down.
+    pub fn abort_handle(&self) -> &AbortHandle {
+        &self.abort
+    }
+
+    /// Shuts the socket down ([`AbortHandle::abort`]). For a connection the broker blocked (it
+    /// reads nothing from it until the alarm clears): a close would otherwise wait for the
+    /// alarm.
     pub fn abort(&self) {
-        if let Some(socket) = &self.socket {
-            debug!(
-                "shutting down the socket of the connection to {} ({})",
-                self.address, self.role
-            );
-            // Fails only if the socket is already shut down or gone: nothing left to end.
-            let _ = socket.shutdown(Shutdown::Both);
-        }
+        self.abort.abort();
     }
 
     /// Closes the connection (lost or closed: already reported): politely, then by shutting
-    /// its socket down if the broker has not answered within `close_timeout`.
-    fn shut(self) {
+    /// its socket down if the broker has not answered by `deadline`.
+    fn shut(self, deadline: Instant) {
         let Connection {
             inner,
             address,
             role,
+            abort,
             socket,
-            close_timeout,
             ..
         } = self;
-        let (closed, watched) = crossbeam_channel::bounded::<()>(0);
-        let watchdog = socket.and_then(|socket| {
-            let host = address.clone();
-            thread::Builder::new()
-                .name("warren-close".into())
-                .spawn(move || {
-                    if watched.recv_timeout(close_timeout) == Err(RecvTimeoutError::Timeout) {
-                        warn!(
-                            "the broker on {host} did not answer closing the connection ({role}) within {close_timeout:?}; shutting its socket down"
-                        );
-                        let _ = socket.shutdown(Shutdown::Both);
-                    }
-                })
-                // Without a watchdog the close is only bounded by the heartbeat, as before.
-                .map_err(|e| debug!("no watchdog for closing the connection to {address}: {e}"))
-                .ok()
-        });
+        let watchdog = abort.watchdog(deadline, "closing the connection");
         match inner.close() {
             Ok(()) => debug!("closed connection to {address} ({role})"),
             Err(e) => debug!("closing connection to {address} ({role}): {e}"),
         }
-        drop(closed);
-        if let Some(watchdog) = watchdog {
-            if watchdog.join().is_err() {
-                warn!("the close watchdog of the connection to {address} panicked");
-            }
-        }
+        drop(watchdog);
+        // Last: the watchdog needed it.
+        drop(socket);
     }
+}
+
+/// How long a close or a teardown may wait for the broker's answers before the socket is
+/// shut down: as long as connecting to a host may take (twice the heartbeat, 2 to 10 s).
+pub(crate) fn patience(options: &TransportOptions) -> Duration {
+    connect_timeout(options, None).unwrap_or(CONNECT_TIMEOUT_MAX)
 }
 
 /// Time allowed to connect to one host: twice the heartbeat (2 to 10 s), within the deadline;

@@ -106,17 +106,18 @@ fn run(publisher: &Publisher, watch: &Receiver<Watch>, stop: &Receiver<()>, back
         match event {
             Event::Stop => return,
             Event::Watch(w) => current = Some(w),
+            // Logged after the publisher is told: once the log says so, publishes wait.
             Event::Notice(ConnectionBlockedNotification::Blocked(reason)) => {
-                warn!("the broker blocked the send connection ({reason}); publishes wait until it unblocks, each within its timeout");
                 if let Some((generation, _)) = &current {
-                    publisher.set_blocked(*generation, Some(reason));
+                    publisher.set_blocked(*generation, Some(reason.clone()));
                 }
+                warn!("the broker blocked the send connection ({reason}); publishes wait until it unblocks, each within its timeout");
             }
             Event::Notice(ConnectionBlockedNotification::Unblocked) => {
-                info!("the broker unblocked the send connection");
                 if let Some((generation, _)) = &current {
                     publisher.set_blocked(*generation, None);
                 }
+                info!("the broker unblocked the send connection");
             }
             Event::Died => {
                 let Some((generation, _)) = current.take() else {

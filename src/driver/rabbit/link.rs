@@ -11,13 +11,13 @@
 //! that fails and reconnects (failing over as usual).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::Channel;
 
 use crate::error::Result;
 
-use super::connection::{Connection, HostCycle, RetryPolicy};
+use super::connection::{AbortHandle, Connection, HostCycle, RetryPolicy, Watchdog};
 use super::publisher::Publisher;
 
 /// A consumer's hold on a connection for one session.
@@ -98,6 +98,36 @@ impl Link {
     pub fn close(self) {
         if let Link::Own(connection) = self {
             connection.close();
+        }
+    }
+
+    /// [`close`](Self::close), shutting the socket down if the broker has not answered by
+    /// `deadline`.
+    pub fn close_by(self, deadline: Instant) {
+        if let Link::Own(connection) = self {
+            connection.close_by(deadline);
+        }
+    }
+
+    /// Bounds a teardown (a cancel, a queue's delete, a channel's close) by `deadline`: past
+    /// it, the socket of this session's connection is shut down, which ends every wait on it.
+    /// `None` if there is nothing to bound (see [`abort_handle`](Self::abort_handle)).
+    pub fn watchdog(&self, deadline: Instant, what: &'static str) -> Option<Watchdog> {
+        self.abort_handle()
+            .map(|abort| abort.watchdog(deadline, what))
+    }
+
+    /// What shuts down the socket of this session's connection; `None` if the shared
+    /// connection is gone already (waits on it fail at once), or this session opened no
+    /// channel on it yet.
+    pub fn abort_handle(&self) -> Option<AbortHandle> {
+        match self {
+            Link::Own(connection) => Some(connection.abort_handle().clone()),
+            Link::Shared {
+                publisher,
+                generation,
+                ..
+            } => generation.and_then(|g| publisher.abort_handle(g)),
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpValue, Channel, Consumer, ConsumerMessage, ConsumerOptions, Delivery, QueueDeleteOptions,
@@ -22,7 +23,9 @@ use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
-use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
+use super::connection::{
+    self, amqp_error, AbortHandle, Backoff, Connection, HostCycle, RetryPolicy,
+};
 use super::link::Link;
 use super::publisher::{Publisher, ATTEMPTS_HEADER};
 use super::topology;
@@ -113,7 +116,8 @@ enum Session {
 }
 
 /// Declares the topology on a new channel, consumes, runs the poll loop until the session ends;
-/// on a clean close deletes the fanout queue and closes the channel.
+/// on a clean close deletes the fanout queue and closes the channel, within the connection's
+/// patience ([`connection::patience`]).
 fn session(
     connection: &mut Link,
     setup: &Setup,
@@ -149,9 +153,20 @@ fn session(
         unacked: HashMap::new(),
         address: &address,
         next_stream_offset: &setup.next_stream_offset,
+        abort: connection.abort_handle(),
+        shared: setup.shared.as_ref(),
+        patience: connection::patience(&setup.options),
+        cancelled_by: None,
     };
     let end = poll.run_session(&mut rabbit, control);
+    // One deadline for the cancel (when the session was stopped) and the rest.
+    let deadline = rabbit
+        .cancelled_by
+        .unwrap_or_else(|| Instant::now() + connection::patience(&setup.options));
     drop(rabbit);
+    // Each step waits for the broker's answer: one that stopped answering (or, sharing the
+    // send connection, blocked it for an alarm) gets the socket shut down in time.
+    let watchdog = connection.watchdog(deadline, "the listener's teardown");
     for consumer in &consumers {
         let _ = consumer.cancel();
     }
@@ -163,9 +178,13 @@ fn session(
             }
         }
     }
-    if !matches!(end, SessionEnd::Lost(_)) {
+    if matches!(end, SessionEnd::Lost(_)) {
+        // Dropping it closes it too (failing at once if the connection is gone): in time.
+        drop(channel);
+    } else {
         let _ = channel.close();
     }
+    drop(watchdog);
     Session::Ended(end, receivers)
 }
 
@@ -276,6 +295,16 @@ struct RabbitConsumers<'a> {
     unacked: HashMap<u64, Delivery>,
     address: &'a str,
     next_stream_offset: &'a AtomicI64,
+    /// Shuts the connection's socket down if the broker does not answer a cancel in time
+    /// (`None`: the shared connection is gone, a cancel fails at once).
+    abort: Option<AbortHandle>,
+    /// With `single_connection`: the publisher owning the connection, which shuts it down
+    /// at once if the broker blocked it (it would answer no cancel before the alarm clears).
+    shared: Option<&'a Arc<Publisher>>,
+    /// How long cancelling may wait for the broker ([`connection::patience`]).
+    patience: Duration,
+    /// Set when cancelling began: the deadline of the cancel and of the teardown after it.
+    cancelled_by: Option<Instant>,
 }
 
 impl Consumers for RabbitConsumers<'_> {
@@ -378,6 +407,18 @@ impl Consumers for RabbitConsumers<'_> {
     }
 
     fn cancel(&mut self) -> Vec<(usize, ConsumerMessage)> {
+        // A server's stop waits for this: a broker that stopped answering gets the socket shut
+        // down (the session is then lost; a stopped listener does not consume again).
+        if let Some(publisher) = self.shared {
+            publisher.abort_if_blocked();
+        }
+        let deadline = *self
+            .cancelled_by
+            .get_or_insert_with(|| Instant::now() + self.patience);
+        let _watchdog = self
+            .abort
+            .as_ref()
+            .map(|abort| abort.watchdog(deadline, "cancelling the consumers"));
         for consumer in self.consumers {
             if let Err(e) = consumer.cancel() {
                 debug!("cancelling consumer {}: {e}", consumer.consumer_tag());

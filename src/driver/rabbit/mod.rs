@@ -10,9 +10,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use log::warn;
 use parking_lot::Mutex;
 
 use crate::driver::{
@@ -157,7 +158,8 @@ impl Driver for RabbitDriver {
         }
         if !reply.as_ref().is_some_and(ReplyConsumer::is_running) {
             if let Some(dead) = reply.take() {
-                dead.close();
+                // Its thread has ended: nothing waits for the broker.
+                dead.close(Instant::now());
             }
             let policy = RetryPolicy {
                 retry: options.retry,
@@ -205,14 +207,29 @@ impl Driver for RabbitDriver {
         Ok(Box::new(listener))
     }
 
+    /// Closes within one deadline, the connections' patience (twice the heartbeat, 2 to 10 s):
+    /// a broker that has not answered by then gets the sockets shut down.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        if let Some(reply) = self.reply.lock().take() {
-            reply.close();
-        }
+        let deadline = Instant::now() + connection::patience(&self.options);
+        // First, so that it does not reconnect the send connection while it closes.
         if let Some(mut heartbeat) = self.heartbeat.lock().take() {
             heartbeat.stop();
         }
-        self.publisher.close();
+        // Sharing a blocked send connection (`single_connection`), the reply consumer's
+        // teardown would wait for its watchdog: the broker reads nothing from it until the
+        // alarm clears.
+        self.publisher.abort_if_blocked();
+        // A call starting the reply consumer holds this lock until the consumer runs (or its
+        // start fails); one still starting at the deadline is left to its own end.
+        match self.reply.try_lock_until(deadline) {
+            Some(mut reply) => {
+                if let Some(reply) = reply.take() {
+                    reply.close(deadline);
+                }
+            }
+            None => warn!("the reply consumer was still starting when the transport closed"),
+        }
+        self.publisher.close(deadline);
     }
 }

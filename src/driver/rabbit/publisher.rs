@@ -47,7 +47,7 @@ use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 use crate::wire::Codec;
 
-use super::connection::{amqp_error, Connection, HostCycle, RetryPolicy};
+use super::connection::{amqp_error, AbortHandle, Connection, HostCycle, RetryPolicy};
 use super::topology;
 
 /// Publishing channels per send connection.
@@ -152,6 +152,11 @@ pub(crate) struct Publisher {
     hosts: Arc<HostCycle>,
     options: TransportOptions,
     connection: Mutex<Option<SendConnection>>,
+    /// The send connection's generation and [`AbortHandle`], beside `connection`: its lock is
+    /// held only for a moment, never across a wait for the broker (a channel's open holds
+    /// `connection`'s), so closing can always shut down a socket that keeps `connection`
+    /// locked. Cleared with `connection`.
+    abort: Mutex<Option<(u64, AbortHandle)>>,
     generation: AtomicU64,
     /// Idle channels: confirm mode or plain, each with or without direct reply-to
     /// ([`pool_of`]).
@@ -202,6 +207,7 @@ impl Publisher {
             hosts,
             options,
             connection: Mutex::new(None),
+            abort: Mutex::new(None),
             generation: AtomicU64::new(1),
             idle: [Idle::new(), Idle::new(), Idle::new(), Idle::new()],
             channels: AtomicUsize::new(0),
@@ -551,6 +557,7 @@ impl Publisher {
         if let Some(liveness) = connection.take_liveness() {
             let _ = self.watch.send((generation, liveness));
         }
+        *self.abort.lock() = Some((generation, connection.abort_handle().clone()));
         *guard = Some(SendConnection {
             connection,
             generation,
@@ -671,6 +678,7 @@ impl Publisher {
             match guard.as_ref() {
                 Some(send) if send.generation == generation => {
                     self.generation.fetch_add(1, Ordering::AcqRel);
+                    *self.abort.lock() = None;
                     guard.take()
                 }
                 _ => None,
@@ -688,11 +696,53 @@ impl Publisher {
         }
     }
 
-    /// Closes every channel and the connection. Later publishes fail with [`Error::Closed`].
-    pub fn close(&self) {
+    /// Shuts down the socket of the send connection if the broker blocked it (it reads nothing
+    /// from it until the alarm clears): closing then ends at once, and with
+    /// `single_connection` so does the teardown of the consumers sharing it, instead of
+    /// waiting for their watchdog.
+    pub fn abort_if_blocked(&self) {
+        if !self.any_block.load(Ordering::Acquire) {
+            return;
+        }
+        let blocked = self.blocked.lock().as_ref().map(|block| block.generation);
+        if let Some((generation, abort)) = &*self.abort.lock() {
+            if blocked == Some(*generation) {
+                abort.abort();
+            }
+        }
+    }
+
+    /// The [`AbortHandle`] of the send connection of `generation` (for a consumer sharing it,
+    /// to bound its teardown); `None` if that connection is gone already (waits on it fail at
+    /// once).
+    pub fn abort_handle(&self, generation: u64) -> Option<AbortHandle> {
+        match &*self.abort.lock() {
+            Some((current, abort)) if *current == generation => Some(abort.clone()),
+            _ => None,
+        }
+    }
+
+    /// Closes every channel and the connection, shutting its socket down if the broker has
+    /// not answered by `deadline`. Later publishes fail with [`Error::Closed`].
+    pub fn close(&self, deadline: Instant) {
         self.closed.store(true, Ordering::Release);
-        // Taken out first, and the lock released: closing may take a while.
-        let send = self.connection.lock().take();
+        // A thread opening a channel on a blocked connection would hold the lock until the
+        // deadline.
+        self.abort_if_blocked();
+        // Taken out first, and the lock released: closing may take a while. A thread opening
+        // a channel holds the lock while it waits for the broker: a broker that does not
+        // answer by the deadline gets the socket shut down, which ends that wait.
+        let send = match self.connection.try_lock_until(deadline) {
+            Some(mut slot) => slot.take(),
+            None => {
+                if let Some((_, abort)) = &*self.abort.lock() {
+                    warn!("the send connection stayed busy until the close's deadline; shutting its socket down");
+                    abort.abort();
+                }
+                self.connection.lock().take()
+            }
+        };
+        *self.abort.lock() = None;
         // Wakes the publishes waiting for an unblock: they find the publisher closed. The
         // broker reads nothing from a blocked connection: neither a channel's close nor the
         // connection's would be answered before the alarm clears.
@@ -704,14 +754,14 @@ impl Publisher {
         }
         // The connection's close ends its channels too; closed before it, one at a time, each
         // would wait for the broker's answer, and nothing bounds that wait (the connection's
-        // close is bounded: see `Connection::close`). After it they fail at once.
+        // close is bounded: see `Connection::close_by`). After it they fail at once.
         let idle: Vec<PubChannel> = self
             .idle
             .iter()
             .flat_map(|idle| idle.rx.try_iter())
             .collect();
         if let Some(send) = send {
-            send.connection.close();
+            send.connection.close_by(deadline);
         }
         for channel in idle {
             self.discard(channel);

@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{Channel, Consumer, ConsumerMessage, ConsumerOptions, QueueDeleteOptions};
 use crossbeam_channel::{Receiver, Select, SelectedOperation, Sender, TryRecvError};
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
-use super::connection::{amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
+use super::connection::{self, amqp_error, Backoff, Connection, HostCycle, RetryPolicy};
 use super::link::Link;
 use super::publisher::Publisher;
 use super::topology;
@@ -38,9 +38,12 @@ const IDLE_READ: Duration = Duration::from_millis(100);
 
 /// A running reply consumer.
 pub(crate) struct ReplyConsumer {
-    stop: Sender<()>,
+    /// Tells the thread to stop, with the deadline of its teardown.
+    stop: Sender<Instant>,
     running: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// How long a teardown may wait for the broker when dropped ([`connection::patience`]).
+    patience: Duration,
 }
 
 impl ReplyConsumer {
@@ -54,6 +57,7 @@ impl ReplyConsumer {
         running: Arc<AtomicBool>,
     ) -> Result<ReplyConsumer> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let patience = connection::patience(&setup.options);
         running.store(true, Ordering::Release);
         let flag = running.clone();
         let thread = spawn_when_ready("warren-replies".into(), move |ready| {
@@ -64,6 +68,7 @@ impl ReplyConsumer {
             stop: stop_tx,
             running,
             thread: Some(thread),
+            patience,
         })
     }
 
@@ -72,13 +77,14 @@ impl ReplyConsumer {
         self.running.load(Ordering::Acquire)
     }
 
-    /// Stops consuming, deletes the reply queue, closes the connection and joins the thread.
-    pub fn close(mut self) {
-        self.shutdown();
+    /// Stops consuming, deletes the reply queue, closes the connection and joins the thread;
+    /// a broker that has not answered by `deadline` gets the socket shut down instead.
+    pub fn close(mut self, deadline: Instant) {
+        self.shutdown(deadline);
     }
 
-    fn shutdown(&mut self) {
-        let _ = self.stop.try_send(());
+    fn shutdown(&mut self, deadline: Instant) {
+        let _ = self.stop.try_send(deadline);
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 error!("the reply thread panicked");
@@ -89,7 +95,7 @@ impl ReplyConsumer {
 
 impl Drop for ReplyConsumer {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(Instant::now() + self.patience);
     }
 }
 
@@ -107,7 +113,8 @@ pub(crate) struct Setup {
 }
 
 enum SessionEnd {
-    Stopped,
+    /// Told to stop; the teardown's deadline.
+    Stopped(Instant),
     Lost(String),
 }
 
@@ -119,7 +126,7 @@ enum Session {
     Ended(SessionEnd, Receiver<ConsumerMessage>),
 }
 
-fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Result<()>>) {
+fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<Instant>, ready: Sender<Result<()>>) {
     let mut ready = Some(ready);
     let mut backoff = Backoff::new(&setup.options);
     let mut pause = |d: Duration| stop.recv_timeout(d).is_err();
@@ -171,8 +178,8 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
                     return;
                 }
             }
-            Session::Ended(SessionEnd::Stopped, keep_alive) => {
-                connection.close();
+            Session::Ended(SessionEnd::Stopped(deadline), keep_alive) => {
+                connection.close_by(deadline);
                 drop(keep_alive);
                 return;
             }
@@ -182,11 +189,11 @@ fn run(setup: &Setup, start: RetryPolicy, stop: &Receiver<()>, ready: Sender<Res
 
 /// Declares the reply queue on a new channel and consumes it until stopped or lost; once
 /// stopped, deletes the queue (nobody else uses this uuid-named queue: do not leave it behind
-/// for 30 minutes) and closes the channel.
+/// for 30 minutes) and closes the channel, all by the stop's deadline.
 fn session(
     connection: &mut Link,
     setup: &Setup,
-    stop: &Receiver<()>,
+    stop: &Receiver<Instant>,
     ready: &mut Option<Sender<Result<()>>>,
 ) -> Session {
     let queue = setup.queue.as_str();
@@ -214,14 +221,25 @@ fn session(
         None => info!("consuming replies on {queue} again via {address}"),
     }
     let end = consume(&consumer, stop, &setup.sink);
+    let deadline = match end {
+        SessionEnd::Stopped(deadline) => deadline,
+        SessionEnd::Lost(_) => Instant::now() + connection::patience(&setup.options),
+    };
+    // Each step waits for the broker's answer: one that stopped answering (or, sharing the
+    // send connection, blocked it for an alarm) gets the socket shut down at the deadline.
+    let watchdog = connection.watchdog(deadline, "the reply consumer's teardown");
     let _ = consumer.cancel();
     drop(consumer);
-    if matches!(end, SessionEnd::Stopped) {
+    if matches!(end, SessionEnd::Stopped(_)) {
         if let Err(e) = channel.queue_delete(queue, QueueDeleteOptions::default()) {
             debug!("could not delete reply queue {queue}: {e}");
         }
         let _ = channel.close();
+    } else {
+        // Dropping it closes it too (failing at once if the connection is gone): in time.
+        drop(channel);
     }
+    drop(watchdog);
     Session::Ended(end, keep_alive)
 }
 
@@ -238,7 +256,7 @@ fn open_and_declare(
 
 /// Offers the consumer's deliveries to waiting callers and reads them itself while none is,
 /// until stopped or lost.
-fn consume(consumer: &Consumer<'_>, stop: &Receiver<()>, sink: &ReplySink) -> SessionEnd {
+fn consume(consumer: &Consumer<'_>, stop: &Receiver<Instant>, sink: &ReplySink) -> SessionEnd {
     let (lost_tx, lost_rx) = crossbeam_channel::bounded(1);
     let feed = Arc::new(Feed {
         deliveries: consumer.receiver().clone(),
@@ -252,8 +270,10 @@ fn consume(consumer: &Consumer<'_>, stop: &Receiver<()>, sink: &ReplySink) -> Se
         select.recv(&lost_rx);
         match select.select_timeout(IDLE_READ) {
             Ok(operation) if operation.index() == stop_index => {
-                let _ = operation.recv(stop);
-                break SessionEnd::Stopped;
+                // The sender outlives the thread (it is joined before the sender is dropped),
+                // so a stop carries its deadline.
+                let deadline = operation.recv(stop).unwrap_or_else(|_| Instant::now());
+                break SessionEnd::Stopped(deadline);
             }
             Ok(operation) => {
                 let why = operation.recv(&lost_rx);
