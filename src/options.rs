@@ -985,14 +985,39 @@ mod tests {
 
     #[test]
     fn renamed_options_point_to_their_new_name() {
-        let err = TransportOptions::default()
-            .apply("rabbit_quroum_max_memory_bytes", "1")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("use `rabbit_quorum_max_memory_bytes`"),
-            "{err}"
-        );
+        // Written out, not read from `RENAMED`: a name dropped from it must fail here.
+        let renamed = [
+            (
+                "rabbit_quroum_delivery_limit",
+                "rabbit_quorum_delivery_limit",
+            ),
+            (
+                "rabbit_quroum_max_memory_length",
+                "rabbit_quorum_max_memory_length",
+            ),
+            (
+                "rabbit_quroum_max_memory_bytes",
+                "rabbit_quorum_max_memory_bytes",
+            ),
+            (
+                "kombu_reconnect_timeout",
+                "kombu_missing_consumer_retry_timeout",
+            ),
+            ("rabbit_use_ssl", "ssl"),
+            ("kombu_ssl_version", "ssl_version"),
+            ("kombu_ssl_keyfile", "ssl_key_file"),
+            ("kombu_ssl_certfile", "ssl_cert_file"),
+            ("kombu_ssl_ca_certs", "ssl_ca_file"),
+            ("rpc_thread_pool_size", "executor_thread_pool_size"),
+        ];
+        for (old, new) in renamed {
+            let err = TransportOptions::default().apply(old, "1").unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidOption { name, .. } if name == old),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(&format!("use `{new}`")), "{err}");
+        }
     }
 
     #[test]

@@ -401,13 +401,9 @@ fn a_call_is_acknowledged_before_it_runs_and_not_run_again_after_a_cut() {
     assert_eq!(started.try_iter().count(), 0, "the call ran again");
 }
 
-/// Reliability, call: "the server acks before running it", and only when a worker is free to
-/// run it at once. With the only worker busy, requests the listener has received stay
-/// unacknowledged (a lost connection would give them back to the broker), and each is
-/// acknowledged as the worker takes it.
-#[test]
-fn requests_no_worker_is_free_for_stay_unacknowledged_until_one_is() {
-    let mut bus = Bus::new(&broker_url());
+/// An endpoint whose `hold` cast reports its `n` on the receiver as it starts, then waits
+/// until the gate opens.
+fn holding_endpoint() -> (Arc<Gate>, Endpoint, crossbeam_channel::Receiver<u64>) {
     let gate = Arc::new(Gate::default());
     let (started_tx, started) = crossbeam_channel::unbounded();
     let held = gate.clone();
@@ -416,6 +412,17 @@ fn requests_no_worker_is_free_for_stay_unacknowledged_until_one_is() {
         held.pass();
         Ok::<_, Failure>(())
     });
+    (gate, hold, started)
+}
+
+/// Reliability, call: "the server acks before running it", and only when a worker is free to
+/// run it at once. With the only worker busy, requests the listener has received stay
+/// unacknowledged (a lost connection would give them back to the broker), and each is
+/// acknowledged as the worker takes it.
+#[test]
+fn requests_no_worker_is_free_for_stay_unacknowledged_until_one_is() {
+    let mut bus = Bus::new(&broker_url());
+    let (gate, hold, started) = holding_endpoint();
     bus.start_server_with("s1", |b| b.workers(1).endpoint(hold));
     let _open = OpenOnDrop(gate.clone());
     let client = bus.client(Codec::MsgPack);
@@ -875,9 +882,9 @@ fn a_running_server_keeps_retrying_a_refused_virtual_host_until_it_is_back() {
     let url = with_query(&broker_in_vhost(&vhost.0), FAST_RECONNECT);
     let mut bus = Bus::new(&url);
     bus.start_server("s1", 1);
-    // Casts only: the server sends nothing, so no send connection of its transport is
-    // reconnecting when the bus drops it (a transport closed while its send connection's
-    // watchdog reconnects never returns: a library bug, reported).
+    // Casts only: the server sends nothing, so its transport's send connection plays no part
+    // (closing a transport while it reconnects is
+    // `closing_a_transport_while_its_send_connection_reconnects_returns`).
     let served = |n: i64| {
         bus.client(Codec::MsgPack)
             .cast(&ctx(), "record", &json!({"n": n}))
@@ -1103,4 +1110,110 @@ fn closing_a_transport_while_its_send_connection_reconnects_returns() {
     closed
         .recv_timeout(WAIT)
         .expect("close() returned while the send connection was reconnecting");
+}
+
+/// Options table, `executor_thread_pool_size`: a server built without `workers(..)` runs as
+/// many handlers at once as the URL says, and no more.
+#[test]
+fn the_url_sets_how_many_handlers_a_server_runs_at_once() {
+    let mut bus = Bus::new(&with_query(&memory_url(), "executor_thread_pool_size=3"));
+    let (gate, hold, started) = holding_endpoint();
+    bus.start_server_with("s1", |b| b.endpoint(hold));
+    let _open = OpenOnDrop(gate.clone());
+    let client = bus.client(Codec::MsgPack);
+    for n in 0..5 {
+        client.cast(&ctx(), "hold", &json!({ "n": n })).unwrap();
+    }
+    for _ in 0..3 {
+        started
+            .recv_timeout(WAIT)
+            .expect("three handlers run at once");
+    }
+    // A fourth worker would have taken the fourth cast by now (the default is 16).
+    assert_eq!(
+        started.recv_timeout(Duration::from_millis(300)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout),
+        "a fourth handler ran"
+    );
+    gate.open();
+    for _ in 0..2 {
+        started
+            .recv_timeout(WAIT)
+            .expect("the other two once workers are free");
+    }
+}
+
+/// Options table, `rabbit_qos_prefetch_count`: the broker gets the URL's value as each
+/// consumer's prefetch, 0 (unbounded, in AMQP) included; unset, 64.
+#[test]
+fn the_broker_gets_the_prefetch_count_of_the_url() {
+    let mut unbounded = Bus::new(&with_query(&broker_url(), "rabbit_qos_prefetch_count=0"));
+    unbounded.start_server("s1", 1);
+    let mut default = Bus::new(&broker_url());
+    default.start_server("s1", 1);
+    let prefetch = |queue: &str| -> Vec<u64> {
+        rabbitmqctl_json(&["list_consumers", "queue_name", "prefetch_count"])
+            .iter()
+            .filter(|c| c["queue_name"] == queue)
+            .filter_map(|c| c["prefetch_count"].as_u64())
+            .collect()
+    };
+    assert_eq!(prefetch(&unbounded.topic), [0]);
+    assert_eq!(prefetch(&default.topic), [64]);
+}
+
+/// Options table, `amqp_auto_delete`: the topic exchange and the server's queues are declared
+/// auto-delete, and the broker deletes them once the last server of the topic left.
+#[test]
+fn auto_delete_queues_and_their_exchange_go_with_the_last_server() {
+    let mut bus = Bus::new(&with_query(&broker_url(), "amqp_auto_delete=true"));
+    bus.start_server("s1", 1);
+    let server_queue = format!("{}.s1", bus.topic);
+    let auto_delete = |queue: &str| -> Option<bool> {
+        rabbitmqctl_json(&["list_queues", "name", "auto_delete"])
+            .iter()
+            .find(|q| q["name"] == queue)
+            .and_then(|q| q["auto_delete"].as_bool())
+    };
+    let exchange = || -> Option<bool> {
+        rabbitmqctl_json(&["list_exchanges", "name", "auto_delete"])
+            .iter()
+            .find(|e| e["name"] == bus.exchange.as_str())
+            .and_then(|e| e["auto_delete"].as_bool())
+    };
+    assert_eq!(auto_delete(&bus.topic), Some(true));
+    assert_eq!(auto_delete(&server_queue), Some(true));
+    assert_eq!(exchange(), Some(true));
+    let server = bus.server("s1");
+    server.stop();
+    server.wait();
+    eventually("the broker deleted them", WAIT, || {
+        auto_delete(&bus.topic).is_none()
+            && auto_delete(&server_queue).is_none()
+            && exchange().is_none()
+    });
+}
+
+/// Failures that retrying cannot fix end `start()` after one pass over the hosts: a server
+/// (`retry` unset) whose login is refused fails to start with `Error::Authentication` after
+/// one attempt, where an unreachable broker lets it start and consume once one is reachable.
+#[test]
+fn a_refused_login_fails_a_servers_start_after_one_attempt() {
+    let proxy = Proxy::start("127.0.0.1:5672");
+    let url = proxy.url("amqp://guest:Wrong-Pw-Qx@127.0.0.1:5672/");
+    let transport = Transport::new(&url).unwrap();
+    let server = RpcServer::builder(
+        &transport,
+        Target::new(unique("refused").as_str()).with_server("s1"),
+    )
+    .endpoint(Endpoint::new())
+    .build()
+    .unwrap();
+    let started = server.start();
+    assert!(
+        matches!(started, Err(Error::Authentication { .. })),
+        "{started:?}"
+    );
+    assert_eq!(proxy.attempts().len(), 1, "one pass over the one host");
+    assert!(!format!("{started:?}").contains("Wrong-Pw-Qx"));
 }

@@ -294,24 +294,26 @@ fn a_blackholed_host_is_detected_and_the_second_host_takes_over() {
     bus.start_server("s1", 2);
     let client = bus.client(Codec::MsgPack);
     until_served(&client, Duration::from_secs(5));
-    assert!(
-        first.open_connections() >= 3,
-        "listen, reply and send connections use the first host"
+    assert_eq!(
+        first.open_connections(),
+        4,
+        "the server's listen and send connections, the client's send and reply connections \
+         use the first host"
     );
     assert_eq!(second.open_connections(), 0);
 
     first.blackhole(true);
     let blackholed = Instant::now();
-    // Every connection (listen, reply, and the idle send connection) notices on its own and
-    // moves to the second host; the move is what can be observed from outside.
+    // Every connection (listen, reply, and the two idle send connections) notices on its own
+    // and moves to the second host; the move is what can be observed from outside.
     eventually(
         "every connection moved to the second host",
         Duration::from_secs(8),
-        || second.open_connections() >= 3,
+        || second.open_connections() == 4,
     );
     let moved = blackholed.elapsed();
     assert!(
-        moved <= Duration::from_millis(3500),
+        moved <= Duration::from_millis(4000),
         "moved after {moved:?}: 2 s to detect (heartbeat 1 s) + reconnect"
     );
     let server = bus.server("s1");
@@ -339,6 +341,8 @@ fn closing_a_transport_whose_broker_stopped_answering_ends_after_the_connect_tim
     let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
     let who: String = client.call(&ctx(), "whoami", &()).unwrap();
     assert_eq!(who, "s1", "the reply consumer runs");
+    // Its close cannot delete it: the bus does.
+    bus.track_queue(transport.reply_queue_name().expect("a reply queue"));
     client.cast(&ctx(), "anything", &()).unwrap();
     proxy.blackhole(true);
     let waited = closing_time(move || transport.close());
@@ -390,14 +394,7 @@ fn stopping_a_server_whose_broker_stopped_answering_ends_after_the_connect_timeo
     let proxy = Proxy::start("127.0.0.1:5672");
     let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
     let topic = unique("answerless");
-    let transport = Transport::new(&url).unwrap();
-    let endpoint =
-        Endpoint::new().method("noop", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()));
-    let server = RpcServer::builder(&transport, Target::new(topic.as_str()).with_server("s1"))
-        .endpoint(endpoint)
-        .build()
-        .unwrap();
-    server.start().unwrap();
+    let (transport, server) = started_server(&url, &topic);
     // Never dropped by this thread: were the stop to hang, dropping them as the test fails
     // would hang with it instead of failing.
     let server = ManuallyDrop::new(Arc::new(server));
@@ -432,17 +429,122 @@ fn stopping_a_server_whose_broker_stopped_answering_ends_after_the_connect_timeo
     drop(ManuallyDrop::into_inner(transport));
 }
 
+/// A server's `wait()` long after its `stop()` still tears it down politely: its fanout queue
+/// is deleted and no socket is shut down. The teardown once reused the deadline of the stop's
+/// cancel, long past by then: its watchdog shut the socket down at once on a broker answering
+/// normally, the fanout queue was left behind, and with `single_connection` the whole
+/// transport lost its connection.
+#[test]
+fn waiting_on_a_server_long_after_its_stop_tears_it_down_politely() {
+    common::logs::capture_logs_at(log::LevelFilter::Warn);
+    let proxy = Proxy::start("127.0.0.1:5672");
+    // 1 s heartbeats: 2 s of patience.
+    let url = with_query(
+        &proxy.url(&broker_url()),
+        &format!("{FAST}&single_connection=true"),
+    );
+    let topic = unique("late_wait");
+    let (_transport, server) = started_server(&url, &topic);
+    eventually("the listener consumes", Duration::from_secs(5), || {
+        server.is_consuming()
+    });
+    let ours = || -> Vec<String> {
+        rabbitmqctl_json(&["list_queues", "name"])
+            .iter()
+            .filter_map(|q| q["name"].as_str())
+            .filter(|name| name.starts_with(topic.as_str()))
+            .map(String::from)
+            .collect()
+    };
+    let fanout = format!("{topic}_fanout_");
+    let before = ours();
+    assert!(before.iter().any(|q| q.starts_with(&fanout)), "{before:?}");
+    server.stop();
+    // The gap the scenario is about (not a wait for an event): longer than the patience.
+    thread::sleep(Duration::from_secs(3));
+    server.wait();
+    let after = ours();
+    delete_on_broker(&broker_url(), &after, &[]);
+    assert!(
+        !after.iter().any(|q| q.starts_with(&fanout)),
+        "the fanout queue is left: {after:?}"
+    );
+    let shut: Vec<String> = common::logs::captured()
+        .lines()
+        .filter(|line| line.contains("did not answer") && line.contains(&proxy.address()))
+        .map(String::from)
+        .collect();
+    assert!(shut.is_empty(), "a socket was shut down: {shut:?}");
+}
+
+/// A reply consumer still connecting (for a call) when its transport closes closes itself
+/// once it connects, and the call ends with `Error::Closed`: the close, which stops waiting
+/// for it at its deadline, once left it consuming (its thread and connection) for good.
+#[test]
+fn a_reply_consumer_starting_while_its_transport_closes_does_not_outlive_it() {
+    common::logs::capture_logs_at(log::LevelFilter::Warn);
+    let proxy = Proxy::start("127.0.0.1:5672");
+    proxy.refuse(true);
+    let url = with_query(&proxy.url(&broker_url()), FAST);
+    let transport = Transport::new(&url).unwrap();
+    let client = RpcClient::new(&transport, Target::new(unique("closed_early").as_str()))
+        .timeout(Duration::from_secs(20));
+    let calling = thread::spawn(move || client.call::<_, Value>(&ctx(), "anything", &()));
+    eventually(
+        "the reply consumer tries to connect",
+        Duration::from_secs(5),
+        || !proxy.attempts().is_empty(),
+    );
+    let closing = Transport::clone(&transport);
+    let waited = closing_time(move || closing.close());
+    assert!(waited < Duration::from_secs(4), "closing took {waited:?}");
+    proxy.refuse(false);
+    let called = calling.join().expect("the calling thread");
+    assert!(matches!(called, Err(Error::Closed)), "{called:?}");
+    eventually(
+        "the reply consumer's connection closed",
+        Duration::from_secs(5),
+        || proxy.open_connections() == 0,
+    );
+    assert!(
+        common::logs::captured().contains("still starting when the transport closed"),
+        "the close gave up waiting for the starting consumer"
+    );
+}
+
+/// A transport on `url` and a started server `s1` of `topic` on it, with a `noop` method.
+fn started_server(url: &str, topic: &str) -> (Transport, RpcServer) {
+    let transport = Transport::new(url).unwrap();
+    let endpoint =
+        Endpoint::new().method("noop", |_: &RequestContext, _: NoArgs| Ok::<_, Failure>(()));
+    let server = RpcServer::builder(&transport, Target::new(topic).with_server("s1"))
+        .endpoint(endpoint)
+        .build()
+        .unwrap();
+    server.start().unwrap();
+    (transport, server)
+}
+
 /// How long `close` took on another thread; fails the test if it still runs 30 s later.
 fn closing_time(close: impl FnOnce() + Send + 'static) -> Duration {
+    timed_elsewhere(Duration::from_secs(30), close).1
+}
+
+/// What `work` returned on another thread and how long it took; fails the test (rather than
+/// hang with it) if it still runs after `bound`.
+fn timed_elsewhere<T: Send + 'static>(
+    bound: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
     let (done, finished) = crossbeam_channel::bounded(1);
     thread::spawn(move || {
         let started = Instant::now();
-        close();
-        let _ = done.send(started.elapsed());
+        let result = work();
+        let _ = done.send((result, started.elapsed()));
     });
     finished
-        .recv_timeout(Duration::from_secs(30))
-        .expect("still waiting for the broker 30 s later")
+        .recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("still waiting {bound:?} later"))
 }
 
 /// (4) The server's queue is deleted under it: the broker cancels the consumer, the server
@@ -766,35 +868,22 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
     assert!(in_time(waited), "{waited:?}");
 
     // Run on threads, so that the test fails instead of hanging when they wait for the alarm.
-    let in_background = |work: Box<dyn FnOnce() -> Result<(), Error> + Send>| {
-        let (done, finished) = crossbeam_channel::bounded(1);
-        thread::spawn(move || {
-            let started = Instant::now();
-            let result = work();
-            let _ = done.send((result, started.elapsed()));
-        });
-        finished
-            .recv_timeout(Duration::from_secs(10))
-            .expect("still waiting 10 s later: it waits for the alarm to clear")
-    };
+    // Longer means it waits for the alarm to clear.
+    let bound = Duration::from_secs(10);
     eventually(
         "the broker's connection.blocked",
         Duration::from_secs(10),
         || common::logs::captured().contains("the broker blocked the send connection"),
     );
     let fanout = client.prepare().fanout(true);
-    let (declaring, waited) = in_background(Box::new(move || fanout.cast(&ctx(), "anything", &())));
+    let (declaring, waited) = timed_elsewhere(bound, move || fanout.cast(&ctx(), "anything", &()));
     assert!(
         matches!(declaring, Err(Error::Timeout { .. })),
         "{declaring:?}"
     );
     assert!(in_time(waited), "{waited:?}");
     let closing = transport.clone();
-    let (closed, waited) = in_background(Box::new(move || {
-        closing.close();
-        Ok(())
-    }));
-    assert!(closed.is_ok());
+    let ((), waited) = timed_elsewhere(bound, move || closing.close());
     // At once: the socket of a blocked connection is shut down without waiting for an answer
     // (a close that waited, up to 2 s here, for one that never comes would not pass).
     assert!(
@@ -819,11 +908,7 @@ fn a_blocked_broker_delays_publishes_only_within_their_timeout() {
                 >= 2
         },
     );
-    let (closed, waited) = in_background(Box::new(move || {
-        single.close();
-        Ok(())
-    }));
-    assert!(closed.is_ok());
+    let ((), waited) = timed_elsewhere(bound, move || single.close());
     assert!(
         waited < Duration::from_millis(1500),
         "closing the single connection took {waited:?}"

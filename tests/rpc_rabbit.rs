@@ -335,6 +335,16 @@ fn a_fanout_cast_after_the_last_server_left_neither_fails_nor_drops_the_connecti
             .cast(&ctx(), "record", &json!({"n": 2}))
             .unwrap_or_else(|e| panic!("fanout cast to nobody (unconfirmed: {unconfirmed}): {e}"));
     }
+    // Declared again by the client (auto-delete, it went with the last queue bound to it; with
+    // no binding since, it stays): no server has started since s1 left.
+    let fanout_exchange = format!("{}_fanout", bus.topic);
+    let exchanges = rabbitmqctl_json(&["list_exchanges", "name"]);
+    assert!(
+        exchanges
+            .iter()
+            .any(|e| e["name"] == fanout_exchange.as_str()),
+        "{fanout_exchange} not declared again"
+    );
     bus.start_server("s2", 1);
     fanout.cast(&ctx(), "record", &json!({"n": 3})).unwrap();
     let got = bus.expect_events(1, Duration::from_secs(10));

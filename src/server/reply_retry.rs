@@ -287,6 +287,16 @@ fn settled(transport: &Transport, gone: &GoneQueues, reply: &PendingReply) -> bo
 mod tests {
     use super::*;
 
+    /// The figures the README states (oslo's, but for the bound): a try every 250 ms, a gone
+    /// queue remembered for 60 s and at most 200 of them, at most 1,024 replies waiting.
+    #[test]
+    fn the_documented_figures_are_the_codes() {
+        assert_eq!(RETRY_EVERY, Duration::from_millis(250));
+        assert_eq!(GONE_FOR, Duration::from_secs(60));
+        assert_eq!(GONE_MAX, 200);
+        assert_eq!(MAX_PENDING, 1024);
+    }
+
     /// A retry thread on its own in-process broker, and a tap on that broker.
     fn retrying(name: &str) -> (ReplyRetry, Arc<GoneQueues>, Transport, crate::MemoryTap) {
         let transport = Transport::new(&format!("memory://unit-reply-retry-{name}/")).unwrap();

@@ -347,6 +347,11 @@ impl Connection {
             let mut permanent_in_pass = true;
             let mut tried_in_pass = false;
             for (index, host) in hosts.pass() {
+                // Between hosts, without pausing: a closing transport or server ends the attempt
+                // after the host being tried, not after the whole pass.
+                if tried_in_pass && !pause(Duration::ZERO) {
+                    return Err(Error::Closed);
+                }
                 let Some(timeout) = connect_timeout(options, policy.deadline) else {
                     break;
                 };
@@ -820,7 +825,11 @@ mod tests {
         })
         .err()
         .expect("nothing listens there");
-        assert_eq!(pauses, 2, "a pause after each failed pass but the last");
+        assert_eq!(
+            pauses, 5,
+            "a pause after each failed pass but the last (2), and a look for a stop between \
+             the two hosts of each of the 3 passes"
+        );
         match &error {
             Error::DeliveryFailure { host, reason } => {
                 assert!(host.starts_with("127.0.0.1:"), "{host}");
@@ -838,5 +847,28 @@ mod tests {
             &mut |_| false,
         );
         assert!(matches!(interrupted, Err(Error::Closed)));
+    }
+
+    /// A stop seen between two hosts ends the attempt there: a closing transport does not wait
+    /// for every host's connect timeout.
+    #[test]
+    fn a_stop_between_hosts_ends_the_pass() {
+        let url = TransportUrl::parse("amqp://u:secret@127.0.0.1:1,127.0.0.1:2/").unwrap();
+        let options = options(0, 0, 0, 0);
+        let hosts = HostCycle::new(&url, FailoverStrategy::RoundRobin);
+        let mut asked = Vec::new();
+        let stopped = Connection::establish(
+            &hosts,
+            &url,
+            &options,
+            "send",
+            RetryPolicy::default(),
+            &mut |pause| {
+                asked.push(pause);
+                false
+            },
+        );
+        assert!(matches!(stopped, Err(Error::Closed)), "{:?}", stopped.err());
+        assert_eq!(asked, [Duration::ZERO], "asked once, after the first host");
     }
 }

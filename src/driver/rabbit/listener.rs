@@ -156,13 +156,13 @@ fn session(
         abort: connection.abort_handle(),
         shared: setup.shared.as_ref(),
         patience: connection::patience(&setup.options),
-        cancelled_by: None,
     };
     let end = poll.run_session(&mut rabbit, control);
-    // One deadline for the cancel (when the session was stopped) and the rest.
-    let deadline = rabbit
-        .cancelled_by
-        .unwrap_or_else(|| Instant::now() + connection::patience(&setup.options));
+    // A deadline of its own, not the cancel's: a server's `wait()` (which closes the session)
+    // may come long after its `stop()` (which cancelled), and a broker that answered the cancel
+    // deserves its patience again; one that did not has its socket shut down already, and every
+    // step below fails at once.
+    let deadline = Instant::now() + connection::patience(&setup.options);
     drop(rabbit);
     // Each step waits for the broker's answer: one that stopped answering (or, sharing the
     // send connection, blocked it for an alarm) gets the socket shut down in time.
@@ -303,8 +303,6 @@ struct RabbitConsumers<'a> {
     shared: Option<&'a Arc<Publisher>>,
     /// How long cancelling may wait for the broker ([`connection::patience`]).
     patience: Duration,
-    /// Set when cancelling began: the deadline of the cancel and of the teardown after it.
-    cancelled_by: Option<Instant>,
 }
 
 impl Consumers for RabbitConsumers<'_> {
@@ -412,9 +410,7 @@ impl Consumers for RabbitConsumers<'_> {
         if let Some(publisher) = self.shared {
             publisher.abort_if_blocked();
         }
-        let deadline = *self
-            .cancelled_by
-            .get_or_insert_with(|| Instant::now() + self.patience);
+        let deadline = Instant::now() + self.patience;
         let _watchdog = self
             .abort
             .as_ref()

@@ -173,11 +173,14 @@ impl Driver for RabbitDriver {
                 sink: self.sink.clone(),
                 shared: self.shared(),
             };
-            *reply = Some(ReplyConsumer::start(
-                setup,
-                policy,
-                self.reply_running.clone(),
-            )?);
+            let started = ReplyConsumer::start(setup, policy, self.reply_running.clone())?;
+            if self.closed.load(Ordering::Acquire) {
+                // The transport closed while it started (its close gave up waiting for this
+                // lock): nothing else would ever stop it.
+                started.close(Instant::now() + connection::patience(&self.options));
+                return Err(Error::Closed);
+            }
+            *reply = Some(started);
         }
         Ok(self.reply_queue_name_or_new())
     }
@@ -207,21 +210,25 @@ impl Driver for RabbitDriver {
         Ok(Box::new(listener))
     }
 
-    /// Closes within one deadline, the connections' patience (twice the heartbeat, 2 to 10 s):
-    /// a broker that has not answered by then gets the sockets shut down.
+    /// Stops the heartbeat thread (within one connection attempt), then closes within one
+    /// deadline, the connections' patience (twice the heartbeat, 2 to 10 s): a broker that has
+    /// not answered by then gets the sockets shut down.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let deadline = Instant::now() + connection::patience(&self.options);
-        // First, so that it does not reconnect the send connection while it closes.
+        // First, so that it does not reconnect the send connection while it closes. It stops
+        // within one connection attempt (it looks for the stop between hosts), which the
+        // deadline below does not count: the steps after it get their full patience.
         if let Some(mut heartbeat) = self.heartbeat.lock().take() {
             heartbeat.stop();
         }
+        let deadline = Instant::now() + connection::patience(&self.options);
         // Sharing a blocked send connection (`single_connection`), the reply consumer's
         // teardown would wait for its watchdog: the broker reads nothing from it until the
         // alarm clears.
         self.publisher.abort_if_blocked();
         // A call starting the reply consumer holds this lock until the consumer runs (or its
-        // start fails); one still starting at the deadline is left to its own end.
+        // start fails); one still starting at the deadline closes itself once started
+        // ([`Driver::reply_queue`] looks at `closed` again).
         match self.reply.try_lock_until(deadline) {
             Some(mut reply) => {
                 if let Some(reply) = reply.take() {
