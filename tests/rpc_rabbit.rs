@@ -327,6 +327,13 @@ fn a_fanout_cast_after_the_last_server_left_neither_fails_nor_drops_the_connecti
     let server = bus.server("s1");
     server.stop();
     server.wait();
+    let fanout_exchange = format!("{}_fanout", bus.topic);
+    let fanout_exchange_exists = || {
+        rabbitmqctl_json(&["list_exchanges", "name"])
+            .iter()
+            .any(|e| e["name"] == fanout_exchange.as_str())
+    };
+    assert!(!fanout_exchange_exists(), "it went with the last queue");
     // Unconfirmed first: the broker closes that channel while it sits in the pool, and the
     // last cast must not pick it up again.
     for unconfirmed in [true, false, true] {
@@ -335,14 +342,10 @@ fn a_fanout_cast_after_the_last_server_left_neither_fails_nor_drops_the_connecti
             .cast(&ctx(), "record", &json!({"n": 2}))
             .unwrap_or_else(|e| panic!("fanout cast to nobody (unconfirmed: {unconfirmed}): {e}"));
     }
-    // Declared again by the client (auto-delete, it went with the last queue bound to it; with
-    // no binding since, it stays): no server has started since s1 left.
-    let fanout_exchange = format!("{}_fanout", bus.topic);
-    let exchanges = rabbitmqctl_json(&["list_exchanges", "name"]);
+    // Declared again by the client (with no binding since, the auto-delete exchange stays): no
+    // server has started since s1 left.
     assert!(
-        exchanges
-            .iter()
-            .any(|e| e["name"] == fanout_exchange.as_str()),
+        fanout_exchange_exists(),
         "{fanout_exchange} not declared again"
     );
     bus.start_server("s2", 1);

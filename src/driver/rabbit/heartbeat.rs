@@ -50,9 +50,15 @@ impl Heartbeat {
         })
     }
 
+    /// Asks the thread to stop (interrupting a reconnect in progress) without waiting for it.
+    pub fn tell_to_stop(&self) {
+        // Full: it has been told already.
+        let _ = self.stop.try_send(());
+    }
+
     /// Stops the thread (interrupting a reconnect in progress) and joins it.
     pub fn stop(&mut self) {
-        let _ = self.stop.try_send(());
+        self.tell_to_stop();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 error!("the heartbeat thread panicked");

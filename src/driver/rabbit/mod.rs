@@ -210,18 +210,20 @@ impl Driver for RabbitDriver {
         Ok(Box::new(listener))
     }
 
-    /// Stops the heartbeat thread (within one connection attempt), then closes within one
-    /// deadline, the connections' patience (twice the heartbeat, 2 to 10 s): a broker that has
-    /// not answered by then gets the sockets shut down.
+    /// Closes within one deadline, the connections' patience (twice the heartbeat, 2 to 10 s):
+    /// a broker that has not answered by then gets the sockets shut down. The heartbeat thread
+    /// is joined last, within one connection attempt more.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        // First, so that it does not reconnect the send connection while it closes. It stops
-        // within one connection attempt (it looks for the stop between hosts), which the
-        // deadline below does not count: the steps after it get their full patience.
-        if let Some(mut heartbeat) = self.heartbeat.lock().take() {
-            heartbeat.stop();
-        }
         let deadline = Instant::now() + connection::patience(&self.options);
+        // Told to stop first, so that it does not reconnect the send connection while it
+        // closes (a reconnect under way sees the stop between hosts, or finds the publisher
+        // closed); joined last: it may be waiting for the send connection, which the
+        // publisher's close frees when the broker stopped answering.
+        let heartbeat = self.heartbeat.lock().take();
+        if let Some(heartbeat) = &heartbeat {
+            heartbeat.tell_to_stop();
+        }
         // Sharing a blocked send connection (`single_connection`), the reply consumer's
         // teardown would wait for its watchdog: the broker reads nothing from it until the
         // alarm clears.
@@ -238,5 +240,8 @@ impl Driver for RabbitDriver {
             None => warn!("the reply consumer was still starting when the transport closed"),
         }
         self.publisher.close(deadline);
+        if let Some(mut heartbeat) = heartbeat {
+            heartbeat.stop();
+        }
     }
 }

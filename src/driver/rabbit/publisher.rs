@@ -537,8 +537,15 @@ impl Publisher {
         let deadline = policy
             .deadline
             .unwrap_or_else(|| Instant::now() + DEFAULT_PUBLISH_TIMEOUT);
-        if self.lock_until(deadline)?.is_some() {
-            return Ok(());
+        {
+            let guard = self.lock_until(deadline)?;
+            // Closed while it waited for the lock: no new connection just to close it.
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            if guard.is_some() {
+                return Ok(());
+            }
         }
         let mut connection =
             Connection::establish(&self.hosts, &self.url, &self.options, "send", policy, pause)?;
