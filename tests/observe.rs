@@ -19,7 +19,7 @@ use warren::{
 };
 
 use common::proxy::Proxy;
-use common::{broker_url, ctx, memory_url, unique};
+use common::{broker_url, ctx, eventually, memory_url, unique};
 
 /// What the tests wait for, without sleeping: the events a [`Stats`] also records.
 #[derive(Debug, Clone, PartialEq)]
@@ -386,6 +386,17 @@ fn rabbit_connection_events_and_reconnects_are_reported() {
     // The server reports a request finished once its reply is sent: maybe after the caller
     // has it.
     expect(&events, &Seen::Finished("ping".into()), within);
+    // Two threads may reconnect the send connection at once (its watchdog and this call): the
+    // one that loses the race closes its spare, once its connect (slow on a loaded machine)
+    // returns. Until then two are open.
+    let one_each = |snapshot: &StatsSnapshot| {
+        ConnectionRole::ALL
+            .iter()
+            .all(|role| snapshot.connection(*role).is_some_and(|c| c.open == 1))
+    };
+    eventually("one open connection of each role", within, || {
+        one_each(&stats.snapshot())
+    });
     let after = stats.snapshot();
     println!("{after}");
     for role in ConnectionRole::ALL {
