@@ -35,7 +35,13 @@ fn fifty_reconnects_in_a_row_leak_nothing() {
 
     // Broker side: of every connection this proxy ever carried, only the live ones remain:
     // the server's listen and send (replies) connections, the client's reply and send ones.
-    assert_eq!(proxy.open_connections(), 4);
+    // (Eventually: a spare send connection of two threads reconnecting at once is closed by
+    // the one that lost the race, and the proxy sees its end a moment later.)
+    common::eventually(
+        "four connections through the proxy",
+        Duration::from_secs(10),
+        || proxy.open_connections() == 4,
+    );
     let ours: HashSet<u16> = proxy.upstream_ports().into_iter().collect();
     assert!(
         ours.len() > 150,
