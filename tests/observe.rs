@@ -394,10 +394,11 @@ fn rabbit_connection_events_and_reconnects_are_reported() {
             .iter()
             .all(|role| snapshot.connection(*role).is_some_and(|c| c.open == 1))
     };
+    let mut after = stats.snapshot();
     eventually("one open connection of each role", within, || {
-        one_each(&stats.snapshot())
+        after = stats.snapshot();
+        one_each(&after)
     });
-    let after = stats.snapshot();
     println!("{after}");
     for role in ConnectionRole::ALL {
         let c = after.connection(role).unwrap_or_else(|| panic!("{role}"));

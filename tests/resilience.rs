@@ -315,7 +315,7 @@ fn a_blackholed_host_is_detected_and_the_second_host_takes_over() {
     );
     let moved = blackholed.elapsed();
     assert!(
-        moved <= Duration::from_millis(4000),
+        moved <= Duration::from_secs(5),
         "moved after {moved:?}: 2 s to detect (heartbeat 1 s) + reconnect"
     );
     let server = bus.server("s1");
@@ -787,6 +787,10 @@ fn failing_casts_end_in_the_dead_letter_queue_after_their_attempts() {
         "{events:?}"
     );
     bus.expect_quiet(Duration::from_millis(500));
+    // A worker dead-letters the last attempt after its handler's event: wait for both there.
+    eventually("both casts dead-lettered", Duration::from_secs(10), || {
+        common::queue_count(&dlq, "messages") == 2
+    });
 
     let mut connection = amiquip::Connection::insecure_open(&broker_url()).unwrap();
     let channel = connection.open_channel(None).unwrap();

@@ -494,7 +494,9 @@ mod tests {
         }
         std::thread::sleep(RETRY_EVERY / 5);
         assert_eq!(handed_over(&retry), HANDOFF, "the full thread took more");
-        let seen = tries(&tap, Instant::now(), 2 * RETRY_EVERY + RETRY_EVERY / 2);
+        // Two rounds fit in 2.5 intervals only if a round of ~1,000 tries is quick: allowed
+        // 8 here, for a loaded machine.
+        let seen = tries(&tap, Instant::now(), 8 * RETRY_EVERY);
         let first = seen.iter().filter(|(q, _, _)| q == "reply_full_0").count();
         assert!(
             first >= 2,

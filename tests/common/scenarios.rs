@@ -688,33 +688,34 @@ pub fn call_monitoring_keeps_long_calls_alive_and_catches_lost_ones(url: &str) {
     bus.start_server("s1", 2);
     let monitored = bus
         .client(Codec::Json)
-        .timeout(Duration::from_secs(10))
-        .call_monitor_timeout(Duration::from_secs(2));
-    // 3.5 s of work, longer than the 2 s monitor: keep-alives every second keep it going.
+        .timeout(Duration::from_secs(15))
+        .call_monitor_timeout(Duration::from_secs(4));
+    // 6 s of work, longer than the 4 s monitor: keep-alives every 2 s keep it going (each
+    // with 2 s to spare, for a loaded machine).
     let started = Instant::now();
     let slept: u64 = monitored
-        .call(&ctx(), "sleep", &json!({"ms": 3500}))
+        .call(&ctx(), "sleep", &json!({"ms": 6000}))
         .unwrap();
-    assert_eq!(slept, 3500);
-    assert!(started.elapsed() >= Duration::from_millis(3500));
+    assert_eq!(slept, 6000);
+    assert!(started.elapsed() >= Duration::from_millis(6000));
     let seen: Value = monitored.call(&ctx(), "context", &()).unwrap();
     assert_eq!(
-        seen["client_timeout"], 2,
+        seen["client_timeout"], 4,
         "the server sees the monitor timeout"
     );
-    // Nobody consumes the queue any more: the monitor, not the 10 s timeout, ends the call.
+    // Nobody consumes the queue any more: the monitor, not the 15 s timeout, ends the call.
     let server = bus.server("s1");
     server.stop();
     server.wait();
     let started = Instant::now();
     let lost: Result<Value, Error> = monitored.call(&ctx(), "whoami", &());
     match lost {
-        Err(Error::Timeout { timeout, .. }) => assert_eq!(timeout, Duration::from_secs(2)),
+        Err(Error::Timeout { timeout, .. }) => assert_eq!(timeout, Duration::from_secs(4)),
         other => panic!("{other:?}"),
     }
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_secs(2) && waited < Duration::from_secs(4),
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(7),
         "{waited:?}"
     );
 }
