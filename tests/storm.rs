@@ -179,6 +179,9 @@ struct Figures {
     recoveries: Vec<Option<Duration>>,
     /// Attempts within [`SETTLE`] after the recovery.
     attempts_after_recovery: usize,
+    /// Connections that ended by themselves after the recovery (a heartbeat a starved machine
+    /// missed): each may be replaced by an attempt.
+    lost_after_recovery: usize,
     queues_before: BTreeSet<String>,
     queues_after: BTreeSet<String>,
     consumers_after: usize,
@@ -301,6 +304,7 @@ fn storm(splay: &'static str, n: usize) -> Figures {
         .map(|t| t.saturating_duration_since(cut))
         .collect();
     let attempts_after_recovery = attempts[before..].iter().filter(|t| **t > end).count();
+    let lost_after_recovery = proxy.ends().iter().filter(|t| **t > end).count();
     let mut buckets = vec![0; (end - cut).as_millis() as usize / BUCKET.as_millis() as usize + 1];
     for t in &storm {
         buckets[(t.as_millis() / BUCKET.as_millis()) as usize] += 1;
@@ -319,6 +323,7 @@ fn storm(splay: &'static str, n: usize) -> Figures {
         consuming_at_end_of_outage,
         recoveries,
         attempts_after_recovery,
+        lost_after_recovery,
         queues_before,
         queues_after,
         consumers_after,
@@ -422,10 +427,15 @@ fn assert_recovered_cleanly(f: &Figures) {
         "splay {}: one connection per server",
         f.splay
     );
-    assert_eq!(
-        f.attempts_after_recovery, 0,
-        "splay {}: no connection attempt once every server consumes",
-        f.splay
+    // None but to replace a connection lost since: on a loaded machine a server's thread can
+    // miss two 1 s heartbeats, and its connection is then really lost.
+    assert!(
+        f.attempts_after_recovery <= f.lost_after_recovery,
+        "splay {}: {} connection attempts once every server consumes, for {} connections lost \
+         since",
+        f.splay,
+        f.attempts_after_recovery,
+        f.lost_after_recovery
     );
     assert!(
         f.attempts() >= 2 * n,

@@ -31,6 +31,8 @@ struct State {
     attempts: Mutex<Vec<Instant>>,
     /// Chunks from clients the blackhole swallowed.
     swallowed_from_clients: AtomicU64,
+    /// When each connection ended by itself (one side closed it), not by [`Proxy::cut_all`].
+    ends: Mutex<Vec<Instant>>,
 }
 
 pub struct Proxy {
@@ -117,6 +119,12 @@ impl Proxy {
     /// order.
     pub fn attempts(&self) -> Vec<Instant> {
         self.state.attempts.lock().clone()
+    }
+
+    /// When each connection ended by itself (a side closed it: a client that gave up on a
+    /// connection whose heartbeats it missed, say), not by [`Proxy::cut_all`], in order.
+    pub fn ends(&self) -> Vec<Instant> {
+        self.state.ends.lock().clone()
     }
 
     /// How many chunks (reads) from clients the blackhole swallowed: that a client sent
@@ -209,7 +217,10 @@ fn pump(
     // A blackhole swallows the end of a connection too: the other side must find out by
     // itself (missed heartbeats).
     if !state.blackhole.load(Ordering::Acquire) {
-        open.store(false, Ordering::Release);
+        // The first of the pair's two pumps to see the end (a cut marked it already).
+        if open.swap(false, Ordering::AcqRel) {
+            state.ends.lock().push(Instant::now());
+        }
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     }
