@@ -482,8 +482,10 @@ fn a_flood_of_hostile_traffic_loses_nothing_valid() {
     let started = Instant::now();
     let who: String = client.call(&ctx(), "whoami", &()).unwrap();
     assert_eq!(who, "s1");
+    // "At once" with room for a loaded machine: a server still stuck on the flood (a worker
+    // or the listener wedged) would not answer at all.
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );

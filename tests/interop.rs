@@ -125,7 +125,11 @@ fn python_dispatch_rules_reach_rust_callers() {
 fn a_rust_call_to_a_slow_python_method_times_out() {
     let mut bus = Bus::new(&broker_url());
     let _python = python_server(&mut bus, "py1");
-    let client = json_client(&bus).timeout(Duration::from_millis(800));
+    let client = json_client(&bus);
+    // Connected, with its reply queue, before the timed part.
+    let who: Value = client.call(&oslo_ctx(), "whoami", &()).unwrap();
+    assert_eq!(who, json!("py1"));
+    let client = client.timeout(Duration::from_millis(800));
     let started = Instant::now();
     let result: Result<Value, Error> = client.call(&oslo_ctx(), "sleep", &json!({"seconds": 2}));
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");

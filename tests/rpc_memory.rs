@@ -1014,14 +1014,15 @@ fn a_stopping_server_drops_a_reply_to_a_missing_queue_at_once() {
     let gone = common::unique("reply_gone");
     let copy = edited_copy(
         &call,
-        &[(&reply_q, &gone), (r#"\"ms\": 1"#, r#"\"ms\": 300"#)],
+        &[(&reply_q, &gone), (r#"\"ms\": 1"#, r#"\"ms\": 2000"#)],
     );
     let msg_id = copy.field("_msg_id").expect("a _msg_id");
-    assert_eq!(field(&copy, "args"), json!({"ms": 300}));
+    assert_eq!(field(&copy, "args"), json!({"ms": 2000}));
     assert_eq!(tap.publish(&copy), 1);
+    // Long enough for the stop to come while it runs, however starved this thread is.
     assert_eq!(
         values(&bus.expect_events(1, WAIT)),
-        [json!(300)],
+        [json!(2000)],
         "it started"
     );
     let server = bus.server("s1");

@@ -30,10 +30,15 @@ impl DecayingTimer {
 
     /// How long the next poll may wait; `None` once the deadline has passed.
     pub fn next_timeout(&self) -> Option<Duration> {
+        self.next_timeout_at(Instant::now())
+    }
+
+    /// [`next_timeout`](Self::next_timeout) as of `now`.
+    fn next_timeout_at(&self, now: Instant) -> Option<Duration> {
         match self.deadline {
             None => Some(self.interval),
             Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
+                let left = deadline.saturating_duration_since(now);
                 (!left.is_zero()).then(|| left.min(self.interval))
             }
         }
@@ -70,18 +75,24 @@ mod tests {
 
     #[test]
     fn deadline_caps_and_expires() {
-        let mut t = DecayingTimer::until(Some(Instant::now() + Duration::from_millis(200)));
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(200);
+        let mut t = DecayingTimer::until(Some(deadline));
+        assert_eq!(t.next_timeout_at(now), Some(Duration::from_millis(1)));
         for _ in 0..20 {
             t.idle();
         }
-        let left = t.next_timeout().unwrap();
-        assert!(
-            left <= Duration::from_millis(200) && left > Duration::from_millis(100),
-            "{left:?}"
+        // The interval grew to 5 s: the time left caps it, to the millisecond.
+        assert_eq!(t.next_timeout_at(now), Some(Duration::from_millis(200)));
+        assert_eq!(
+            t.next_timeout_at(now + Duration::from_millis(150)),
+            Some(Duration::from_millis(50))
         );
         assert_eq!(
-            DecayingTimer::until(Some(Instant::now())).next_timeout(),
-            None
+            t.next_timeout_at(deadline - Duration::from_millis(1)),
+            Some(Duration::from_millis(1))
         );
+        assert_eq!(t.next_timeout_at(deadline), None);
+        assert_eq!(DecayingTimer::until(Some(now)).next_timeout(), None);
     }
 }

@@ -123,17 +123,18 @@ mod tests {
         let (ops, done) = crossbeam_channel::unbounded();
         let requeue = DelayedRequeue::start().unwrap();
         let started = Instant::now();
-        requeue.requeue_after(acker(1, &ops), Duration::from_millis(200));
-        requeue.requeue_after(acker(2, &ops), Duration::from_millis(300));
+        requeue.requeue_after(acker(1, &ops), Duration::from_secs(2));
+        requeue.requeue_after(acker(2, &ops), Duration::from_millis(2500));
+        // Far less than the pause, however starved this thread is.
         assert!(
-            started.elapsed() < Duration::from_millis(200),
+            started.elapsed() < Duration::from_secs(2),
             "the caller never waits"
         );
         let first = done.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() >= Duration::from_secs(2));
         assert_eq!(rejected(&first), Some(1));
         let second = done.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(started.elapsed() >= Duration::from_millis(2500));
         assert_eq!(rejected(&second), Some(2));
     }
 

@@ -328,6 +328,11 @@ pub fn slow_handler_times_out_and_late_reply_is_dropped(url: &str) {
     bus.start_server("s1", 2);
     let transport = bus.transport(Codec::MsgPack);
     let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
+    // Connected, with its reply queue, before the timed part.
+    let warm: i64 = client
+        .call(&ctx(), "add", &json!({"a": 1, "b": 1}))
+        .unwrap();
+    assert_eq!(warm, 2);
     let timeout = Duration::from_millis(400);
     let started = Instant::now();
     let result: Result<u64, Error> =
@@ -369,6 +374,9 @@ pub fn topic_nobody_serves_times_out(url: &str) {
         .prepare()
         .topic(unique("nobody"))
         .timeout(Duration::from_millis(300));
+    // A cast to nobody is accepted by the broker and dropped (oslo semantics); it connects the
+    // transport before the timed part.
+    client.cast(&ctx(), "echo", &json!({})).unwrap();
     let started = Instant::now();
     let result: Result<Value, Error> = client.call(&ctx(), "echo", &json!({}));
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
@@ -377,8 +385,6 @@ pub fn topic_nobody_serves_times_out(url: &str) {
         "{:?}",
         started.elapsed()
     );
-    // A cast to nobody is accepted by the broker and dropped (oslo semantics).
-    client.cast(&ctx(), "echo", &json!({})).unwrap();
 }
 
 pub fn remote_failures_carry_class_module_message(url: &str) {

@@ -162,7 +162,7 @@ fn session(
     // may come long after its `stop()` (which cancelled), and a broker that answered the cancel
     // deserves its patience again; one that did not has its socket shut down already, and every
     // step below fails at once.
-    let deadline = Instant::now() + connection::patience(&setup.options);
+    let deadline = Instant::now() + rabbit.patience;
     drop(rabbit);
     // Each step waits for the broker's answer: one that stopped answering (or, sharing the
     // send connection, blocked it for an alarm) gets the socket shut down in time.
