@@ -412,9 +412,16 @@ mod tests {
         );
         declare(&transport, "reply_later");
         tap.drain();
+        // A try routed just before the declaration may reach the tap after the drain (a
+        // starved thread seen here: a third try at 747 ms, unrouted, after it); then one
+        // delivery and nothing more.
         let after = tries(&tap, handed, 4 * RETRY_EVERY);
+        let delivered = match &after[..] {
+            [(_, false, _), rest @ ..] => rest,
+            all => all,
+        };
         assert!(
-            matches!(&after[..], [(q, true, _)] if q == "reply_later"),
+            matches!(delivered, [(q, true, _)] if q == "reply_later"),
             "delivered once its queue exists, then not sent again: {after:?}"
         );
         assert!(!gone.contains("reply_later"));
