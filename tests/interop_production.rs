@@ -154,6 +154,7 @@ impl Site {
                     server: server_name.clone(),
                     method: "count".into(),
                     value: args["n"].clone(),
+                    at: std::time::Instant::now(),
                 });
                 Ok::<_, Failure>(())
             },

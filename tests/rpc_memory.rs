@@ -474,13 +474,6 @@ fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
         Some(&json!("builtins.ValueError: no way"))
     );
     assert_eq!(field(&dead, "method"), "fail");
-    let after = tap.drain();
-    assert!(after.is_empty(), "nothing after the dead letter: {after:?}");
-    assert_eq!(
-        tap.queue_len(&dlq),
-        Some(1),
-        "it waits in the dead-letter queue"
-    );
     client
         .cast(&ctx(), "record", &json!({"after": true}))
         .unwrap();
@@ -493,6 +486,22 @@ fn after_handling_dead_letters_a_failing_cast_after_its_last_attempt() {
         methods,
         ["fail", "fail", "fail", "record"],
         "requeue_limit 2: three attempts, then the dead-letter queue"
+    );
+    // The only worker served the next cast, so its dead-letter send had returned (the tap sees
+    // a message before its queue holds it).
+    let resent: Vec<_> = tap
+        .drain()
+        .into_iter()
+        .filter(|m| m.exchange.is_empty())
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "nothing re-sent after the dead letter: {resent:?}"
+    );
+    assert_eq!(
+        tap.queue_len(&dlq),
+        Some(1),
+        "it waits in the dead-letter queue"
     );
 }
 
@@ -509,22 +518,26 @@ fn a_failed_cast_that_cannot_be_dead_lettered_is_handled_again_only_after_a_paus
     );
     assert!(!tap.delete_queue(&dlq));
     let client = bus.client(Codec::Json);
-    let started = std::time::Instant::now();
     client.cast(&ctx(), "fail", &no_way()).unwrap();
     // requeue_limit 2: two requeues, then every try goes to the missing dead-letter queue.
+    let first = next(&tap, "the first try to dead-letter it", |m| {
+        m.routing_key == dlq
+    });
+    assert!(first.queues.is_empty(), "the queue is gone: {first:?}");
+    let seen_first = std::time::Instant::now();
     let window = Duration::from_millis(1500);
-    let mut to_dlq = 0;
-    while let Some(m) = tap.recv_timeout(window.saturating_sub(started.elapsed())) {
+    let mut to_dlq = 1;
+    while let Some(m) = tap.recv_timeout(window.saturating_sub(seen_first.elapsed())) {
         if m.routing_key == dlq {
             assert!(m.queues.is_empty(), "the queue is gone: {m:?}");
             to_dlq += 1;
         }
     }
-    // The first try, and at most one more after a 1 s pause (never more: a loaded machine
-    // only makes them later). Without the pause: thousands.
-    assert!((1..=2).contains(&to_dlq), "{to_dlq} tries in {window:?}");
+    // A try a second at most: the first, and within the next 1.5 s one more, or two if this
+    // thread saw the first late. Without the pause: thousands.
+    assert!(to_dlq <= 3, "{to_dlq} tries in {window:?}");
     let handled = bus.events.try_iter().filter(|e| e.method == "fail").count();
-    assert!(handled <= 4, "handled {handled} times in {window:?}");
+    assert!(handled <= 6, "handled {handled} times in {window:?}");
 }
 
 /// The pause before such a cast goes back to its queue does not hold its worker: the only
@@ -537,25 +550,28 @@ fn the_pause_before_a_failed_cast_goes_back_does_not_hold_the_worker() {
     assert!(tap.delete_queue(&dlq));
     let client = bus.client(Codec::Json);
     client.cast(&ctx(), "fail", &no_way()).unwrap();
-    // The third handling's re-send goes to the missing dead-letter queue: its pause begins.
-    next(&tap, "the try to dead-letter the cast", |m| {
-        m.routing_key == dlq
+    // Its last attempt is queued: the next cast waits behind it, there (in all likelihood)
+    // before the pause begins, so that when it is served depends on the worker alone.
+    next(&tap, "the cast's second re-send", |m| {
+        m.exchange.is_empty() && m.headers.get("x-warren-attempts") == Some(&json!(2))
     });
-    let paused = std::time::Instant::now();
     client.cast(&ctx(), "record", &json!({"n": 1})).unwrap();
-    let mut methods = Vec::new();
-    while methods.last().map(String::as_str) != Some("record") {
-        methods.push(bus.expect_events(1, WAIT).remove(0).method);
+    let mut events = Vec::new();
+    while events.last().map(|e: &common::Event| e.method.as_str()) != Some("record") {
+        events.push(bus.expect_events(1, WAIT).remove(0));
     }
-    let served_after = paused.elapsed();
+    let methods: Vec<&str> = events.iter().map(|e| e.method.as_str()).collect();
     assert_eq!(
         methods,
         ["fail", "fail", "fail", "record"],
         "the cast waited for the pause"
     );
+    // Timed by the handlers: from the last attempt's start (its re-send to the missing
+    // dead-letter queue then fails, and the 1 s pause begins) to the next cast's.
+    let served_after = events[3].at - events[2].at;
     assert!(
-        served_after < Duration::from_millis(800),
-        "served {served_after:?} into the 1 s pause: the worker waited it out"
+        served_after < Duration::from_secs(1),
+        "served {served_after:?} after the last attempt began: the worker waited out the 1 s pause"
     );
 }
 
@@ -581,7 +597,6 @@ fn a_cast_claiming_the_most_attempts_is_dead_lettered_at_once() {
         dead.headers.get("x-warren-attempts"),
         Some(&json!(u32::MAX))
     );
-    assert_eq!(tap.queue_len(&dlq), Some(2));
     // The worker lives on.
     client
         .cast(&ctx(), "record", &json!({"after": true}))
@@ -592,6 +607,8 @@ fn a_cast_claiming_the_most_attempts_is_dead_lettered_at_once() {
         .map(|e| e.method)
         .collect();
     assert_eq!(methods, ["fail", "fail", "fail", "fail", "record"]);
+    // Read once the worker went on: its dead-letter send had returned.
+    assert_eq!(tap.queue_len(&dlq), Some(2));
 }
 
 /// Two servers of one topic whose `work` cast reports `(server, n)`; `s1`'s waits at `gate`.
@@ -823,16 +840,18 @@ fn keep_alives_come_every_interval_and_stop_with_the_call() {
         .client(Codec::Json)
         .timeout(Duration::from_secs(30))
         .call_monitor_timeout(Duration::from_secs(2));
+    let sent = std::time::Instant::now();
     let caller = std::thread::spawn(move || client.call::<_, i64>(&ctx(), "hold", &json!({})));
-    let began = started.recv_timeout(WAIT).expect("the handler started");
+    started.recv_timeout(WAIT).expect("the handler started");
     let keep_alive =
         |m: &TappedMessage| m.exchange.is_empty() && field(m, "ending") == json!(false);
     let first = next(&tap, "a first keep-alive", keep_alive);
+    // Its interval (1 s) counts from when the request reached the server, after it was sent.
     let first_at = std::time::Instant::now();
     assert!(
-        first_at - began >= Duration::from_millis(900),
-        "the first keep-alive came {:?} after the handler started, not one interval (1 s)",
-        first_at - began
+        first_at - sent >= Duration::from_secs(1),
+        "the first keep-alive came {:?} after the call was sent, not one interval (1 s)",
+        first_at - sent
     );
     let msg_id = first.field("_msg_id").expect("a keep-alive names its call");
     let ours = |m: &TappedMessage| keep_alive(m) && m.field("_msg_id").as_ref() == Some(&msg_id);
@@ -840,11 +859,11 @@ fn keep_alives_come_every_interval_and_stop_with_the_call() {
     assert_eq!(second.field("_msg_id").as_ref(), Some(&msg_id));
     gate.open();
     assert_eq!(caller.join().expect("caller").expect("the reply"), 1);
-    // The handler ran about two intervals: one more keep-alive at most if the gate opened
-    // late (continuous keep-alives would be hundreds).
+    // The handler ran about two intervals: one more keep-alive, or two or three if this
+    // thread opened the gate late (continuous keep-alives would be hundreds).
     let during = tap.drain().into_iter().filter(|m| ours(m)).count();
     assert!(
-        during <= 1,
+        during <= 3,
         "{during} more keep-alives, not one an interval"
     );
     // Once the call is over, none (one may have been on its way as it ended; watched on,

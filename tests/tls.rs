@@ -818,6 +818,7 @@ impl TlsInterop {
                         server: server_name.clone(),
                         method: "count".into(),
                         value: args["n"].clone(),
+                        at: std::time::Instant::now(),
                     });
                     Ok::<_, warren::Failure>(())
                 }),

@@ -168,6 +168,8 @@ pub struct Event {
     pub server: String,
     pub method: String,
     pub value: Value,
+    /// When the handler reported it: what ran when, however late the test thread reads it.
+    pub at: Instant,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +204,7 @@ pub fn endpoints(server: &str, events: Sender<Event>) -> Vec<Endpoint> {
             server: name.clone(),
             method: method.to_string(),
             value,
+            at: Instant::now(),
         });
     };
     let (who, record, slept) = (server.to_string(), report.clone(), report.clone());
