@@ -503,8 +503,7 @@ mod tests {
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
         };
-        let seen = tries_until(&tap, handed, |seen| distinct(seen) == 60);
-        assert!(seen.iter().all(|(q, _, _)| q.starts_with("reply_missing_")));
+        tries_until(&tap, handed, |seen| distinct(seen) == 60);
     }
 
     /// Replies in the hand-off to the thread.
