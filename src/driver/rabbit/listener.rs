@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
+use super::acks::{self, ReadTags};
 use super::connection::{
     self, amqp_error, AbortHandle, Backoff, Connection, HostCycle, RetryPolicy,
 };
@@ -151,6 +152,7 @@ fn session(
         receivers: receivers.clone(),
         queues: setup.spec.consumed().map(|q| q.name.clone()).collect(),
         unacked: HashMap::new(),
+        read: ReadTags::default(),
         address: &address,
         next_stream_offset: &setup.next_stream_offset,
         abort: connection.abort_handle(),
@@ -293,6 +295,9 @@ struct RabbitConsumers<'a> {
     /// The queue of each receiver.
     queues: Vec<String>,
     unacked: HashMap<u64, Delivery>,
+    /// Which of the channel's deliveries the loop has read: one `multiple` ack must not
+    /// cover a delivery still waiting in a receiver ([`acks`]).
+    read: ReadTags,
     address: &'a str,
     next_stream_offset: &'a AtomicI64,
     /// Shuts the connection's socket down if the broker does not answer a cancel in time
@@ -316,6 +321,7 @@ impl Consumers for RabbitConsumers<'_> {
         match item {
             ConsumerMessage::Delivery(mut delivery) => {
                 let tag = delivery.delivery_tag();
+                self.read.read(tag);
                 if let Some(offset) = stream_offset(&delivery.properties) {
                     self.next_stream_offset
                         .store(offset.saturating_add(1), Ordering::Release);
@@ -360,21 +366,13 @@ impl Consumers for RabbitConsumers<'_> {
     }
 
     fn ack_all(&mut self, tags: &[u64]) -> Vec<Result<()>> {
-        let Some(&last) = tags.iter().max() else {
-            return Vec::new();
-        };
-        // One `basic.ack` with `multiple` covers every delivery up to `last`: only when those
-        // are exactly the ones to acknowledge.
-        let covered = self
-            .unacked
-            .keys()
-            .all(|tag| *tag > last || tags.contains(tag));
-        if tags.len() < 2 || !covered {
+        let Some(last) = acks::one_ack_for(tags, self.unacked.keys().copied(), &self.read) else {
             return tags
                 .iter()
                 .map(|tag| self.settle(*tag, AckKind::Ack))
                 .collect();
-        }
+        };
+        // The batch is exactly what the broker holds unacknowledged up to `last`: one frame.
         let mut newest = None;
         for tag in tags {
             if let Some(delivery) = self.unacked.remove(tag) {

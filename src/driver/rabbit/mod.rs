@@ -6,7 +6,8 @@
 //! its poll thread ([`listener`]). [`connection`] opens them all and is the one recovery
 //! path: failover between hosts, backoff with jitter, retry and deadline; each owner then
 //! re-creates what lived on the lost connection (channels, topology, consumers).
-//! [`topology`] declares what oslo declares.
+//! [`topology`] declares what oslo declares; [`acks`] decides when one `multiple` ack may
+//! stand for several deliveries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::options::TransportOptions;
 use crate::url::TransportUrl;
 
+mod acks;
 mod connection;
 mod heartbeat;
 mod link;
