@@ -881,7 +881,7 @@ impl PubChannel {
         }
         if message.mandatory {
             while let Ok(returned) = self.returns.try_recv() {
-                if returned.exchange == exchange && returned.routing_key == routing_key {
+                if is_return_of(&returned, &exchange, &routing_key, message.body) {
                     return Err(Error::Undeliverable {
                         exchange,
                         routing_key,
@@ -947,9 +947,52 @@ impl Drop for DirectCall {
     }
 }
 
+/// Whether `returned` is the message just published to `exchange` with `routing_key`.
+///
+/// A mandatory publish that gave up waiting for its confirm leaves its channel in the pool,
+/// and the broker's `basic.return` for it may reach the channel's next user: one published to
+/// the same address is not that message unless its body is the same (a request's, reply's or
+/// keep-alive's body carries its own `_unique_id` or `_msg_id` and position; equal bodies are
+/// the same message sent again). Older returns read on the way are dropped.
+fn is_return_of(returned: &Return, exchange: &str, routing_key: &str, body: &[u8]) -> bool {
+    let ours = returned.exchange == exchange
+        && returned.routing_key == routing_key
+        && returned.content == body;
+    if !ours {
+        debug!(
+            "dropping the late return of an earlier publish to {:?}/{:?}",
+            returned.exchange, returned.routing_key
+        );
+    }
+    ours
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_return_of_an_earlier_publish_is_not_taken_for_the_next_ones() {
+        let returned = |body: &[u8]| Return {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+            exchange: "openstack".into(),
+            routing_key: "reply_1".into(),
+            content: body.to_vec(),
+            properties: AmqpProperties::default(),
+        };
+        let earlier = br#"{"_msg_id": "1", "result": 1}"#;
+        let next = br#"{"_msg_id": "1", "ending": true}"#;
+        assert!(is_return_of(&returned(next), "openstack", "reply_1", next));
+        assert!(!is_return_of(
+            &returned(earlier),
+            "openstack",
+            "reply_1",
+            next
+        ));
+        assert!(!is_return_of(&returned(next), "openstack", "reply_2", next));
+        assert!(!is_return_of(&returned(next), "nova", "reply_1", next));
+    }
 
     #[test]
     fn properties_match_every_oslo_capture() {
