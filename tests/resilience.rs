@@ -1057,3 +1057,42 @@ fn nacked_publishes_are_sent_again_within_their_timeout() {
     connection.close().unwrap();
     delete_on_broker(&broker_url(), &[topic], &[exchange]);
 }
+
+/// A mandatory cast (`at_least_once`) that gave up waiting for its confirm checks its channel
+/// back in, and the broker's `basic.return` for it comes later, on that channel. The next cast
+/// to the same topic, routed since a server came, is not reported undeliverable for it.
+#[test]
+fn a_late_return_of_a_timed_out_cast_is_not_taken_for_the_next_ones() {
+    let mut bus = Bus::new(&broker_url());
+    let proxy = Proxy::start("127.0.0.1:5672");
+    // No heartbeats: the only frames from the broker are the answers to these casts.
+    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
+    let transport = Transport::builder(&url)
+        .control_exchange(bus.exchange.as_str())
+        .build()
+        .unwrap();
+    let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()))
+        .at_least_once(true)
+        .timeout(Duration::from_secs(2));
+    let cast = |client: &RpcClient, n: u64| client.cast(&ctx(), "record", &json!({ "n": n }));
+    // Nobody serves the topic yet: returned at once (and the send channel exists).
+    assert!(matches!(cast(&client, 0), Err(Error::Undeliverable { .. })));
+    // Longer than the cast's timeout, which must also leave it time to go out.
+    proxy.delay_to_clients(Duration::from_secs(5));
+    assert!(
+        matches!(cast(&client, 1), Err(Error::Timeout { .. })),
+        "its return and confirm are held in the proxy"
+    );
+    eventually(
+        "the broker answered the timed-out cast",
+        Duration::from_secs(10),
+        || proxy.held_for_clients() > 0,
+    );
+    proxy.delay_to_clients(Duration::ZERO);
+    bus.start_server("s1", 1);
+    // Sent on the same channel: its confirm comes after that return.
+    let patient = client.prepare().timeout(Duration::from_secs(30));
+    cast(&patient, 2).expect("a cast the broker routed");
+    let events = bus.expect_events(1, Duration::from_secs(10));
+    assert_eq!(events[0].value, json!({ "n": 2 }));
+}

@@ -24,6 +24,10 @@ struct State {
     refuse: AtomicBool,
     blackhole: AtomicBool,
     delay_ms: AtomicU64,
+    /// Like `delay_ms`, for chunks from the broker only.
+    delay_to_clients_ms: AtomicU64,
+    /// Chunks from the broker read and not yet forwarded (held by a delay).
+    held_for_clients: AtomicU64,
     stop: AtomicBool,
     pairs: Mutex<Vec<Pair>>,
     upstream_ports: Mutex<Vec<u16>>,
@@ -100,6 +104,19 @@ impl Proxy {
         self.state
             .delay_ms
             .store(delay.as_millis() as u64, Ordering::Release);
+    }
+
+    /// Every chunk from the broker is held back this long before it is forwarded (what clients
+    /// send goes through at once).
+    pub fn delay_to_clients(&self, delay: Duration) {
+        self.state
+            .delay_to_clients_ms
+            .store(delay.as_millis() as u64, Ordering::Release);
+    }
+
+    /// How many chunks from the broker are being held back now.
+    pub fn held_for_clients(&self) -> u64 {
+        self.state.held_for_clients.load(Ordering::Acquire)
     }
 
     /// Proxied connections still open.
@@ -206,11 +223,22 @@ fn pump(
             }
             continue;
         }
-        let delay = state.delay_ms.load(Ordering::Acquire);
+        let mut delay = state.delay_ms.load(Ordering::Acquire);
+        if !from_client {
+            delay = delay.max(state.delay_to_clients_ms.load(Ordering::Acquire));
+        }
+        let held = !from_client && delay > 0;
+        if held {
+            state.held_for_clients.fetch_add(1, Ordering::AcqRel);
+        }
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
         }
-        if to.write_all(&buffer[..n]).is_err() {
+        let written = to.write_all(&buffer[..n]);
+        if held {
+            state.held_for_clients.fetch_sub(1, Ordering::AcqRel);
+        }
+        if written.is_err() {
             break;
         }
     }
