@@ -149,25 +149,35 @@ fn run(transport: &Transport, commands: &Receiver<Command>) {
                 active.remove(&id);
             }
             Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {
-                let now = Instant::now();
-                let due: Vec<u64> = active
-                    .iter()
-                    .filter(|(_, a)| a.due <= now)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in due {
-                    let Some(call) = active.get_mut(&id) else {
-                        continue;
-                    };
-                    match keep_alive(transport, &call.caller) {
-                        Ok(()) => call.due = Instant::now() + call.interval,
-                        Err(e) => {
-                            debug!("call-monitor keep-alive for {} failed ({e}); no more for this call", call.caller.msg_id);
-                            active.remove(&id);
-                        }
-                    }
-                }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        // After every command too, not only when waiting for one timed out: commands of other
+        // calls arriving faster than they are handled would otherwise hold keep-alives back.
+        send_due(transport, &mut active);
+    }
+}
+
+/// Sends the keep-alives that are due and schedules each call's next one; a call whose
+/// keep-alive could not be delivered gets no more.
+fn send_due(transport: &Transport, active: &mut HashMap<u64, Active>) {
+    let now = Instant::now();
+    let due: Vec<u64> = active
+        .iter()
+        .filter(|(_, a)| a.due <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in due {
+        let Some(call) = active.get_mut(&id) else {
+            continue;
+        };
+        match keep_alive(transport, &call.caller) {
+            Ok(()) => call.due = Instant::now() + call.interval,
+            Err(e) => {
+                debug!(
+                    "call-monitor keep-alive for {} failed ({e}); no more for this call",
+                    call.caller.msg_id
+                );
+                active.remove(&id);
             }
         }
     }
@@ -345,6 +355,40 @@ mod tests {
         let message = tap.recv_timeout(10 * INTERVAL).expect("a keep-alive");
         assert!(!message.mandatory);
         drop(watch);
+    }
+
+    /// A backlog of other calls' commands does not hold a due keep-alive back: the monitor
+    /// sends what is due after every command, not only when waiting for one timed out. Here
+    /// the watched call ends at the end of the backlog, so a monitor that sent keep-alives
+    /// only when the command channel stayed empty would send it none.
+    #[test]
+    fn a_backlog_of_commands_does_not_hold_keep_alives_back() {
+        let transport = Transport::new("memory://unit-call-monitor-backlog/").unwrap();
+        let tap = transport.memory_tap().unwrap();
+        let reply_q = transport
+            .driver()
+            .reply_queue(&SendOptions::default())
+            .unwrap();
+        let (commands, received) = crossbeam_channel::unbounded();
+        let send = |command| commands.send(command).unwrap();
+        send(Command::Watch {
+            id: 1,
+            caller: caller(&reply_q),
+            interval: Duration::from_millis(1),
+        });
+        // Handling these takes far longer than a millisecond (tens of nanoseconds each at the
+        // least; a slow or loaded machine only takes longer): the keep-alive falls due among
+        // them.
+        for other in 2..200_002 {
+            send(Command::Done(other));
+        }
+        send(Command::Done(1));
+        drop(commands);
+        run(&transport, &received);
+        let message = tap
+            .try_recv()
+            .expect("a keep-alive while the backlog was handled");
+        assert_eq!(message.message().unwrap()["_msg_id"], "m1");
     }
 
     #[test]
