@@ -22,11 +22,11 @@ use common::logs::{capture_logs, capture_logs_at, captured};
 use common::node::RabbitNode;
 use common::proxy::Proxy;
 use common::{
-    broker_in_vhost, broker_url, consumers_with_prefix, eventually, memory_url, queue_count,
-    rabbitmqctl, rabbitmqctl_cleanup, rabbitmqctl_json, unique, Bus,
+    broker_in_vhost, broker_url, consumers_with_prefix, counting_lost_connections, eventually,
+    memory_url, queue_count, rabbitmqctl, rabbitmqctl_cleanup, rabbitmqctl_json, unique, Bus,
 };
 use serde_json::{json, Value};
-use warren::observe::{ConnectionRole, ConnectionState, Event};
+use warren::observe::{ConnectionRole, Event};
 use warren::{
     AckMode, Codec, Endpoint, Error, Failure, Launcher, NoArgs, Notification, NotificationEndpoint,
     NotificationListener, NotificationResult, Notifier, Priority, RequestContext, RpcClient,
@@ -1239,20 +1239,10 @@ fn a_backlog_on_two_queues_of_one_server_is_acknowledged_without_losing_the_chan
     capture_logs_at(log::LevelFilter::Warn);
     let mut bus = Bus::new(&broker_url());
     bus.track_queue(format!("{}.s1", bus.topic));
-    let lost = Arc::new(AtomicUsize::new(0));
-    let counter = lost.clone();
+    let (observer, lost) = counting_lost_connections(Some(ConnectionRole::Listen));
     let transport = Transport::builder(&bus.url)
         .control_exchange(bus.exchange.as_str())
-        .observer(Arc::new(move |event: &Event<'_>| {
-            if let Event::Connection {
-                role: ConnectionRole::Listen,
-                state: ConnectionState::Lost,
-                ..
-            } = event
-            {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        }))
+        .observer(observer)
         .build()
         .unwrap();
     let (done_tx, done) = crossbeam_channel::unbounded();

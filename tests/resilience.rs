@@ -335,11 +335,7 @@ fn closing_a_transport_whose_broker_stopped_answering_ends_after_the_connect_tim
     let mut bus = Bus::new(&broker_url());
     bus.start_server("s1", 1);
     let proxy = Proxy::start("127.0.0.1:5672");
-    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
-    let transport = Transport::builder(&url)
-        .control_exchange(bus.exchange.as_str())
-        .build()
-        .unwrap();
+    let transport = heartbeatless_through(&proxy, &bus);
     let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()));
     let who: String = client.call(&ctx(), "whoami", &()).unwrap();
     assert_eq!(who, "s1", "the reply consumer runs");
@@ -394,7 +390,7 @@ fn closing_while_a_call_opens_its_channel_on_an_answerless_broker_ends_in_time()
 #[test]
 fn stopping_a_server_whose_broker_stopped_answering_ends_after_the_connect_timeout() {
     let proxy = Proxy::start("127.0.0.1:5672");
-    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
+    let url = heartbeatless_url(&proxy);
     let topic = unique("answerless");
     let (transport, server) = started_server(&url, &topic);
     // Never dropped by this thread: were the stop to hang, dropping them as the test fails
@@ -514,6 +510,20 @@ fn a_reply_consumer_starting_while_its_transport_closes_does_not_outlive_it() {
         common::logs::captured().contains("still starting when the transport closed"),
         "the close gave up waiting for the starting consumer"
     );
+}
+
+/// The test broker's URL through `proxy`, without heartbeats: what the broker sends is only
+/// its answers to the client, and a blackholed broker is noticed by deadlines alone.
+fn heartbeatless_url(proxy: &Proxy) -> String {
+    with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0")
+}
+
+/// A transport in `bus`'s control exchange on [`heartbeatless_url`].
+fn heartbeatless_through(proxy: &Proxy, bus: &Bus) -> Transport {
+    Transport::builder(&heartbeatless_url(proxy))
+        .control_exchange(bus.exchange.as_str())
+        .build()
+        .unwrap()
 }
 
 /// A transport on `url` and a started server `s1` of `topic` on it, with a `noop` method.
@@ -1066,11 +1076,7 @@ fn a_late_return_of_a_timed_out_cast_is_not_taken_for_the_next_ones() {
     let mut bus = Bus::new(&broker_url());
     let proxy = Proxy::start("127.0.0.1:5672");
     // No heartbeats: the only frames from the broker are the answers to these casts.
-    let url = with_query(&proxy.url(&broker_url()), "heartbeat_timeout_threshold=0");
-    let transport = Transport::builder(&url)
-        .control_exchange(bus.exchange.as_str())
-        .build()
-        .unwrap();
+    let transport = heartbeatless_through(&proxy, &bus);
     let client = RpcClient::new(&transport, Target::new(bus.topic.as_str()))
         .at_least_once(true)
         .timeout(Duration::from_secs(2));

@@ -6,16 +6,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use amiquip::{AmqpProperties, Publish};
 use common::{
-    broker_url, consumers_with_prefix, ctx, eventually, queue_count, rabbitmqctl_json, Bus,
+    broker_url, consumers_with_prefix, counting_lost_connections, ctx, eventually, queue_count,
+    rabbitmqctl_json, Bus,
 };
 use serde_json::{json, Value};
-use warren::observe::{ConnectionState, Event as ObservedEvent};
 use warren::{Codec, Error, RequestContext, RpcClient, RpcServer, Target, Transport};
 
 scenario_tests!(common::broker_url());
@@ -303,19 +302,10 @@ fn stop_and_wait_leave_no_consumers_and_delete_the_fanout_queue() {
 fn a_fanout_cast_after_the_last_server_left_neither_fails_nor_drops_the_connection() {
     let mut bus = Bus::new(&broker_url());
     bus.start_server("s1", 1);
-    let lost = Arc::new(AtomicUsize::new(0));
-    let counter = lost.clone();
+    let (observer, lost) = counting_lost_connections(None);
     let transport = Transport::builder(&bus.url)
         .control_exchange(bus.exchange.as_str())
-        .observer(Arc::new(move |event: &ObservedEvent<'_>| {
-            if let ObservedEvent::Connection {
-                state: ConnectionState::Lost,
-                ..
-            } = event
-            {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        }))
+        .observer(observer)
         .build()
         .unwrap();
     let fanout = RpcClient::new(&transport, Target::new(bus.topic.as_str())).fanout(true);

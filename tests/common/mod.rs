@@ -15,6 +15,7 @@ pub mod tls;
 
 use std::fmt::Debug;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use warren::observe::{ConnectionRole, ConnectionState, Event as Observed, Observer};
 use warren::{
     Codec, Endpoint, Error, Failure, NoArgs, RemoteDetails, RequestContext, RpcClient, RpcServer,
     RpcServerBuilder, Target, Transport, Version,
@@ -520,6 +522,27 @@ pub fn thread_names() -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// An observer counting the connections lost, of `role` only if one is given, and its count.
+pub fn counting_lost_connections(
+    role: Option<ConnectionRole>,
+) -> (Arc<dyn Observer>, Arc<AtomicUsize>) {
+    let lost = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&lost);
+    let observer = move |event: &Observed<'_>| {
+        if let Observed::Connection {
+            role: lost_role,
+            state: ConnectionState::Lost,
+            ..
+        } = event
+        {
+            if role.is_none_or(|role| role == *lost_role) {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    (Arc::new(observer), lost)
 }
 
 /// Waits until `condition` holds (polling an external state we cannot subscribe to).
