@@ -239,14 +239,20 @@ mod tests {
 
     const INTERVAL: Duration = Duration::from_millis(100);
 
-    /// A monitor on its own in-process broker, a tap on it, and a reply queue that exists.
-    fn monitored(name: &str) -> (CallMonitor, crate::MemoryTap, String) {
+    /// A transport on its own in-process broker, a tap on it, and a reply queue that exists.
+    fn broker(name: &str) -> (Transport, crate::MemoryTap, String) {
         let transport = Transport::new(&format!("memory://unit-call-monitor-{name}/")).unwrap();
         let tap = transport.memory_tap().unwrap();
         let reply_q = transport
             .driver()
             .reply_queue(&SendOptions::default())
             .unwrap();
+        (transport, tap, reply_q)
+    }
+
+    /// A monitor on [`broker`]'s transport, the tap, and the reply queue.
+    fn monitored(name: &str) -> (CallMonitor, crate::MemoryTap, String) {
+        let (transport, tap, reply_q) = broker(name);
         (CallMonitor::start(transport).unwrap(), tap, reply_q)
     }
 
@@ -363,12 +369,7 @@ mod tests {
     /// only when the command channel stayed empty would send it none.
     #[test]
     fn a_backlog_of_commands_does_not_hold_keep_alives_back() {
-        let transport = Transport::new("memory://unit-call-monitor-backlog/").unwrap();
-        let tap = transport.memory_tap().unwrap();
-        let reply_q = transport
-            .driver()
-            .reply_queue(&SendOptions::default())
-            .unwrap();
+        let (transport, tap, reply_q) = broker("backlog");
         let (commands, received) = crossbeam_channel::unbounded();
         let send = |command| commands.send(command).unwrap();
         send(Command::Watch {
